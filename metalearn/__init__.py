@@ -1,0 +1,1 @@
+"""metalearn: meta-learning for PyTorch."""

@@ -1,0 +1,111 @@
+"""Built-in parts: point init (MAML), SGD, Meta-SGD step sizes, adapt-all and adapt-some (ANIL)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params, State, param_key
+
+__all__ = ["AdaptAll", "AdaptOnly", "MetaSGD", "PointInit", "SGD"]
+
+
+class PointInit(InitPart):
+    """θ0 is the model's own parameters, one point shared by every task (MAML; Finn et al., 2017)."""
+
+    def initial_params(
+        self, model_params: Mapping[str, Tensor], n_tasks: int, generator: torch.Generator | None
+    ) -> Params:
+        return {name: p.expand(n_tasks, *p.shape) for name, p in model_params.items()}
+
+
+class SGD(OptimizerPart):
+    r"""Plain gradient descent with a fixed step size: :math:`\theta \leftarrow \theta - \alpha \nabla\theta`.
+
+    Args:
+        lr: the inner step size α (not learned).
+    """
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"the inner step size must be positive, got lr={lr}")
+        self.lr = float(lr)
+
+    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
+        return {k: p - self.lr * grads[k] for k, p in params.items()}, state
+
+    def extra_repr(self) -> str:
+        return f"lr={self.lr}"
+
+
+class MetaSGD(OptimizerPart):
+    r"""Learned per-parameter step sizes (Meta-SGD; Li et al., 2017).
+
+    :math:`\theta \leftarrow \theta - \alpha \odot \nabla\theta`, where α has the shape of θ and
+    is a meta-parameter. Step sizes are not constrained to be positive, as in the paper.
+
+    Args:
+        init_lr: initial value of every entry of α.
+    """
+
+    def __init__(self, init_lr: float) -> None:
+        super().__init__()
+        self.init_lr = float(init_lr)
+        self.lrs = nn.ParameterDict()
+
+    def bind(self, adapted: Mapping[str, Tensor]) -> None:
+        for name, p in adapted.items():
+            self.lrs[param_key(name)] = nn.Parameter(torch.full_like(p, self.init_lr))
+
+    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
+        return {k: p - self.lrs[param_key(k)] * grads[k] for k, p in params.items()}, state
+
+    def extra_repr(self) -> str:
+        return f"init_lr={self.init_lr}"
+
+
+class AdaptAll(AdaptPart):
+    """Every parameter adapts (MAML, Meta-SGD)."""
+
+    def select(self, names: list[str]) -> list[str]:
+        return list(names)
+
+
+class AdaptOnly(AdaptPart):
+    """Only the parameters whose names match one of ``patterns`` adapt.
+
+    ``AdaptOnly("head.*")`` is ANIL (Raghu et al., 2020): the body is meta-learned and
+    frozen in the inner loop, only the head adapts. Patterns are shell-style (``fnmatch``);
+    a bare prefix such as ``"head"`` also matches ``"head.weight"``.
+
+    Args:
+        patterns: one or more name patterns.
+    """
+
+    def __init__(self, *patterns: str | Sequence[str]) -> None:
+        super().__init__()
+        flat: list[str] = []
+        for p in patterns:
+            flat.extend([p] if isinstance(p, str) else list(p))
+        if not flat:
+            raise ValueError('AdaptOnly needs at least one name pattern, e.g. AdaptOnly("head.*")')
+        self.patterns = tuple(flat)
+
+    def _matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in self.patterns)
+
+    def select(self, names: list[str]) -> list[str]:
+        chosen = [n for n in names if self._matches(n)]
+        if not chosen:
+            raise ValueError(
+                f"AdaptOnly{self.patterns} matches none of the model's parameters {names}; "
+                "pass patterns such as 'head.*' that name the parameters to adapt"
+            )
+        return chosen
+
+    def extra_repr(self) -> str:
+        return ", ".join(repr(p) for p in self.patterns)

@@ -1,0 +1,95 @@
+"""The abstract parts that ω is made of. Subclass one to add a new kind of meta-knowledge.
+
+Every part is an ``nn.Module``: the ``nn.Parameter``s it registers are meta-parameters
+(trained in the outer loop), anything else it holds is fixed configuration. Every part
+must honour the contract that `metalearn.knowledge.check_part` verifies:
+
+* pure — it never changes its inputs in place and keeps no hidden state between calls;
+  optimizer state is passed in and returned explicitly;
+* differentiable w.r.t. its own meta-parameters (checked by a float64 gradient check);
+* explicit randomness — a ``torch.Generator`` is passed in wherever it samples.
+
+θ is always a ``Params = dict[str, Tensor]`` keyed by the model's parameter names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AdaptPart", "InitPart", "OptimizerPart", "Params", "State", "param_key"]
+
+Params = dict[str, Tensor]
+State = dict[str, Tensor]
+
+
+def param_key(name: str) -> str:
+    """A parameter name usable as an ``nn.ParameterDict`` key (module names may not hold '.')."""
+    return name.replace(".", ":")
+
+
+class InitPart(nn.Module, ABC):
+    """Where θ starts: θ0 for each task of a batch.
+
+    The model owned by `MetaKnowledge` is bound with `bind` before first use. A point init
+    (MAML) uses the model's own parameters as θ0, so they are meta-parameters; an init that
+    does not (e.g. a learned gain over a fresh Kaiming draw) sets `uses_model_parameters`
+    to ``False``, and `MetaKnowledge` then keeps the model's parameters out of ω.
+    """
+
+    #: Whether the model's own ``nn.Parameter``s are meta-parameters (θ0 or its mean).
+    uses_model_parameters: bool = True
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once by `MetaKnowledge` with the model; create meta-parameters here."""
+
+    @abstractmethod
+    def initial_params(
+        self, model_params: Mapping[str, Tensor], n_tasks: int, generator: torch.Generator | None
+    ) -> Params:
+        """Returns θ0 for ``n_tasks`` tasks: every tensor has a leading task dimension.
+
+        Args:
+            model_params: the model's parameters by name (meta-parameters if
+                `uses_model_parameters`).
+            n_tasks: number of tasks in the batch.
+            generator: the only source of randomness a stochastic init may use.
+        """
+
+
+class OptimizerPart(nn.Module, ABC):
+    """The inner update rule, a pure function (params, grads, state) -> (params, state).
+
+    ``params`` and ``grads`` hold only the adapted parameters. `bind` receives their
+    template (names and shapes) once, so per-parameter meta-parameters (Meta-SGD's step
+    sizes) can be created.
+    """
+
+    def bind(self, adapted: Mapping[str, Tensor]) -> None:
+        """Called once by `MetaKnowledge` with the adapted parameters' templates."""
+
+    def init_state(self, params: Params) -> State:
+        """Returns the optimizer state before the first step (empty for plain SGD)."""
+        return {}
+
+    @abstractmethod
+    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
+        """Returns the updated parameters and state; must not modify its inputs.
+
+        Args:
+            params: current θ_k (adapted parameters only).
+            grads: ∇θ of the inner loss at θ_k.
+            state: as returned by `init_state` or the previous `step`.
+            step: the inner step index k (0-based).
+        """
+
+
+class AdaptPart(nn.Module, ABC):
+    """Which parameters of the model adapt in the inner loop (the rest stay at θ0)."""
+
+    @abstractmethod
+    def select(self, names: list[str]) -> list[str]:
+        """Returns the subset of ``names`` that adapts, in the given order."""
