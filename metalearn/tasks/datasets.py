@@ -70,4 +70,7 @@ class TensorDataset(LabelledDataset):
         return self.inputs[index]
 
     def gather(self, indices: Tensor) -> Tensor:
+        indices = torch.as_tensor(indices)
+        if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):  # several times faster
+            return self.inputs.index_select(0, indices)
         return self.inputs[indices]

@@ -1,0 +1,45 @@
+"""The task layer: tasks, task sets, class splits, datasets. Knows nothing of ω or training."""
+
+from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
+from metalearn.tasks.datasets import LabelledDataset, TensorDataset
+from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
+from metalearn.tasks.episodes import EpisodicTaskSet
+from metalearn.tasks.image_folder import ImageFolderDataset
+from metalearn.tasks.omniglot import OMNIGLOT_ARCHIVES, Omniglot, OmniglotCharacter, OmniglotFormatError, RemoteFile
+from metalearn.tasks.regression import Harmonics, Linear, Polynomial, RegressionFamily, Sinusoid, Step
+from metalearn.tasks.splits import ClassSplit, split_classes
+from metalearn.tasks.task import Task, TaskBatch, stack_tasks
+from metalearn.tasks.taskset import TaskSet, TaskStream, task_seed
+
+__all__ = [
+    "ChecksumMismatchError",
+    "ClassAugmentation",
+    "ClassSplit",
+    "DownloadError",
+    "EpisodicTaskSet",
+    "Harmonics",
+    "ImageFolderDataset",
+    "IncompleteDownloadError",
+    "LabelledDataset",
+    "Linear",
+    "OMNIGLOT_ARCHIVES",
+    "Omniglot",
+    "OmniglotCharacter",
+    "OmniglotFormatError",
+    "Polynomial",
+    "RegressionFamily",
+    "RemoteFile",
+    "Rotate90",
+    "Sinusoid",
+    "Step",
+    "Task",
+    "TaskBatch",
+    "TaskSet",
+    "TaskStream",
+    "TensorDataset",
+    "download_file",
+    "rotations",
+    "split_classes",
+    "stack_tasks",
+    "task_seed",
+]

@@ -1,0 +1,325 @@
+"""Families of few-shot regression tasks: each task is one function drawn from a family.
+
+A task holds ``K`` train points and ``Q`` val points of one function, ``x`` and ``y`` both
+``float32`` of shape ``[K, 1]`` / ``[Q, 1]``. Subclass `RegressionFamily` for a new family:
+implement `RegressionFamily.sample_function` (draw the function's parameters) and
+`RegressionFamily.function` (evaluate it), and set ``x_range`` or override
+`RegressionFamily.sample_inputs`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import torch
+from torch import Tensor
+
+from metalearn.tasks.task import Task
+from metalearn.tasks.taskset import TaskSet
+
+__all__ = ["Harmonics", "Linear", "Polynomial", "RegressionFamily", "Sinusoid", "Step"]
+
+FunctionParams = dict[str, Tensor]
+
+
+def _uniform(low: float, high: float, generator: torch.Generator, size: tuple[int, ...] = ()) -> Tensor:
+    """Draws from ``U[low, high]`` (float32)."""
+    return low + (high - low) * torch.rand(size, generator=generator)
+
+
+def _check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(b) for b in bounds)
+    if not low <= high:
+        raise ValueError(f"{name} range {bounds} has low > high; write it as (low, high)")
+    return low, high
+
+
+class RegressionFamily(TaskSet):
+    """Base class of regression task families.
+
+    Task ``i`` draws the parameters of one function with `sample_function`, then
+    ``shots + queries`` inputs with `sample_inputs`, evaluates `function` on them (plus
+    Gaussian noise of standard deviation ``noise_std`` if set), and keeps the first
+    ``shots`` points as ``train`` and the rest as ``val``. `function_of` returns the
+    parameters of task ``i`` (e.g. to plot its true curve).
+
+    Args:
+        shots: train points per task (``K``).
+        queries: val points per task (``Q``).
+        noise_std: standard deviation of noise added to the targets (0 for none).
+        seed: seed of the task set (see `TaskSet`).
+        length: number of tasks, or ``None`` for an endless set.
+
+    Attributes:
+        x_range: ``(low, high)`` of the uniform input distribution used by the default
+            `sample_inputs`.
+    """
+
+    x_range: tuple[float, float] = (-5.0, 5.0)
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(seed=seed, length=length)
+        for name, value in (("shots", shots), ("queries", queries)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+        self.shots = shots
+        self.queries = queries
+        self.noise_std = float(noise_std)
+
+    @abstractmethod
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        """Draws the parameters of one function of the family (0-d or small tensors)."""
+
+    @abstractmethod
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        """Evaluates the function with ``params`` at inputs ``x`` (``[n, 1]`` -> ``[n, 1]``)."""
+
+    def sample_inputs(self, n: int, generator: torch.Generator, params: FunctionParams) -> Tensor:
+        """Draws ``n`` inputs ``[n, 1]``; by default uniform on ``x_range``.
+
+        ``params`` are the task's parameters, for families whose input distribution depends
+        on the task; the default ignores them.
+        """
+        low, high = self.x_range
+        return _uniform(low, high, generator, (n, 1))
+
+    def function_of(self, index: int) -> FunctionParams:
+        """The parameters of task ``index`` (the same function as ``self[index]`` uses)."""
+        return self.sample_function(self.generator(self._check_index(index)))
+
+    def sample(self, generator: torch.Generator) -> Task:
+        params = self.sample_function(generator)
+        x = self.sample_inputs(self.shots + self.queries, generator, params).to(torch.float32)
+        y = self.function(params, x).to(torch.float32)
+        if self.noise_std > 0:
+            y = y + self.noise_std * torch.randn(y.shape, generator=generator)
+        return Task(train=(x[: self.shots], y[: self.shots]), val=(x[self.shots :], y[self.shots :]))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shots={self.shots}, queries={self.queries}, seed={self.seed}, length={self.length})"
+        )
+
+
+class Sinusoid(RegressionFamily):
+    r"""Sine waves as in MAML (Finn, Abbeel & Levine, 2017, "Model-Agnostic Meta-Learning
+    for Fast Adaptation of Deep Networks", section 5.1).
+
+    .. math:: y = A \sin(x - \varphi),\quad A \sim U[0.1, 5],\ \varphi \sim U[0, \pi],\
+        x \sim U[-5, 5].
+
+    The phase is subtracted, as in the MAML reference code (``amp * sin(x - phase)``); with
+    ``\varphi`` uniform on ``[0, \pi]`` this is a different family from ``\sin(x + \varphi)``.
+
+    Args:
+        shots, queries: points per task (MAML used ``K`` = 5, 10 or 20 train points).
+        amplitude: range of ``A``.
+        phase: range of ``\varphi``.
+        x_range: range of the inputs.
+        noise_std, seed, length: see `RegressionFamily`.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(shots, queries, noise_std=noise_std, seed=seed, length=length)
+        self.amplitude = _check_range("amplitude", amplitude)
+        self.phase = _check_range("phase", phase)
+        self.x_range = _check_range("x", x_range)
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        return {
+            "amplitude": _uniform(*self.amplitude, generator),
+            "phase": _uniform(*self.phase, generator),
+        }
+
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        return params["amplitude"] * torch.sin(x - params["phase"])
+
+
+class Linear(RegressionFamily):
+    r"""Lines :math:`y = a x + b` with slope and intercept uniform on ``[-3, 3]`` and
+    ``x ~ U[-5, 5]`` (the linear family of Finn, Xu & Levine, 2018, "Probabilistic
+    Model-Agnostic Meta-Learning").
+
+    Args:
+        shots, queries: points per task.
+        slope: range of ``a``.
+        intercept: range of ``b``.
+        x_range: range of the inputs.
+        noise_std, seed, length: see `RegressionFamily`.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        slope: tuple[float, float] = (-3.0, 3.0),
+        intercept: tuple[float, float] = (-3.0, 3.0),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(shots, queries, noise_std=noise_std, seed=seed, length=length)
+        self.slope = _check_range("slope", slope)
+        self.intercept = _check_range("intercept", intercept)
+        self.x_range = _check_range("x", x_range)
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        return {"slope": _uniform(*self.slope, generator), "intercept": _uniform(*self.intercept, generator)}
+
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        return params["slope"] * x + params["intercept"]
+
+
+class Harmonics(RegressionFamily):
+    r"""Sums of two sine waves with frequency ratio 2 (the harmonic family of Lacoste et al.,
+    2018, "Uncertainty in Multitask Transfer Learning").
+
+    .. math:: y = a_1 \sin(\omega x + b_1) + a_2 \sin(2 \omega x + b_2),\quad
+        a_j \sim N(0, 1),\ b_j \sim U[0, 2\pi],\ \omega \sim U[5, 7].
+
+    Each task also draws a centre :math:`\mu_x \sim U[-4, 4]`, and its inputs are
+    :math:`x \sim N(\mu_x, 1)`, so tasks see different windows of their function.
+
+    Args:
+        shots, queries: points per task.
+        frequency: range of ``\omega``.
+        centre: range of ``\mu_x``.
+        noise_std, seed, length: see `RegressionFamily`.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        frequency: tuple[float, float] = (5.0, 7.0),
+        centre: tuple[float, float] = (-4.0, 4.0),
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(shots, queries, noise_std=noise_std, seed=seed, length=length)
+        self.frequency = _check_range("frequency", frequency)
+        self.centre = _check_range("centre", centre)
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        return {
+            "amplitudes": torch.randn(2, generator=generator),
+            "phases": _uniform(0.0, 2 * math.pi, generator, (2,)),
+            "frequency": _uniform(*self.frequency, generator),
+            "centre": _uniform(*self.centre, generator),
+        }
+
+    def sample_inputs(self, n: int, generator: torch.Generator, params: FunctionParams) -> Tensor:
+        return params["centre"] + torch.randn(n, 1, generator=generator)
+
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        a, b, w = params["amplitudes"], params["phases"], params["frequency"]
+        return a[0] * torch.sin(w * x + b[0]) + a[1] * torch.sin(2 * w * x + b[1])
+
+
+class Polynomial(RegressionFamily):
+    r"""Polynomials :math:`y = \sum_{j=0}^{d} c_j x^j` with coefficients uniform on
+    ``[-1, 1]`` and ``x ~ U[-2, 2]``.
+
+    Args:
+        shots, queries: points per task.
+        degree: the degree ``d``.
+        coefficient: range of each ``c_j``.
+        x_range: range of the inputs.
+        noise_std, seed, length: see `RegressionFamily`.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        degree: int = 3,
+        coefficient: tuple[float, float] = (-1.0, 1.0),
+        x_range: tuple[float, float] = (-2.0, 2.0),
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(shots, queries, noise_std=noise_std, seed=seed, length=length)
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+            raise ValueError(f"degree must be a non-negative int, got {degree!r}")
+        self.degree = degree
+        self.coefficient = _check_range("coefficient", coefficient)
+        self.x_range = _check_range("x", x_range)
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        return {"coefficients": _uniform(*self.coefficient, generator, (self.degree + 1,))}
+
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        powers = x ** torch.arange(self.degree + 1, dtype=x.dtype)  # [n, d + 1]
+        return powers @ params["coefficients"].to(x.dtype)[:, None]
+
+
+class Step(RegressionFamily):
+    r"""Step functions :math:`y = h \cdot [x > s] + b` with jump ``h ~ U[-3, 3]``, position
+    ``s ~ U[-4, 4]``, offset ``b ~ U[-1, 1]`` and ``x ~ U[-5, 5]``: a discontinuous family that
+    smooth networks fit poorly from few points.
+
+    Args:
+        shots, queries: points per task.
+        height: range of ``h``.
+        position: range of ``s``.
+        offset: range of ``b``.
+        x_range: range of the inputs.
+        noise_std, seed, length: see `RegressionFamily`.
+    """
+
+    def __init__(
+        self,
+        shots: int,
+        queries: int,
+        *,
+        height: tuple[float, float] = (-3.0, 3.0),
+        position: tuple[float, float] = (-4.0, 4.0),
+        offset: tuple[float, float] = (-1.0, 1.0),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        noise_std: float = 0.0,
+        seed: int = 0,
+        length: int | None = 600,
+    ) -> None:
+        super().__init__(shots, queries, noise_std=noise_std, seed=seed, length=length)
+        self.height = _check_range("height", height)
+        self.position = _check_range("position", position)
+        self.offset = _check_range("offset", offset)
+        self.x_range = _check_range("x", x_range)
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        return {
+            "height": _uniform(*self.height, generator),
+            "position": _uniform(*self.position, generator),
+            "offset": _uniform(*self.offset, generator),
+        }
+
+    def function(self, params: FunctionParams, x: Tensor) -> Tensor:
+        return params["height"] * (x > params["position"]).to(x.dtype) + params["offset"]
