@@ -1,0 +1,491 @@
+"""Checkpoints of a meta-training run: ω, the outer optimizer, every RNG state and the step.
+
+A checkpoint is one file written atomically (a temporary file in the same directory,
+flushed and fsync'ed, then ``os.replace``\\ d over the target), so a crash while writing
+leaves every earlier checkpoint intact. It is read back with
+``torch.load(weights_only=True)``: loading never unpickles code, and a file holding
+anything other than tensors and plain containers is refused.
+
+Each checkpoint records the *identity* of the run that wrote it: the user's configuration
+(JSON), ω's structure (parameter and buffer names, shapes and dtypes; every module's class
+and settings, e.g. ``SGD(lr=0.4)``) and the outer optimizer (class, constructor
+hyper-parameters, which ω parameters each group holds). Loading into a run with another
+identity raises `CheckpointMismatchError` naming what differs, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from metalearn.errors import CheckpointMismatchError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointInfo",
+    "CheckpointLoadError",
+    "capture_rng_state",
+    "checkpoint_path",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "run_identity",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "metalearn-checkpoint"
+_VERSION = 1
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+_SAFE_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, corrupt, not a metalearn checkpoint, or
+    holding pickled Python objects that ``weights_only`` loading refuses."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `load_checkpoint` read besides the weights it loaded.
+
+    Attributes:
+        path: the file.
+        step: number of outer steps completed when it was written.
+        rng_state: as returned by `capture_rng_state` (pass to `restore_rng_state`).
+        extra: the ``extra`` dict given to `save_checkpoint`.
+        fingerprint: SHA-256 of the run identity that wrote it.
+        torch_version: the torch version that wrote it.
+    """
+
+    path: Path
+    step: int
+    rng_state: dict[str, Any] = field(repr=False)
+    extra: dict[str, Any] = field(repr=False)
+    fingerprint: str = ""
+    torch_version: str = ""
+
+
+# -- file names -------------------------------------------------------------------------------
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """The file name of the checkpoint written after ``step`` completed steps: ``step-00000100.pt``."""
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint in ``directory``, oldest first (none if it does not exist).
+
+    Temporary files of an interrupted write (``.step-*.tmp``) are not checkpoints.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint with the most completed steps in ``directory``, or ``None``."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+# -- RNG state --------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global random state: torch CPU, CUDA (if initialised), Python's ``random`` and NumPy's.
+
+    The library itself draws only from explicit generators; the global states are saved so
+    that user code (dropout in a model, a callback) also continues identically after a resume.
+    """
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return {
+        "torch": torch.get_rng_state().clone(),
+        "cuda": cuda,
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores the global random states saved by `capture_rng_state`.
+
+    CUDA states are restored only when the same number of CUDA devices is visible;
+    otherwise a warning says they were skipped.
+    """
+    torch.set_rng_state(state["torch"])
+    cuda = list(state.get("cuda") or [])
+    if cuda:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
+                f"the checkpoint holds the RNG state of {len(cuda)} CUDA device(s) but "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are visible; "
+                "CUDA random states were not restored (CPU states were)",
+                stacklevel=2,
+            )
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+
+
+# -- run identity -----------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-able, address-free stand-in for a hyper-parameter value."""
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else repr(value)
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    return f"<{type(value).__qualname__}>"
+
+
+def _module_description(module: nn.Module) -> str:
+    return f"{type(module).__qualname__}({module.extra_repr()})"
+
+
+def _tensor_description(t: torch.Tensor) -> str:
+    return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _omega_identity(omega: nn.Module) -> dict[str, Any]:
+    identity: dict[str, Any] = {
+        "class": type(omega).__qualname__,
+        "parameters": {n: _tensor_description(p) for n, p in omega.named_parameters()},
+        "buffers": {n: _tensor_description(b) for n, b in omega.named_buffers()},
+        "modules": {n or "<root>": _module_description(m) for n, m in omega.named_modules()},
+    }
+    network = getattr(omega, "network", None)
+    if isinstance(network, nn.Module):
+        identity["network"] = {n or "<root>": _module_description(m) for n, m in network.named_modules()}
+    if hasattr(omega, "adapted_names"):
+        identity["adapted_names"] = list(omega.adapted_names)
+    if hasattr(omega, "loss"):
+        loss = omega.loss
+        identity["loss"] = None if loss is None else getattr(loss, "__qualname__", type(loss).__qualname__)
+    return identity
+
+
+def _optimizer_identity(omega: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    names = {id(p): n for n, p in omega.named_parameters()}
+    return {
+        "class": type(optimizer).__qualname__,
+        "defaults": _jsonable(optimizer.defaults),
+        "param_groups": [[names.get(id(p), "<not in omega>") for p in g["params"]] for g in optimizer.param_groups],
+    }
+
+
+def run_identity(
+    config: Mapping[str, Any] | None, omega: nn.Module, outer_optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """What a checkpoint must agree with to be loaded: config, ω's structure, outer optimizer.
+
+    Args:
+        config: the user's run configuration; must be JSON-serialisable.
+        omega: ω (any ``nn.Module``; `MetaKnowledge` adds its adapted names and loss).
+        outer_optimizer: the optimizer over ω's parameters, or ``None``.
+
+    Raises:
+        TypeError: ``config`` is not JSON-serialisable.
+    """
+    config = dict(config or {})
+    try:
+        json.dumps(config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"the checkpoint config must be JSON-serialisable (str/int/float/bool/None, lists, dicts with str "
+            f"keys, finite floats): {err}. Pass plain values, e.g. str(path) instead of a Path"
+        ) from err
+    return {
+        "config": config,
+        "omega": _omega_identity(omega),
+        "outer_optimizer": None if outer_optimizer is None else _optimizer_identity(omega, outer_optimizer),
+    }
+
+
+def _fingerprint(identity: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+_MISSING = "<absent>"
+_WEIGHTS_IDENTITY = ("class", "parameters", "buffers")
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+
+
+def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ. A key that only one side's optimizer defaults has (a
+    torch version added a new hyper-parameter) is not a difference."""
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(stored, "", a)
+    _flatten(current, "", b)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va == vb:
+            continue
+        if key.startswith("outer_optimizer.defaults.") and _MISSING in (va, vb):
+            continue
+        diffs.append(f"{key}: checkpoint has {json.dumps(va)}, this run has {json.dumps(vb)}")
+    return diffs
+
+
+# -- save / load ------------------------------------------------------------------------------
+
+
+def _check_safe(value: Any, where: str) -> None:
+    """Raises TypeError if ``value`` holds anything ``weights_only`` loading would refuse.
+
+    Types are matched exactly: a subclass of ``str`` or ``dict`` pickles as its own class,
+    which ``weights_only`` refuses.
+    """
+    if type(value) in _SAFE_PLAIN or isinstance(value, (torch.Tensor, torch.dtype, torch.device)):
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"checkpoint key {where}[{k!r}] must be a str or int, not {type(k).__name__}")
+            _check_safe(v, f"{where}[{k!r}]")
+        return
+    if type(value) in (list, tuple, torch.Size):
+        for i, v in enumerate(value):
+            _check_safe(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(value).__qualname__}; a checkpoint may hold only tensors, numbers, "
+        "strings, None and lists/tuples/dicts of them (it is loaded with weights_only=True). Convert it first"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    omega: nn.Module,
+    outer_optimizer: torch.optim.Optimizer | None,
+    step: int,
+    rng_state: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a checkpoint atomically: either the whole new file is at ``path`` or nothing changed.
+
+    Args:
+        path: the file to write (its directory is created).
+        omega: ω; its ``state_dict`` is saved.
+        outer_optimizer: the outer optimizer (its ``state_dict``), or ``None``.
+        step: number of outer steps completed.
+        rng_state: from `capture_rng_state` (captured now if ``None``).
+        config: the run configuration (JSON-serialisable); part of the run identity.
+        extra: anything else to keep (tensors, numbers, strings and containers of them).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``config`` is not JSON-serialisable or ``extra`` holds other objects.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    path = Path(path)
+    identity = run_identity(config, omega, outer_optimizer)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": _VERSION,
+        "torch_version": str(torch.__version__),
+        "step": step,
+        "fingerprint": _fingerprint(identity),
+        "identity": json.dumps(identity, sort_keys=True),
+        "omega": omega.state_dict(),
+        "outer_optimizer": None if outer_optimizer is None else outer_optimizer.state_dict(),
+        "rng_state": dict(rng_state) if rng_state is not None else capture_rng_state(),
+        "extra": dict(extra or {}),
+    }
+    _check_safe(payload, "checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise CheckpointLoadError(
+                f"refused to load {path}: it holds pickled Python objects, and checkpoints are loaded with "
+                "torch.load(weights_only=True) so that loading never runs code. Only files written by "
+                f"metalearn.save_checkpoint can be resumed from. ({_unpickler_reason(err)})"
+            ) from err
+        raise _corrupt(path, err) from err
+    except Exception as err:  # zip/stream errors of a truncated or overwritten file
+        raise _corrupt(path, err) from err
+    if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointLoadError(
+            f"{path} is a torch file but not a metalearn checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
+            "pass a file written by metalearn.save_checkpoint"
+        )
+    if payload.get("version") != _VERSION:
+        raise CheckpointLoadError(
+            f"{path} is a metalearn checkpoint of format version {payload.get('version')!r}; this metalearn "
+            f"reads version {_VERSION}. Load it with the metalearn version that wrote it"
+        )
+    missing = [k for k in ("step", "identity", "omega", "outer_optimizer", "rng_state", "extra") if k not in payload]
+    if missing:
+        raise CheckpointLoadError(f"checkpoint {path} lacks {missing}; it is corrupt or was not fully written")
+    return payload
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line:
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Delete it to resume from the previous checkpoint "
+        "in its directory, or start a fresh run"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    omega: nn.Module,
+    outer_optimizer: torch.optim.Optimizer | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Loads a checkpoint into ``omega`` (and ``outer_optimizer``) after checking it belongs to this run.
+
+    Nothing is modified unless the checkpoint's run identity matches: the outer optimizer
+    if one is given, and ``config`` and ω's structure (weights and every module's settings,
+    e.g. the inner step size) if ``config`` is given. With ``config=None`` (loading ω for
+    meta-testing) only ω's class and weights (names, shapes, dtypes) must match, so settings
+    such as an init's ``mode`` may differ. Global RNG states are *not* restored here; pass
+    ``info.rng_state`` to `restore_rng_state` to continue a run.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointLoadError: the file is truncated, corrupt, not a metalearn checkpoint, or
+            holds pickled objects (``weights_only`` refuses them).
+        CheckpointMismatchError: the checkpoint was written by another configuration; the
+            message names every difference.
+    """
+    path = Path(path)
+    payload = _read(path)
+    try:
+        stored = json.loads(payload["identity"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointLoadError(f"checkpoint {path} has no readable run identity; it is corrupt") from err
+    current = run_identity(config, omega, outer_optimizer)
+    stored_omega, current_omega = stored.get("omega") or {}, current["omega"]
+    if config is None:  # loading weights only (e.g. for meta-testing): settings such as an init's mode may differ
+        stored_omega, current_omega = ({k: d.get(k) for k in _WEIGHTS_IDENTITY} for d in (stored_omega, current_omega))
+    compared = {"omega": (stored_omega, current_omega)}
+    if config is not None:
+        compared["config"] = (stored.get("config"), current["config"])
+    if outer_optimizer is not None:
+        compared["outer_optimizer"] = (stored.get("outer_optimizer"), current["outer_optimizer"])
+    diffs = _differences({k: a for k, (a, _) in compared.items()}, {k: b for k, (_, b) in compared.items()})
+    if diffs:
+        shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with another configuration:\n  {shown}\n"
+            "Start the new run in a fresh checkpoint directory, or pass the configuration (and ω, outer "
+            "optimizer) the checkpoint was written with. Nothing was loaded."
+        )
+    if outer_optimizer is not None and payload["outer_optimizer"] is None:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds no outer optimizer state; pass outer_optimizer=None to load only ω"
+        )
+    omega.load_state_dict(payload["omega"])
+    if outer_optimizer is not None:
+        outer_optimizer.load_state_dict(payload["outer_optimizer"])
+    return CheckpointInfo(
+        path=path,
+        step=int(payload["step"]),
+        rng_state=payload["rng_state"],
+        extra=payload["extra"],
+        fingerprint=str(payload.get("fingerprint", "")),
+        torch_version=str(payload.get("torch_version", "")),
+    )

@@ -1,0 +1,259 @@
+r"""Meta-testing: fine-tune θ on a target task's train half with ω fixed, score it on its val half.
+
+.. math::
+
+    \theta^*_i = \mathrm{adapt}_\omega(D^{train}_i, K), \qquad
+    m_i = \mathrm{metric}\big(f_{\theta^*_i}(x^{val}_i), y^{val}_i\big)
+
+reported as the mean of :math:`m_i` over a fixed set of target tasks (600 by convention,
+following Finn et al., 2017 and Snell et al., 2017) with a 95% confidence interval. The
+metric is accuracy for classification (integer targets) and mean squared error for
+regression (floating targets). Fine-tuning uses the same inner loop (`adapt_params`) as
+meta-training, and may run more steps than training did.
+
+Nothing here builds a graph for ω: θ0 is detached and everything runs under
+``torch.no_grad`` (``torch.func.grad`` inside still takes the inner gradients, since a
+function transform ignores an outer ``no_grad``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from metalearn.inner import adapt_params, check_finite_losses
+from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.knowledge.parts import Params
+from metalearn.outer import BATCHING_MODES, choose_batching, task_objective
+from metalearn.tasks.task import Task, TaskBatch, stack_tasks
+from metalearn.tasks.taskset import task_seed
+
+__all__ = ["Evaluation", "confidence_interval95", "evaluate", "fine_tune", "omega_device"]
+
+#: z-value of a two-sided 95% interval of the normal distribution.
+Z95 = 1.96
+
+
+def omega_device(omega: nn.Module) -> torch.device:
+    """The device ω's tensors live on (CPU if it holds none)."""
+    for t in omega.parameters():
+        return t.device
+    for t in omega.buffers():
+        return t.device
+    network = getattr(omega, "network", None)
+    if isinstance(network, nn.Module):
+        for t in network.parameters():
+            return t.device
+    return torch.device("cpu")
+
+
+def _detached_theta0(omega: MetaKnowledge, generator: torch.Generator | None) -> Params:
+    return {n: t[0].detach() for n, t in omega.initial_params(1, generator).items()}
+
+
+def fine_tune(
+    omega: MetaKnowledge,
+    train: tuple[Tensor, Tensor],
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Params:
+    """θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
+
+    No graph is kept: the result does not require grad and holds no reference to ω's
+    autograd history (the meta-test counterpart of `metalearn.inner.adapt`).
+
+    Args:
+        omega: the meta-knowledge (fixed).
+        train: the task's ``(x, y)`` train half, no task dimension; moved to ω's device.
+        steps: number of inner steps (may exceed the number used in meta-training).
+        generator: randomness for a stochastic init.
+
+    Returns:
+        θ*, every parameter of the model by name.
+
+    Raises:
+        NonFiniteError: the inner loss became NaN or Inf (names the step).
+    """
+    device = omega_device(omega)
+    x, y = (t.to(device) for t in train)
+    with torch.no_grad():
+        theta0 = _detached_theta0(omega, generator)
+        params, losses = adapt_params(omega, theta0, x, y, steps, first_order=True)
+    check_finite_losses(losses)
+    return params
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    r"""Meta-test result over ``n`` tasks.
+
+    The interval is the normal approximation :math:`\bar m \pm 1.96\, s / \sqrt{n}` with
+    :math:`s` the sample standard deviation (``ddof=1``) of the per-task metrics; it is
+    ``nan`` for a single task.
+
+    Attributes:
+        mean: mean metric over the tasks.
+        ci95: half-width of the 95% confidence interval of the mean.
+        n: number of tasks.
+        metric: ``"accuracy"`` or ``"mse"``.
+        per_task: the metric of each task, in task order (float64, CPU).
+        per_task_loss: the val loss (cross-entropy or MSE) of each task, in task order.
+    """
+
+    mean: float
+    ci95: float
+    n: int
+    metric: str
+    per_task: Tensor = field(repr=False)
+    per_task_loss: Tensor = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.mean:.4f} ± {self.ci95:.4f} (95% CI, {self.n} tasks)"
+
+
+def confidence_interval95(values: Tensor) -> tuple[float, float]:
+    """``(mean, 1.96 * std / sqrt(n))`` with the sample standard deviation (``ddof=1``)."""
+    values = values.to(torch.float64)
+    n = values.numel()
+    mean = float(values.mean())
+    if n < 2:
+        return mean, float("nan")
+    return mean, Z95 * float(values.std(correction=1)) / math.sqrt(n)
+
+
+def _chunks(tasks: Iterable[Task] | TaskBatch, size: int) -> Iterator[list[Task]]:
+    chunk: list[Task] = []
+    for task in tasks:
+        chunk.append(task)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _same_shapes(tasks: Sequence[Task]) -> bool:
+    first = [(t.shape, t.dtype) for t in (*tasks[0].train, *tasks[0].val)]
+    return all([(t.shape, t.dtype) for t in (*task.train, *task.val)] == first for task in tasks[1:])
+
+
+def _batched_theta0(theta0s: list[Params]) -> tuple[Params, dict[str, int | None]]:
+    """Stacks per-task θ0 for vmap; a tensor every task shares (a point init) goes in once, unbatched."""
+    theta0: Params = {}
+    dims: dict[str, int | None] = {}
+    for name, first in theta0s[0].items():
+        if all(t[name] is first or _same_view(t[name], first) for t in theta0s[1:]):
+            theta0[name], dims[name] = first, None
+        else:
+            theta0[name], dims[name] = torch.stack([t[name] for t in theta0s]), 0
+    return theta0, dims
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def _resolve(omega: MetaKnowledge, batching: str, device: torch.device) -> str:
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+    # fine-tuning never differentiates through the inner loop, so vmap is always exact here
+    return choose_batching(omega, device, first_order=True) if batching == "auto" else batching
+
+
+def evaluate(
+    omega: MetaKnowledge,
+    tasks: Iterable[Task] | TaskBatch,
+    steps: int,
+    *,
+    batch_size: int = 32,
+    batching: str = "auto",
+    seed: int = 0,
+) -> Evaluation:
+    """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
+
+    Same-shaped tasks run ``batch_size`` at a time, under ``torch.func.vmap`` or as a loop
+    (``batching``; ``"auto"`` uses `choose_batching`); a group of tasks of different shapes
+    (variable ways or shots) runs one by one. The result does not depend on ``batch_size``
+    or ``batching`` beyond floating-point rounding: task ``i``'s θ0 is drawn with its own
+    generator seeded from ``(seed, i)``, so a stochastic init is reproducible too. ω is put
+    in eval mode while evaluating (dropout off) and restored afterwards.
+
+    Args:
+        omega: the meta-knowledge (fixed).
+        tasks: the target tasks, e.g. a `TaskSet` of length 600, a list of `Task` or a
+            `TaskBatch`; moved to ω's device.
+        steps: inner steps per task (may exceed the number used in meta-training).
+        batch_size: tasks fine-tuned together.
+        batching: ``"auto"``, ``"loop"`` or ``"vmap"``.
+        seed: seeds the per-task generators of a stochastic init.
+
+    Returns:
+        An `Evaluation` (mean, 95% CI, per-task metrics).
+
+    Raises:
+        ValueError: no tasks, or an unknown ``batching``.
+        NonFiniteError: a NaN/Inf inner or val loss; ``task`` is the index among ``tasks``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = omega_device(omega)
+    mode = _resolve(omega, batching, device)
+    metrics: list[Tensor] = []
+    losses: list[Tensor] = []
+    kind: str | None = None
+    offset = 0
+    was_training = omega.training
+    omega.eval()
+    try:
+        with torch.no_grad():
+            for chunk in _chunks(tasks, batch_size):
+                theta0s = [
+                    _detached_theta0(omega, torch.Generator().manual_seed(task_seed(seed, offset + j)))
+                    for j in range(len(chunk))
+                ]
+                if mode == "vmap" and len(chunk) > 1 and _same_shapes(chunk):
+                    batch = stack_tasks(chunk).to(device)
+                    theta0, theta0_dims = _batched_theta0(theta0s)
+                    run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
+                    val_loss, met, inner = run(omega, theta0, *batch.train, *batch.val, steps, True)
+                    check_finite_losses(inner, task_offset=offset)
+                    check_finite_losses(val_loss[:, None], what="val loss (after fine-tuning)", task_offset=offset)
+                    losses.extend(val_loss.unbind())
+                    metrics.extend(met.unbind())
+                else:
+                    for j, (task, theta0) in enumerate(zip(chunk, theta0s, strict=True)):
+                        task = task.to(device)
+                        val_loss, met, inner = task_objective(omega, theta0, *task.train, *task.val, steps, True)
+                        check_finite_losses(inner, task_offset=offset + j)
+                        check_finite_losses(val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j)
+                        losses.append(val_loss)
+                        metrics.append(met)
+                if kind is None:
+                    kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
+                offset += len(chunk)
+    finally:
+        omega.train(was_training)
+    if not metrics:
+        raise ValueError("evaluate needs at least one task; got an empty task collection")
+    per_task = torch.stack(metrics).to("cpu", torch.float64)
+    mean, ci95 = confidence_interval95(per_task)
+    return Evaluation(
+        mean=mean,
+        ci95=ci95,
+        n=per_task.numel(),
+        metric=kind or "mse",
+        per_task=per_task,
+        per_task_loss=torch.stack(losses).to("cpu", torch.float64),
+    )
