@@ -1,25 +1,38 @@
 """ω: `MetaKnowledge` and the parts it is made of. Knows nothing of datasets."""
 
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
+from metalearn.knowledge.contract import ContractError, ContractReport, check_part
+from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
+from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
 from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params, State
 from metalearn.knowledge.recipes import anil, maml, meta_sgd
 
 __all__ = [
     "SGD",
+    "Adam",
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
+    "Choice",
+    "ContractError",
+    "ContractReport",
+    "GaussianInit",
     "InitPart",
     "LossFn",
     "MetaKnowledge",
     "MetaSGD",
+    "MomentumSGD",
+    "OptimizerMixture",
     "OptimizerPart",
     "Params",
     "PointInit",
+    "ScaledInit",
     "State",
     "anil",
+    "check_part",
     "default_loss",
+    "geometric_anneal",
     "maml",
     "meta_sgd",
     "native_norm_layers",
