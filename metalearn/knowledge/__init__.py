@@ -1,5 +1,14 @@
 """ω: `MetaKnowledge` and the parts it is made of. Knows nothing of datasets."""
 
+from metalearn.knowledge.architecture import (
+    DEFAULT_CANDIDATES,
+    SEARCH_OPS,
+    ArchitectureWeights,
+    CellConvNet,
+    MixedOp,
+    SearchableConvNet,
+    with_architecture,
+)
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
@@ -9,11 +18,15 @@ from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params
 from metalearn.knowledge.recipes import anil, maml, meta_sgd
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
+    "SEARCH_OPS",
     "SGD",
     "Adam",
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
+    "ArchitectureWeights",
+    "CellConvNet",
     "Choice",
     "ContractError",
     "ContractReport",
@@ -22,12 +35,14 @@ __all__ = [
     "LossFn",
     "MetaKnowledge",
     "MetaSGD",
+    "MixedOp",
     "MomentumSGD",
     "OptimizerMixture",
     "OptimizerPart",
     "Params",
     "PointInit",
     "ScaledInit",
+    "SearchableConvNet",
     "State",
     "anil",
     "check_part",
@@ -36,4 +51,5 @@ __all__ = [
     "maml",
     "meta_sgd",
     "native_norm_layers",
+    "with_architecture",
 ]

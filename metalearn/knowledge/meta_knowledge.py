@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalearn.knowledge.builtins import AdaptAll, PointInit
-from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params
+from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params
 
 __all__ = ["LossFn", "MetaKnowledge", "default_loss", "native_norm_layers"]
 
@@ -40,6 +40,16 @@ def native_norm_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
+    """The distinct `ArchitecturePart`\\ s held by the model's modules as ``architecture``."""
+    found: list[ArchitecturePart] = []
+    for module in model.modules():
+        part = getattr(module, "architecture", None)
+        if isinstance(part, ArchitecturePart) and all(p is not part for p in found):
+            found.append(part)
+    return found
+
+
 class MetaKnowledge(nn.Module):
     """ω: everything learned across tasks. Its ``nn.Parameter``\\ s are exactly the meta-parameters.
 
@@ -48,7 +58,9 @@ class MetaKnowledge(nn.Module):
     * ``init`` (`InitPart`) — where θ starts; `PointInit` (MAML) by default;
     * ``optimizer`` (`OptimizerPart`) — the inner update rule (`SGD`, `MetaSGD`, ...);
     * ``adapt`` (`AdaptPart`) — which parameters adapt; `AdaptAll` by default,
-      ``AdaptOnly("head.*")`` for ANIL.
+      ``AdaptOnly("head.*")`` for ANIL;
+    * ``architecture`` (`ArchitecturePart`, found in the model) — meta-parameters of the
+      model's structure, e.g. the mixing logits of a searchable model.
 
     θ is a ``dict[str, Tensor]`` keyed by the model's parameter names and is run through
     ``torch.func.functional_call``; the model itself is never modified.
@@ -102,6 +114,9 @@ class MetaKnowledge(nn.Module):
         init.bind(model)
         template = dict(model.named_parameters())
         optimizer.bind({n: template[n] for n in self.adapted_names})
+        architectures = _architecture_parts(model)
+        if architectures:
+            self.architecture = architectures[0] if len(architectures) == 1 else nn.ModuleList(architectures)
 
     @property
     def network(self) -> nn.Module:

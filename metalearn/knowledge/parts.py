@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AdaptPart", "InitPart", "OptimizerPart", "Params", "State", "param_key"]
+__all__ = ["AdaptPart", "ArchitecturePart", "InitPart", "OptimizerPart", "Params", "State", "param_key"]
 
 Params = dict[str, Tensor]
 State = dict[str, Tensor]
@@ -93,3 +93,15 @@ class AdaptPart(nn.Module, ABC):
     @abstractmethod
     def select(self, names: list[str]) -> list[str]:
         """Returns the subset of ``names`` that adapts, in the given order."""
+
+
+class ArchitecturePart(nn.Module):
+    """Meta-parameters that shape the model itself rather than θ (e.g. DARTS mixing logits).
+
+    A model module holds such a part, unregistered, as its ``architecture`` attribute and
+    reads it at forward time; it is therefore not in ``model.named_parameters()``, so no init
+    samples it and the inner loop never adapts it. `MetaKnowledge` finds every such part in its
+    model and registers it as ``omega.architecture``, so its parameters are meta-parameters
+    (in ``omega.parameters()`` and in checkpoints) and receive the meta-gradient through the
+    forward passes of the inner and outer loop.
+    """
