@@ -46,7 +46,7 @@ from metalearn.outer import meta_step
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, task_seed
 
-__all__ = ["TrainResult", "batch_for_step", "meta_train", "step_generator"]
+__all__ = ["TrainResult", "batch_for_step", "meta_train", "set_outer_step", "step_generator"]
 
 Row = dict[str, Any]
 Callback = Callable[[int, Row, Row | None], bool | None]
@@ -204,6 +204,18 @@ def _reraise_with_step(err: NonFiniteError, step: int, indices: Sequence[int] | 
     return new
 
 
+def set_outer_step(omega: MetaKnowledge, step: int) -> None:
+    """Tells every part of ω with a schedule (e.g. an annealed temperature) the outer step.
+
+    Parts opt in by defining ``set_outer_step(step)``; it is called before each meta-step,
+    so the schedule is a pure function of the step and a resumed run follows it exactly.
+    """
+    for module in omega.modules():
+        hook = getattr(module, "set_outer_step", None)
+        if callable(hook):
+            hook(step)
+
+
 def meta_train(
     omega: MetaKnowledge,
     tasks: TaskSet | Sequence[Task],
@@ -326,6 +338,7 @@ def meta_train(
             began = time.perf_counter()
             indices = _step_indices(tasks, step, meta_batch_size)
             batch = batch_for_step(tasks, step, meta_batch_size).to(device)
+            set_outer_step(omega, step)
             try:
                 stats = meta_step(
                     omega,

@@ -273,3 +273,20 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
     result = meta_train(other, TASKS, other_opt, steps=2, checkpoint_dir=tmp_path, **_kwargs())
     assert result.resumed_from == 2 and result.history == []
     assert all(torch.equal(p, q) for p, q in zip(other.parameters(), omega.parameters(), strict=True))
+
+
+def test_meta_train_drives_the_schedules_of_parts_by_outer_step():
+    from metalearn.knowledge import SGD, MomentumSGD, OptimizerMixture
+    from metalearn.knowledge.optimizers import geometric_anneal
+
+    torch.manual_seed(0)
+    schedule = geometric_anneal(2.0, 0.5, 4)
+    mixture = OptimizerMixture({"sgd": SGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=schedule)
+    omega = MetaKnowledge(MLP((1, 8, 1)), optimizer=mixture)
+    seen = []
+    meta_train(
+        omega, TASKS, torch.optim.Adam(omega.parameters(), 1e-3), steps=6, inner_steps=1,
+        meta_batch_size=2, progress=False, callback=lambda step, row, val: seen.append(mixture.temperature),
+    )
+    assert seen == [schedule(s) for s in range(6)]
+    assert seen[0] == 2.0 and seen[-1] == 0.5
