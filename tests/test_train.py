@@ -290,3 +290,26 @@ def test_meta_train_drives_the_schedules_of_parts_by_outer_step():
     )
     assert seen == [schedule(s) for s in range(6)]
     assert seen[0] == 2.0 and seen[-1] == 0.5
+
+
+def test_an_annealed_mixture_resumes_bit_identically(tmp_path):
+    from metalearn.knowledge import SGD, MomentumSGD, OptimizerMixture
+    from metalearn.knowledge.optimizers import geometric_anneal
+
+    def build():
+        torch.manual_seed(0)
+        mixture = OptimizerMixture(
+            {"sgd": SGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=geometric_anneal(2.0, 0.5, 4)
+        )
+        omega = MetaKnowledge(MLP((1, 8, 1)), optimizer=mixture)
+        return omega, torch.optim.Adam(omega.parameters(), lr=1e-2)
+
+    kw = _kwargs(val_tasks=None)
+    omega_a, opt_a = build()
+    meta_train(omega_a, TASKS, opt_a, steps=6, checkpoint_dir=tmp_path / "a", **kw)
+    omega_b, opt_b = build()
+    meta_train(omega_b, TASKS, opt_b, steps=3, checkpoint_dir=tmp_path / "b", **kw)
+    omega_c, opt_c = build()  # temperature back at 2.0: the checkpoint (T after step 2) must be accepted
+    meta_train(omega_c, TASKS, opt_c, steps=6, checkpoint_dir=tmp_path / "b", **kw)
+    _assert_same_run(omega_a, opt_a, omega_c, opt_c)
+    assert omega_c.optimizer.temperature == omega_a.optimizer.temperature == 0.5

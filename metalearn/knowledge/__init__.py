@@ -14,7 +14,7 @@ from metalearn.knowledge.contract import ContractError, ContractReport, check_pa
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
-from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params, State
+from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State
 from metalearn.knowledge.recipes import anil, maml, meta_sgd
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
+    "ArchitecturePart",
     "ArchitectureWeights",
     "CellConvNet",
     "Choice",

@@ -344,8 +344,8 @@ class ArchitectureWeights(ArchitecturePart):
 
     def extra_repr(self) -> str:
         return (
-            f"edges={self.edges}, candidates={self.candidates}, temperature={self._temperature}, "
-            f"fixed={self.fixed!r}"
+            # configuration only: temperature and fixed choice are buffers that change during a run
+            f"edges={self.edges}, candidates={self.candidates}, anneal={self.anneal is not None}"
         )
 
 

@@ -455,4 +455,6 @@ class OptimizerMixture(OptimizerPart):
         return mixed, new_state
 
     def extra_repr(self) -> str:
-        return f"temperature={self._temperature}, fixed={self._fixed!r}"
+        # configuration only: the temperature and the fixed choice change during a run (they are
+        # buffers, saved in checkpoints), and a run's identity must not change with them
+        return f"candidates={list(self.names)}, anneal={self.anneal is not None}"
