@@ -118,6 +118,7 @@ def benchmark(device: str, quick: bool) -> dict:
         b = batch(workload, device, torch.float32, torch.Generator().manual_seed(1))
         rounds = 5 if quick else (50 if workload == "sinusoid" else 10)
         row = {}
+        lr = inner_lr(workload)
         contenders = ["loop", "vmap"] + (["higher"] if with_higher else [])
         for name_c in contenders:
             torch.manual_seed(0)
@@ -125,13 +126,13 @@ def benchmark(device: str, quick: bool) -> dict:
             if name_c == "higher":
                 outer = torch.optim.Adam(m.parameters(), 1e-3)
 
-                def fn(m=m, outer=outer):
-                    higher_step(m, outer, b, steps, inner_lr(workload))
+                def fn(m=m, outer=outer, b=b, steps=steps, lr=lr):
+                    higher_step(m, outer, b, steps, lr)
             else:
                 omega = maml(m, inner_lr(workload))
                 outer = torch.optim.Adam(omega.parameters(), 1e-3)
 
-                def fn(omega=omega, outer=outer, mode=name_c):
+                def fn(omega=omega, outer=outer, mode=name_c, b=b, steps=steps):
                     meta_step(omega, outer, b, steps, batching=mode)
             ms, mib = time_contender(fn, warmup=2 if quick else 5, rounds=rounds)
             row[name_c] = {"ms": round(ms, 2), "peak_mib": round(mib, 1)}

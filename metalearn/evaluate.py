@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalearn.inner import adapt_params, check_finite_losses
+from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.outer import BATCHING_MODES, choose_batching, task_objective
@@ -229,7 +229,7 @@ def evaluate(
                     run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
                     val_loss, met, inner = run(omega, theta0, *batch.train, *batch.val, steps, True)
                     check_finite_losses(inner, task_offset=offset)
-                    check_finite_losses(val_loss[:, None], what="val loss (after fine-tuning)", task_offset=offset)
+                    check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
                     losses.extend(val_loss.unbind())
                     metrics.extend(met.unbind())
                 else:
@@ -237,7 +237,9 @@ def evaluate(
                         task = task.to(device)
                         val_loss, met, inner = task_objective(omega, theta0, *task.train, *task.val, steps, True)
                         check_finite_losses(inner, task_offset=offset + j)
-                        check_finite_losses(val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j)
+                        check_finite_task_losses(
+                            val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j
+                        )
                         losses.append(val_loss)
                         metrics.append(met)
                 if kind is None:

@@ -27,7 +27,7 @@ from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 
-__all__ = ["Adapted", "adapt", "adapt_params", "check_finite_losses"]
+__all__ = ["Adapted", "adapt", "adapt_params", "check_finite_losses", "check_finite_task_losses"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,37 @@ def adapt_params(
     Returns:
         θK as a dict of every parameter, and the inner losses before each step ``[steps]``.
     """
+    return _adapt_params(omega, theta0, x, y, steps, first_order, _use_plain_autograd(omega, theta0, first_order))
+
+
+def _use_plain_autograd(omega: MetaKnowledge, theta0: Mapping[str, Tensor], first_order: bool) -> bool:
+    """Whether the inner gradients can come from ``torch.autograd.grad`` instead of ``torch.func``.
+
+    Only second order, outside every ``torch.func`` transform and ``torch.compile`` tracing
+    (where double backward through ``autograd.grad`` is unsupported), with grad mode on and every
+    adapted tensor of θ0 requiring grad: then ``autograd.grad(..., create_graph=True)`` gives
+    the same gradients with the same graph as ``grad_and_value``, and skips functorch's
+    per-op wrapping (the loop path's per-task overhead). First order keeps ``torch.func``:
+    its inner gradients of detached θ_k still depend on static meta-parameters (ANIL's body,
+    a learned loss), which plain autograd would only keep at the cost of a graph to θ_k too.
+    """
+    if first_order or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is None or peek() is not None:
+        return False
+    return all(theta0[n].requires_grad for n in omega.adapted_names)
+
+
+def _adapt_params(
+    omega: MetaKnowledge,
+    theta0: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    first_order: bool,
+    plain_autograd: bool,
+) -> tuple[Params, Tensor]:
     static = {n: theta0[n] for n in omega.static_names}
     fast = {n: theta0[n] for n in omega.adapted_names}
     state = omega.optimizer.init_state(fast)
@@ -73,8 +104,16 @@ def adapt_params(
 
     losses = []
     for k in range(steps):
-        at = {n: t.detach() for n, t in fast.items()} if first_order else fast
-        grads, loss = grad_and_value(inner_loss)(at)
+        if plain_autograd:
+            loss = inner_loss(fast)
+            if loss.requires_grad:
+                grad_list = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
+                grads = dict(zip(fast, grad_list, strict=True))
+            else:  # the loss does not depend on the adapted parameters
+                grads = {n: torch.zeros_like(t) for n, t in fast.items()}
+        else:
+            at = {n: t.detach() for n, t in fast.items()} if first_order else fast
+            grads, loss = grad_and_value(inner_loss)(at)
         fast, state = omega.optimizer.step(fast, grads, state, k)
         losses.append(loss)
     losses_t = torch.stack(losses) if losses else x.new_zeros(0)
@@ -100,6 +139,23 @@ def check_finite_losses(losses: Tensor, what: str = "inner loss", task_offset: i
         "lower the inner step size, check the task's data for NaN/Inf, or clip gradients",
         task=task + task_offset,
         step=step,
+    )
+
+
+def check_finite_task_losses(losses: Tensor, what: str = "val loss", task_offset: int = 0) -> None:
+    """Raises `NonFiniteError` naming the first task whose loss (one per task, ``[tasks]``) is NaN or Inf.
+
+    For losses that belong to no inner step, e.g. the val loss after adaptation (``step`` is None).
+    """
+    finite = torch.isfinite(losses.detach())
+    if bool(finite.all()):
+        return
+    task = int((~finite).nonzero()[0, 0])
+    raise NonFiniteError(
+        f"non-finite {what} of task {task + task_offset} (value {losses.detach()[task].item()}); "
+        "check the task's val data for NaN/Inf, or lower the inner step size",
+        task=task + task_offset,
+        step=None,
     )
 
 

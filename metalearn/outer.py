@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metalearn.errors import NonFiniteError
-from metalearn.inner import adapt_params, check_finite_losses
+from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
+from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
 from metalearn.tasks.task import TaskBatch
@@ -113,14 +114,85 @@ def _theta0_task(theta0: Params, i: int) -> Params:
     return {n: t[i] for n, t in theta0.items()}
 
 
-def _check_grads(omega: MetaKnowledge, task: int | None) -> None:
+def _shared_over_tasks(t: Tensor) -> bool:
+    """Whether every task's slice of ``t`` is the same memory (an ``expand`` over the task dim)."""
+    return t.ndim > 0 and t.shape[0] > 0 and t.stride(0) == 0
+
+
+def _vmap_theta0(
+    omega: MetaKnowledge, n: int, generator: torch.Generator | None
+) -> tuple[Params, dict[str, int | None]]:
+    """θ0 and its ``in_dims`` for vmap. A tensor shared by every task goes in once, unbatched
+    (``in_dims=None``), the rest is mapped over its task dimension.
+
+    Shared: all of `PointInit`'s θ0 (the model's own parameters, taken directly), and any
+    tensor with stride 0 over tasks (an ``expand``). Same gradient (the sum over tasks
+    happens in vmap's backward instead of ``expand``'s), but the first inner step's forward
+    runs as one batched op over every task's examples.
+    """
+    if type(omega.init) is PointInit:
+        params = omega.model_params()
+        return params, dict.fromkeys(params)
+    theta0 = omega.initial_params(n, generator)
+    shared = {k: _shared_over_tasks(t) for k, t in theta0.items()}
+    return (
+        {k: (t[0] if shared[k] else t) for k, t in theta0.items()},
+        {k: (None if shared[k] else 0) for k in theta0},
+    )
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """One sync for many tensors: whether every element of every tensor is finite."""
+    ok = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return bool(ok)
+
+
+def _check_losses(inner: Tensor, val_losses: Tensor, by_task: bool) -> None:
+    """Raises `NonFiniteError` for the first non-finite inner loss ``[tasks, steps]`` or val loss ``[tasks]``.
+
+    One fused check when everything is finite (the common case). ``by_task`` reports the
+    first task with any bad value (inner before val, the order the loop runs them);
+    otherwise every inner loss is checked before any val loss.
+    """
+    if _all_finite(inner, val_losses):
+        return
+    if by_task:
+        bad = ~(torch.isfinite(inner).all(dim=1) & torch.isfinite(val_losses))
+        i = int(bad.nonzero()[0, 0])
+        check_finite_losses(inner[i], task_offset=i)
+        check_finite_task_losses(val_losses[i, None], what="val loss (after adaptation)", task_offset=i)
+    check_finite_losses(inner)
+    check_finite_task_losses(val_losses, what="val loss (after adaptation)")
+
+
+def _grad_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all ``grads`` as one vector, computed as ``clip_grad_norm_`` does."""
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads, 2.0)
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def _check_grads(omega: MetaKnowledge, grad_norm: Tensor) -> None:
+    """Raises `NonFiniteError` naming a parameter with a NaN/Inf meta-gradient.
+
+    ``grad_norm`` (the norm of every ω gradient) is NaN/Inf whenever one entry is, so it is
+    the only check on the common path; the per-parameter scan runs only when it is not finite
+    (it may be Inf by overflow alone, with every entry finite: then nothing is raised).
+    """
+    if bool(torch.isfinite(grad_norm)):
+        return
     for name, p in omega.named_parameters():
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            where = f" (first seen after task {task})" if task is not None else ""
             raise NonFiniteError(
-                f"non-finite meta-gradient for ω parameter {name!r}{where}; ω was not updated. "
+                f"non-finite meta-gradient for ω parameter {name!r}; ω was not updated. "
                 "Lower the outer or inner learning rate, or pass clip_grad_norm",
-                task=task,
+                task=None,
             )
 
 
@@ -146,46 +218,101 @@ def meta_gradient(
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
     """
+    stats, _ = _meta_gradient(omega, batch, steps, first_order, batching, generator)
+    return stats
+
+
+def _meta_gradient(
+    omega: MetaKnowledge,
+    batch: TaskBatch,
+    steps: int,
+    first_order: bool,
+    batching: str,
+    generator: torch.Generator | None,
+) -> tuple[MetaStats, Tensor]:
+    """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
+    finiteness check and for `meta_step`'s report and clipping)."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = _resolve_batching(omega, batching, x_tr.device, first_order)
-    theta0 = omega.initial_params(n, generator)
     if mode == "vmap":
-        run = vmap(task_objective, in_dims=(None, 0, 0, 0, 0, 0, None, None))
-        val_losses, metrics, inner = run(omega, theta0, x_tr, y_tr, x_val, y_val, steps, first_order)
-        check_finite_losses(inner)
-        check_finite_losses(val_losses[:, None], what="val loss (after adaptation)")
+        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator)
+        run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
+        val_losses, metrics, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
+        _check_losses(inner.detach(), val_losses.detach(), by_task=False)
         val_losses.mean().backward()
-        _check_grads(omega, None)
     else:
-        # Backpropagate task by task (only one task's graph alive at a time) into detached
-        # copies of θ0, then once through the init: exact for any init, shared or sampled.
-        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in theta0.items()}
-        vals, mets, inners = [], [], []
-        for i in range(n):
-            val_loss, met, inner_i = task_objective(
-                omega, _theta0_task(leaves, i), x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order
-            )
-            check_finite_losses(inner_i, task_offset=i)
-            check_finite_losses(val_loss[None], what="val loss (after adaptation)", task_offset=i)
-            if val_loss.requires_grad:
-                (val_loss / n).backward()
-            vals.append(val_loss.detach())
-            mets.append(met)
-            inners.append(inner_i.detach())
-        pairs = [(theta0[k], leaf.grad) for k, leaf in leaves.items() if leaf.grad is not None]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        _check_grads(omega, None)
-        val_losses, metrics, inner = torch.stack(vals), torch.stack(mets), torch.stack(inners)
+        val_losses, metrics, inner = _loop_backward(omega, batch, steps, first_order, generator)
+    grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
+    _check_grads(omega, grad_norm)
     inner = inner.detach()
-    return MetaStats(
-        meta_loss=float(val_losses.detach().mean()),
-        val_metric=float(metrics.mean()),
-        inner_loss_first=float(inner[:, 0].mean()) if steps else float("nan"),
-        inner_loss_last=float(inner[:, -1].mean()) if steps else float("nan"),
-        batching=mode,
+    summary = [val_losses.detach().mean(), metrics.mean()]
+    if steps:
+        first = inner[:, 0].mean()
+        summary += [first, first if steps == 1 else inner[:, -1].mean()]
+    values = torch.stack(summary).tolist() + ([] if steps else [float("nan")] * 2)
+    return (
+        MetaStats(
+            meta_loss=values[0],
+            val_metric=values[1],
+            inner_loss_first=values[2],
+            inner_loss_last=values[3],
+            batching=mode,
+        ),
+        grad_norm,
     )
+
+
+def _loop_backward(
+    omega: MetaKnowledge,
+    batch: TaskBatch,
+    steps: int,
+    first_order: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loop path: backpropagates task by task, so only one task's graph is alive at a time.
+
+    With `PointInit`, θ0 of every task is the model's parameters themselves, and each task's
+    backward accumulates straight into their ``.grad`` (no extra memory). Any other init is
+    sampled once for the batch; each task starts from its own detached leaf copy of its θ0,
+    whose gradient is stored in a ``[tasks, ...]`` cotangent, and one final backward carries
+    all of them through the init: exact for any init, shared or sampled. The cotangents are
+    allocated before the first task, so these long-lived buffers do not land between the
+    short-lived graph tensors of a task (which fragments the heap and raises the peak RSS).
+
+    Returns:
+        (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, steps]``).
+    """
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    n = len(batch)
+    point = type(omega.init) is PointInit
+    shared = omega.model_params() if point else {}
+    theta0 = {} if point else omega.initial_params(n, generator)
+    cotangents = {k: v.new_zeros(v.shape) for k, v in theta0.items() if v.requires_grad}
+    got_grad: set[str] = set()
+    vals, mets, inners = [], [], []
+    for i in range(n):
+        leaves = {k: v[i].detach().requires_grad_(v.requires_grad) for k, v in theta0.items()}
+        val_loss, met, inner_i = task_objective(
+            omega, shared if point else leaves, x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order
+        )
+        if val_loss.requires_grad:
+            (val_loss / n).backward()
+        for k, leaf in leaves.items():
+            if leaf.grad is not None:
+                cotangents[k][i] = leaf.grad
+                got_grad.add(k)
+        vals.append(val_loss.detach())
+        mets.append(met)
+        inners.append(inner_i.detach())
+        del leaves, val_loss, inner_i  # this task's graph and grads go before the next task's forward
+    val_losses, metrics, inner = torch.stack(vals), torch.stack(mets), torch.stack(inners)
+    # checked once after the loop (not once per task): reports the same first task and step
+    _check_losses(inner, val_losses, by_task=True)
+    keys = [k for k in cotangents if k in got_grad]
+    if keys:
+        torch.autograd.backward([theta0[k] for k in keys], [cotangents[k] for k in keys])
+    return val_losses, metrics, inner
 
 
 def meta_loss(
@@ -205,20 +332,23 @@ def meta_loss(
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = _resolve_batching(omega, batching, x_tr.device, first_order)
-    theta0 = omega.initial_params(n, generator)
     if mode == "vmap":
-        run = vmap(task_objective, in_dims=(None, 0, 0, 0, 0, 0, None, None))
-        val_losses, _, inner = run(omega, theta0, x_tr, y_tr, x_val, y_val, steps, first_order)
-        check_finite_losses(inner)
+        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator)
+        run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
+        val_losses, _, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
+        _check_losses(inner.detach(), val_losses.detach(), by_task=False)
         return val_losses.mean()
-    total = x_tr.new_zeros(())
+    theta0 = omega.initial_params(n, generator)
+    vals, inners = [], []
     for i in range(n):
         val_loss, _, inner_i = task_objective(
             omega, _theta0_task(theta0, i), x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order
         )
-        check_finite_losses(inner_i, task_offset=i)
-        total = total + val_loss
-    return total / n
+        vals.append(val_loss)
+        inners.append(inner_i.detach())
+    val_losses = torch.stack(vals)
+    _check_losses(torch.stack(inners), val_losses.detach(), by_task=True)
+    return val_losses.mean()
 
 
 def meta_step(
@@ -241,11 +371,13 @@ def meta_step(
         ``grad_norm`` (before clipping) and ``batching``.
     """
     outer_optimizer.zero_grad(set_to_none=True)
-    stats = meta_gradient(
-        omega, batch, steps, first_order=first_order, batching=batching, generator=generator
-    )
-    params = [p for p in omega.parameters() if p.grad is not None]
-    max_norm = float("inf") if clip_grad_norm is None else float(clip_grad_norm)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    stats, grad_norm = _meta_gradient(omega, batch, steps, first_order, batching, generator)
+    if clip_grad_norm is not None:
+        params = [p for p in omega.parameters() if p.grad is not None]
+        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+        if clip_with_norm is not None:
+            clip_with_norm(params, float(clip_grad_norm), grad_norm)
+        elif params:
+            torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
     outer_optimizer.step()
     return {**stats.__dict__, "grad_norm": float(grad_norm)}

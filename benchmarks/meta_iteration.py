@@ -1,0 +1,563 @@
+"""Milliseconds per meta-iteration and peak memory: metalearn and ``higher``, side by side in one run.
+
+Usage::
+
+    python benchmarks/meta_iteration.py [--quick] [--only sinusoid|conv4] [--no-tune-malloc] [--no-memory]
+
+Workloads (random tensors of the real shapes; second-order MAML; one outer Adam step per
+meta-iteration, included for every contender):
+
+- ``sinusoid``: MLP 1-40-40-1, meta-batch 25, K=10 train and 10 val points, 1 inner SGD
+  step (α=0.01), MSE;
+- ``conv4-1step`` and ``conv4-5steps``: `metalearn.models.Conv4` (its `BatchNorm`, batch
+  statistics) on Omniglot-shaped 5-way 1-shot 15-query tasks (train x ``[32, 5, 1, 28, 28]``,
+  val x ``[32, 75, 1, 28, 28]``), meta-batch 32, 1 or 5 inner SGD steps (α=0.4), cross-entropy.
+
+Contenders, each on the same model class with the same initial weights:
+
+- ``metalearn auto``: `metalearn.outer.meta_step` with ``batching="auto"`` (the path it
+  chose is reported); the other path (``loop`` or ``vmap``) is timed too, for information;
+- ``higher`` (when installed): the usual higher MAML loop, one ``higher.innerloop_ctx`` per
+  task with a ``torch.optim.SGD`` inner optimizer, each task's val loss / B backpropagated
+  as soon as it exists.
+
+Before timing, the first iteration of ``metalearn auto`` and of ``higher`` start from the
+same weights and their meta-gradients are compared (they must agree to float32 rounding).
+
+Timing: torch on one thread; after warm-up, the contenders of a workload run in turns
+(round robin, so load from other processes hits all of them alike, in an order reversed every
+other round, so none always runs right after the same other one); each figure is the median
+over the rounds, of wall-clock time and of this process's CPU time.
+
+Peak memory: each contender runs alone in fresh subprocesses (Linux; median of
+``--memory-repeats``), and a thread polls, during its meta-iterations, (a) glibc's bytes in
+use (``mallinfo2``) and (b) its anonymous resident memory; each figure is the peak minus the
+value just after setup (imports, model, data). The target uses (a): it is what the
+computation holds, and repeats to within 0.1 MiB. (b) and the total peak RSS (``VmHWM``,
+reset after setup) are printed too: with the tuned allocator, freed heap memory stays
+resident, so they are about 3x (a) and move by tens of MiB between identical runs; total RSS
+also counts torch's library pages. ``tracemalloc`` does not see torch's allocations.
+
+Allocator: with glibc's default thresholds, large CPU tensors are mmap'ed and unmapped on
+every step, which changes Conv-4 timings a lot. Unless ``--no-tune-malloc`` is given, the
+script re-executes itself with ``GLIBC_TUNABLES`` set to `TUNED_MALLOC` (it cannot be set
+from inside a running process); every contender and every memory subprocess runs under the
+same setting, which is printed and recorded.
+
+Targets: sinusoid at least 8x faster than higher; Conv-4 (1 and 5 steps) faster than
+higher with no more peak memory. The last line printed is one JSON object with all figures.
+
+A full run takes about 10 minutes on 2 busy CPU cores (the Conv-4 vmap path alone needs
+4-7 GiB and ~15 s per iteration); ``--quick`` (about a minute, skips Conv-4 vmap) is a
+smoke run whose figures are rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from metalearn.knowledge.recipes import maml  # noqa: E402
+from metalearn.models import MLP, Conv4  # noqa: E402
+from metalearn.outer import choose_batching, meta_step  # noqa: E402
+from metalearn.tasks.task import TaskBatch  # noqa: E402
+
+TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
+_REEXEC_MARK = "METALEARN_BENCH_REEXEC"
+SINUSOID_TARGET = 8.0
+OUTER_LR = 1e-3
+MEMORY_METHOD = (
+    "each contender alone in fresh subprocesses (median of --memory-repeats), peak during the meta-iterations "
+    "minus the value after setup, of: heap = glibc mallinfo2 bytes in use (polled every 0.2 ms; the target "
+    "uses it); anon RSS = resident minus file-backed pages (/proc/self/statm, polled); RSS = total resident "
+    "(VmHWM reset via /proc/self/clear_refs), which also counts torch's library pages"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked configuration."""
+
+    name: str
+    description: str
+    steps: int
+    inner_lr: float
+    target: str
+
+
+WORKLOADS = {
+    "sinusoid": Workload(
+        "sinusoid", "MLP 1-40-40-1, meta-batch 25, K=10 train + 10 val, 1 inner step", 1, 0.01,
+        f"metalearn auto >= {SINUSOID_TARGET:g}x faster than higher",
+    ),
+    "conv4-1step": Workload(
+        "conv4-1step", "Conv-4 (metalearn BatchNorm), Omniglot 5w1s15q, meta-batch 32, 1 inner step", 1, 0.4,
+        "metalearn auto faster than higher, peak memory <= higher's",
+    ),
+    "conv4-5steps": Workload(
+        "conv4-5steps", "Conv-4 (metalearn BatchNorm), Omniglot 5w1s15q, meta-batch 32, 5 inner steps", 5, 0.4,
+        "metalearn auto faster than higher, peak memory <= higher's",
+    ),
+}
+
+
+def has_higher() -> bool:
+    try:
+        import higher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def make_batch(workload: str) -> TaskBatch:
+    """A fixed random meta-batch of the workload's shapes."""
+    g = torch.Generator().manual_seed(0)
+    if workload == "sinusoid":
+        n, k = 25, 10
+        return TaskBatch(
+            train=(torch.rand(n, k, 1, generator=g) * 10 - 5, torch.randn(n, k, 1, generator=g)),
+            val=(torch.rand(n, k, 1, generator=g) * 10 - 5, torch.randn(n, k, 1, generator=g)),
+        )
+    n, ways, shots, queries = 32, 5, 1, 15
+    return TaskBatch(
+        train=(
+            torch.rand(n, ways * shots, 1, 28, 28, generator=g),
+            torch.arange(ways).repeat_interleave(shots).expand(n, -1).clone(),
+        ),
+        val=(
+            torch.rand(n, ways * queries, 1, 28, 28, generator=g),
+            torch.arange(ways).repeat_interleave(queries).expand(n, -1).clone(),
+        ),
+    )
+
+
+def make_model(workload: str) -> nn.Module:
+    """The workload's network, with the same initial weights on every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return MLP((1, 40, 40, 1)) if workload == "sinusoid" else Conv4(5)
+
+
+def task_loss(workload: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.mse_loss if workload == "sinusoid" else F.cross_entropy
+
+
+# ---------------------------------------------------------------- contenders
+
+
+@dataclass
+class Contender:
+    """A ready-to-run meta-iteration and where its meta-gradient lands."""
+
+    name: str
+    run: Callable[[], str]  # runs one meta-iteration, returns the path it took
+    grads: Callable[[], dict[str, Tensor]]  # the model's gradients by parameter name
+
+
+def metalearn_contender(workload: str, batching: str) -> Contender:
+    w = WORKLOADS[workload]
+    batch = make_batch(workload)
+    omega = maml(make_model(workload), lr=w.inner_lr)
+    outer = torch.optim.Adam(omega.parameters(), lr=OUTER_LR)
+
+    def run() -> str:
+        return str(meta_step(omega, outer, batch, w.steps, batching=batching)["batching"])
+
+    def grads() -> dict[str, Tensor]:
+        return {n: p.grad.clone() for n, p in omega.network.named_parameters() if p.grad is not None}
+
+    return Contender(f"metalearn {batching}", run, grads)
+
+
+def higher_contender(workload: str) -> Contender:
+    import higher
+
+    w = WORKLOADS[workload]
+    batch = make_batch(workload)
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    n = len(batch)
+    model = make_model(workload)
+    outer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+    inner = torch.optim.SGD(model.parameters(), lr=w.inner_lr)
+    loss_fn = task_loss(workload)
+
+    def run() -> str:
+        outer.zero_grad(set_to_none=True)
+        for i in range(n):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(w.steps):
+                    diffopt.step(loss_fn(fmodel(x_tr[i]), y_tr[i]))
+                (loss_fn(fmodel(x_val[i]), y_val[i]) / n).backward()
+        outer.step()
+        return "per-task loop"
+
+    def grads() -> dict[str, Tensor]:
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return Contender("higher", run, grads)
+
+
+def auto_path(workload: str) -> str:
+    omega = maml(make_model(workload), lr=WORKLOADS[workload].inner_lr)
+    return choose_batching(omega, torch.device("cpu"))
+
+
+def build(workload: str, name: str) -> Contender:
+    if name == "higher":
+        return higher_contender(workload)
+    return metalearn_contender(workload, name.removeprefix("metalearn "))
+
+
+def contender_names(workload: str, quick: bool) -> list[str]:
+    other = "loop" if auto_path(workload) == "vmap" else "vmap"
+    names = ["metalearn auto"]
+    # vmap on the Conv-4 takes GiBs and seconds per iteration: information only, skipped when --quick
+    if not (quick and workload.startswith("conv4") and other == "vmap"):
+        names.append(f"metalearn {other}")
+    if has_higher():
+        names.append("higher")
+    return names
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def grad_agreement(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """max |a - b| over every entry, relative to the largest |b| (whole-gradient scale)."""
+    scale = max(float(g.abs().max()) for g in b.values())
+    return max(float((a[n] - b[n]).abs().max()) for n in b) / scale
+
+
+def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str, int]) -> tuple[dict, float | None]:
+    """Warm-up, then the contenders in turns, in alternating order; medians of wall and CPU ms,
+    the paths taken, and how far the first iteration's meta-gradients of metalearn and higher differ."""
+    paths: dict[str, str] = {}
+    agreement = None
+    for c in contenders:
+        paths[c.name] = c.run()  # first iteration: from the shared initial weights
+    by_name = {c.name: c for c in contenders}
+    if "higher" in by_name:
+        agreement = grad_agreement(by_name["metalearn auto"].grads(), by_name["higher"].grads())
+    for c in contenders:
+        for _ in range(warmup - 1):
+            c.run()
+    wall: dict[str, list[float]] = {c.name: [] for c in contenders}
+    cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(max(rounds.values())):
+        # the order alternates (A B, B A, ...): whoever runs right after another contender pays
+        # for the caches and heap layout it left behind
+        for c in contenders if r % 2 == 0 else contenders[::-1]:
+            if r >= rounds[c.name]:
+                continue
+            w0, c0 = time.perf_counter(), time.process_time()
+            c.run()
+            wall[c.name].append(1e3 * (time.perf_counter() - w0))
+            cpu[c.name].append(1e3 * (time.process_time() - c0))
+    figures = {
+        c.name: {
+            "path": paths[c.name],
+            "ms": statistics.median(wall[c.name]),
+            "ms_min": min(wall[c.name]),
+            "ms_max": max(wall[c.name]),
+            "cpu_ms": statistics.median(cpu[c.name]),
+            "iterations": len(wall[c.name]),
+        }
+        for c in contenders
+    }
+    return figures, agreement
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]
+
+
+def _anon_rss_bytes() -> int:
+    """Resident anonymous memory: resident minus file-backed/shared pages (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryPeaks:
+    """Peaks of glibc's bytes in use and of resident anonymous memory, polled on a thread.
+
+    * heap: ``mallinfo2`` chunks in use + mmap'ed chunks. Unlike RSS it does not count what
+      the allocator keeps after a free, so it is the memory the computation itself holds,
+      free of heap fragmentation. Not available off glibc (or before glibc 2.33).
+    * anonymous RSS: resident minus file-backed pages. Total RSS also counts the pages of
+      torch's shared libraries, which the kernel drops and faults back in at its own pace
+      (here, a DAMON ``pageout`` scheme), so it moves by tens of MiB from run to run.
+
+    A thread polls every ``interval`` seconds (torch releases the GIL in its ops and in
+    backward), so a peak shorter than that can be missed.
+    """
+
+    def __init__(self, interval: float = 2e-4) -> None:
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo2 = None
+        self.heap_available = self._mallinfo2 is not None
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.heap_base = self.heap_peak = self._heap()
+        self.anon_base = self.anon_peak = _anon_rss_bytes()
+
+    def _heap(self) -> int:
+        if self._mallinfo2 is None:
+            return 0
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self) -> None:
+        self.heap_peak = max(self.heap_peak, self._heap())
+        self.anon_peak = max(self.anon_peak, _anon_rss_bytes())
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> MemoryPeaks:
+        self.heap_base = self.heap_peak = self._heap()
+        self.anon_base = self.anon_peak = _anon_rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def measure_memory_here(workload: str, name: str, iterations: int) -> dict:
+    """Runs in the memory subprocess: what the meta-iterations add to memory, in MiB.
+
+    ``heap_mib`` and ``anon_rss_mib``: `MemoryPeaks` minus their values after setup.
+    ``rss_mib``: peak total RSS during the iterations minus RSS after setup; the kernel's
+    high-water mark (``VmHWM``) is reset after setup by writing 5 to ``/proc/self/clear_refs``
+    so that the import-time peak does not hide it (``ru_maxrss``, the whole process's peak,
+    where that is refused).
+    """
+    import resource
+
+    contender = build(workload, name)
+    gc.collect()
+    setup = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss_method = "VmHWM after clear_refs"
+    except OSError:
+        rss_method = "ru_maxrss"
+    with MemoryPeaks() as peaks:
+        for _ in range(iterations):
+            contender.run()
+    if rss_method == "ru_maxrss":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    else:
+        peak = _status_kib("VmHWM")
+    return {
+        "heap_mib": (peaks.heap_peak - peaks.heap_base) / 2**20 if peaks.heap_available else None,
+        "anon_rss_mib": (peaks.anon_peak - peaks.anon_base) / 2**20,
+        "rss_mib": (peak - setup) / 1024,
+        "rss_method": rss_method,
+    }
+
+
+def measure_memory(workload: str, name: str, iterations: int, repeats: int) -> dict | None:
+    """Peak memory of one contender: medians over ``repeats`` fresh subprocesses (same
+    environment, same allocator). RSS peaks vary by tens of MiB from run to run here."""
+    if not Path("/proc/self/status").exists():
+        return None
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", workload, name, str(iterations)]
+    samples = []
+    for _ in range(repeats):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
+        if done.returncode != 0:
+            print(f"  memory subprocess for {name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            return None
+        samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    heaps = [x["heap_mib"] for x in samples if x["heap_mib"] is not None]
+    return {
+        "heap_mib": statistics.median(heaps) if len(heaps) == len(samples) else None,
+        "anon_rss_mib": statistics.median(x["anon_rss_mib"] for x in samples),
+        "rss_mib": statistics.median(x["rss_mib"] for x in samples),
+        "heap_samples_mib": [round(h, 1) for h in heaps],
+        "anon_rss_samples_mib": [round(x["anon_rss_mib"], 1) for x in samples],
+        "rss_samples_mib": [round(x["rss_mib"], 1) for x in samples],
+        "rss_method": samples[0]["rss_method"],
+        "iterations": iterations,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def run_workload(workload: str, args: argparse.Namespace) -> dict:
+    w = WORKLOADS[workload]
+    small = workload == "sinusoid"
+    if args.quick:
+        warmup, rounds = (2, 5) if small else (1, 1)
+    else:
+        warmup, rounds = (5, args.rounds or 40) if small else (1, args.rounds or 5)
+    names = contender_names(workload, args.quick)
+    # information-only vmap on the Conv-4 is slow: fewer rounds
+    per = {n: (min(rounds, 2) if (not small and n == "metalearn vmap") else rounds) for n in names}
+    print(f"\n{workload}: {w.description}, second order, outer Adam step included", flush=True)
+    contenders = [build(workload, n) for n in names]
+    figures, agreement = time_round_robin(contenders, warmup, per)
+    del contenders
+    gc.collect()
+    if not args.no_memory:
+        for n in names:
+            heavy = not small and n == "metalearn vmap"
+            repeats = 1 if (args.quick or heavy) else args.memory_repeats
+            figures[n]["memory"] = measure_memory(workload, n, 1 if (args.quick or heavy) else 2, repeats)
+    auto = figures["metalearn auto"]
+    other = "loop" if auto["path"] == "vmap" else "vmap"
+    result: dict = {"description": w.description, "inner_steps": w.steps, "contenders": figures}
+    result["auto_path"] = auto["path"]
+    result[f"{auto['path']}_ms"] = auto["ms"]
+    if f"metalearn {other}" in figures:
+        result[f"{other}_ms"] = figures[f"metalearn {other}"]["ms"]
+
+    print(f"  {'contender':<16} {'path':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
+          f"{'n':>3} {'heap MiB':>9} {'anon RSS':>9} {'RSS MiB':>8}")
+    for n, f in figures.items():
+        mem = f.get("memory") or {}
+        heap = f"{mem['heap_mib']:9.1f}" if mem.get("heap_mib") is not None else f"{'-':>9}"
+        anon = f"{mem['anon_rss_mib']:9.1f}" if mem else f"{'-':>9}"
+        rss = f"{mem['rss_mib']:8.1f}" if mem else f"{'-':>8}"
+        print(f"  {n:<16} {f['path']:<14} {f['ms']:10.2f} {f['ms_min']:9.2f} {f['ms_max']:9.2f} "
+              f"{f['cpu_ms']:9.2f} {f['iterations']:3d} {heap} {anon} {rss}")
+    if "higher" in figures:
+        h = figures["higher"]
+        speedup = h["ms"] / auto["ms"]
+        cpu_speedup = h["cpu_ms"] / auto["cpu_ms"]
+        result.update(speedup_vs_higher=speedup, cpu_speedup_vs_higher=cpu_speedup, grad_agreement=agreement)
+        line = f"  metalearn auto ({auto['path']}) vs higher: {speedup:.2f}x faster (CPU time {cpu_speedup:.2f}x)"
+        mem_a, mem_h = auto.get("memory"), h.get("memory")
+        if mem_a and mem_h:
+            key = "heap_mib" if mem_a["heap_mib"] is not None and mem_h["heap_mib"] is not None else "rss_mib"
+            result["peak_ratio_vs_higher"] = mem_a[key] / mem_h[key]
+            result["anon_rss_ratio_vs_higher"] = mem_a["anon_rss_mib"] / mem_h["anon_rss_mib"]
+            result["rss_ratio_vs_higher"] = mem_a["rss_mib"] / mem_h["rss_mib"]
+            result["peak_measure"] = key
+            line += f"; peak {'heap in use' if key == 'heap_mib' else 'RSS'} {mem_a[key]:.1f} vs " \
+                    f"{mem_h[key]:.1f} MiB ({result['peak_ratio_vs_higher']:.2f}x higher's; anonymous RSS " \
+                    f"{result['anon_rss_ratio_vs_higher']:.2f}x, total RSS {result['rss_ratio_vs_higher']:.2f}x)"
+        print(line)
+        print(f"  meta-gradients of the first iteration, metalearn vs higher: max |diff| / max |grad| = "
+              f"{agreement:.1e}")
+        if small:
+            met = speedup >= SINUSOID_TARGET
+        else:
+            met = speedup > 1.0 and ("peak_ratio_vs_higher" not in result or result["peak_ratio_vs_higher"] <= 1.0)
+        result["target"] = w.target
+        result["target_met"] = met
+        print(f"  target: {w.target}: {'met' if met else 'NOT met'}" + (" (quick run: smoke figures only)"
+                                                                          if args.quick else ""))
+    else:
+        print("  higher is not installed: no comparison (pip install higher)")
+    return result
+
+
+def malloc_setting(args: argparse.Namespace) -> str:
+    """Re-executes this script under the tuned allocator if needed; returns the setting in use."""
+    current = os.environ.get("GLIBC_TUNABLES")
+    if args.no_tune_malloc or args.memory_child:
+        return f"GLIBC_TUNABLES={current}" if current else "glibc defaults"
+    if current == TUNED_MALLOC:
+        return f"GLIBC_TUNABLES={current}"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "allocator defaults (not glibc: nothing to tune)"
+    if os.environ.get(_REEXEC_MARK):
+        raise RuntimeError("re-executing with GLIBC_TUNABLES did not take effect")
+    env = dict(os.environ, GLIBC_TUNABLES=TUNED_MALLOC, OMP_NUM_THREADS="1", **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    raise AssertionError("unreachable")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few iterations (CI smoke run; figures are rough)")
+    parser.add_argument("--only", choices=["sinusoid", "conv4"], help="run one workload family")
+    parser.add_argument("--rounds", type=int, default=0, help="timed rounds per contender (default 40 / 5)")
+    parser.add_argument("--no-tune-malloc", action="store_true", help="keep the inherited glibc allocator settings")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh subprocesses per contender (median)")
+    parser.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "CONTENDER", "ITERATIONS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    malloc = malloc_setting(args)
+    torch.set_num_threads(1)
+    if args.memory_child:
+        workload, name, iterations = args.memory_child
+        print(json.dumps(measure_memory_here(workload, name, int(iterations))))
+        return
+
+    workloads = [w for w in WORKLOADS if args.only is None or w.startswith(args.only)]
+    load_start = os.getloadavg()
+    print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs, load average {load_start[0]:.2f}; "
+          f"allocator: {malloc}")
+    print(f"memory: {MEMORY_METHOD}" if not args.no_memory else "memory: not measured (--no-memory)")
+    report = {w: run_workload(w, args) for w in workloads}
+    load_end = os.getloadavg()
+    higher_version = None
+    if has_higher():
+        from importlib.metadata import version
+
+        higher_version = version("higher")
+    print(json.dumps({
+        "benchmark": "meta_iteration",
+        "torch": torch.__version__,
+        "higher": higher_version,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "allocator": malloc,
+        "quick": args.quick,
+        "memory_method": None if args.no_memory else MEMORY_METHOD,
+        "timing_method": "median of round-robin iterations after warm-up (wall and process CPU time), ms",
+        "load_average_start": load_start[0],
+        "load_average_end": load_end[0],
+        "workloads": report,
+    }))
+
+
+if __name__ == "__main__":
+    main()
