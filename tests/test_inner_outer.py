@@ -123,7 +123,7 @@ def test_nan_in_one_tasks_val_inputs_names_the_task(batching: str) -> None:
     with pytest.raises(NonFiniteError, match="val loss") as info:
         meta_gradient(maml(tiny_mlp(), lr=0.3), batch, steps=1, batching=batching)
     assert (info.value.task, info.value.step) == (1, None)  # a val loss belongs to no inner step
-    assert "of task 1" in str(info.value) and "inner step" not in str(info.value)
+    assert "of task 1" in str(info.value) and "at inner step" not in str(info.value)
     with pytest.raises(NonFiniteError, match="val loss") as info:
         meta_loss(maml(tiny_mlp(), lr=0.3), batch, steps=1, batching=batching)
     assert info.value.task == 1
