@@ -11,10 +11,10 @@ Few-Shot Learning", Table 1.
 * meta-test: 600 fixed target tasks (a task set with another seed), 1 inner step on K points,
   MSE on 100 val points per task, mean ± 95% confidence interval.
 
-Run (a few minutes per method and K on a laptop CPU)::
+Run::
 
-    python examples/sinusoid.py                       # both methods, K = 5, 10, 20
-    python examples/sinusoid.py --shots 10 --iterations 20000
+    python examples/sinusoid.py                       # both methods, K = 5, 10, 20: ~2 min per run on one core
+    python examples/sinusoid.py --iterations 70000    # the paper's budget, as in docs/results.md (~8 min per run)
     python examples/sinusoid.py --smoke               # seconds: the CI setting
 
 It prints a table, writes ``results.json`` and ``fits.png`` (fits before and after
@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--shots", nargs="+", type=int, default=[5, 10, 20], help="K: train points per task")
-    p.add_argument("--iterations", type=int, default=70_000, help="outer steps per run (MAML paper: 70k)")
+    p.add_argument(
+        "--iterations", type=int, default=15_000, help="outer steps per run (docs/results.md and the MAML paper: 70000)"
+    )
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--inner-lr", type=float, default=0.01)
     p.add_argument("--meta-lr", type=float, default=0.001)
