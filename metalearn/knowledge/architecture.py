@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.optimizers import Choice
 from metalearn.knowledge.parts import ArchitecturePart, Params
+from metalearn.knowledge.temperature import AnnealedTemperature
 from metalearn.models import BatchNorm, conv4_feature_size
 
 __all__ = [
@@ -224,7 +225,7 @@ class MixedOp(nn.Module):
         return f"channels={self.channels}, stride={self.stride}"
 
 
-class ArchitectureWeights(ArchitecturePart):
+class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
     r"""The architecture weights α of a searchable model: one row of mixing logits per edge.
 
     .. math:: w^{(e)} = \mathrm{softmax}(\alpha^{(e)} / T)
@@ -251,18 +252,14 @@ class ArchitectureWeights(ArchitecturePart):
         temperature: float = 1.0,
         anneal: Callable[[int], float] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, anneal)
         if edges < 1:
             raise ValueError(f"ArchitectureWeights needs at least one edge, got edges={edges}")
         self.candidates = _check_candidates(candidates, {n: _zero for n in candidates})
         self.logits = nn.Parameter(torch.zeros(edges, len(self.candidates)))
-        self.anneal = anneal
-        # the Python mirrors are what forward reads (no device sync); refreshed after load_state_dict
-        self.register_buffer("temperature_saved", torch.tensor(1.0, dtype=torch.float64))
+        # the Python mirror is what forward reads (no device sync); refreshed after load_state_dict
         self.register_buffer("fixed_index", torch.full((edges,), -1, dtype=torch.long))
-        self._temperature = 1.0
         self._fixed: tuple[int, ...] | None = None
-        self.set_temperature(temperature)
         self.register_load_state_dict_post_hook(ArchitectureWeights._after_load)
 
     @property
@@ -270,28 +267,8 @@ class ArchitectureWeights(ArchitecturePart):
         """Number of searchable edges (rows of ``logits``)."""
         return self.logits.shape[0]
 
-    @property
-    def temperature(self) -> float:
-        """The current T."""
-        return self._temperature
-
-    def set_temperature(self, temperature: float) -> None:
-        """Sets T (> 0) for the following forwards."""
-        temperature = float(temperature)
-        if not temperature > 0:
-            raise ValueError(f"the architecture temperature must be positive, got {temperature}")
-        self._temperature = temperature
-        self.temperature_saved.fill_(temperature)
-
-    def set_outer_step(self, outer_step: int) -> float:
-        """Sets T from the ``anneal`` schedule at this outer step (no-op without one); returns T."""
-        if self.anneal is not None:
-            self.set_temperature(self.anneal(outer_step))
-        return self._temperature
-
     @staticmethod
     def _after_load(module: ArchitectureWeights, incompatible_keys: Any) -> None:
-        module._temperature = float(module.temperature_saved)
         index = module.fixed_index.tolist()
         module._fixed = tuple(index) if all(i >= 0 for i in index) else None
 

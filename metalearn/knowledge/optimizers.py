@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.knowledge.parts import OptimizerPart, Params, State, param_key
+from metalearn.knowledge.temperature import AnnealedTemperature
 
 __all__ = [
     "HYPER_GROUPS",
@@ -294,7 +295,7 @@ def geometric_anneal(start: float, end: float, steps: int) -> Callable[[int], fl
     return temperature
 
 
-class OptimizerMixture(OptimizerPart):
+class OptimizerMixture(AnnealedTemperature, OptimizerPart):
     r"""A learned choice among update rules: a softmax-weighted mixture of candidate steps.
 
     .. math::
@@ -329,7 +330,7 @@ class OptimizerMixture(OptimizerPart):
         temperature: float = 1.0,
         anneal: Callable[[int], float] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(temperature, anneal)
         named = dict(candidates) if isinstance(candidates, Mapping) else self._name(candidates)
         if not named:
             raise ValueError("OptimizerMixture needs at least one candidate update rule")
@@ -340,14 +341,10 @@ class OptimizerMixture(OptimizerPart):
                 raise ValueError(f"candidate names must be non-empty without '/' or '.', got {name!r}")
         self.candidates = nn.ModuleDict(named)
         self.logits = nn.Parameter(torch.zeros(len(named)))
-        self.anneal = anneal
-        # Saved in the state dict as buffers; the Python mirrors are what `step` reads (no
-        # device sync per inner step) and are refreshed after load_state_dict.
-        self.register_buffer("temperature_saved", torch.tensor(1.0, dtype=torch.float64))
+        # Saved in the state dict as a buffer; the Python mirror is what `step` reads (no
+        # device sync per inner step) and is refreshed after load_state_dict.
         self.register_buffer("fixed_index", torch.tensor(-1))
-        self._temperature = 1.0
         self._fixed: str | None = None
-        self.set_temperature(temperature)
         self.register_load_state_dict_post_hook(OptimizerMixture._after_load)
 
     @staticmethod
@@ -367,28 +364,8 @@ class OptimizerMixture(OptimizerPart):
         """The candidates' names, in the order of the logits."""
         return list(self.candidates)
 
-    @property
-    def temperature(self) -> float:
-        """The current T."""
-        return self._temperature
-
-    def set_temperature(self, temperature: float) -> None:
-        """Sets T (> 0) for the following steps."""
-        temperature = float(temperature)
-        if not temperature > 0:
-            raise ValueError(f"the mixture temperature must be positive, got {temperature}")
-        self._temperature = temperature
-        self.temperature_saved.fill_(temperature)
-
-    def set_outer_step(self, outer_step: int) -> float:
-        """Sets T from the ``anneal`` schedule at this outer step (no-op without one); returns T."""
-        if self.anneal is not None:
-            self.set_temperature(self.anneal(outer_step))
-        return self._temperature
-
     @staticmethod
     def _after_load(module: OptimizerMixture, incompatible_keys: Any) -> None:
-        module._temperature = float(module.temperature_saved)
         index = int(module.fixed_index)
         module._fixed = module.names[index] if index >= 0 else None
 
