@@ -7,6 +7,7 @@ re-exported here; see ``docs/architecture.md`` for the layers.
 
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
+from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
 from metalearn.inner import Adapted, adapt
 from metalearn.knowledge import (
     SGD,
@@ -55,12 +56,14 @@ __all__ = [
     "Adapted",
     "BatchNorm",
     "CheckpointMismatchError",
+    "Checkpointed",
     "ClassAugmentation",
     "ClassSplit",
     "Conv4",
     "EpisodicTaskSet",
     "Evaluation",
     "ImageFolderDataset",
+    "Implicit",
     "InitPart",
     "LabelledDataset",
     "MetaKnowledge",
@@ -71,12 +74,14 @@ __all__ = [
     "Params",
     "PointInit",
     "RegressionFamily",
+    "Reptile",
     "Sinusoid",
     "Task",
     "TaskBatch",
     "TaskSet",
     "TensorDataset",
     "TrainResult",
+    "Unrolled",
     "adapt",
     "anil",
     "evaluate",

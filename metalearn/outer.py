@@ -16,12 +16,22 @@ slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
 from metalearn.errors import NonFiniteError
+from metalearn.gradients import (
+    Checkpointed,
+    Implicit,
+    MetaGradientMode,
+    Reptile,
+    Unrolled,
+    checkpointed_adapt_params,
+    resolve_mode,
+)
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
@@ -84,9 +94,10 @@ def task_objective(
     y_val: Tensor,
     steps: int,
     first_order: bool,
+    adapt_fn=adapt_params,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One task: adapt on train, then (val loss, val metric, inner losses). Pure; vmap-safe."""
-    params, losses = adapt_params(omega, theta0, x_train, y_train, steps, first_order)
+    """One task: adapt on train (with ``adapt_fn``), then (val loss, val metric, inner losses). Pure; vmap-safe."""
+    params, losses = adapt_fn(omega, theta0, x_train, y_train, steps, first_order)
     output = omega(params, x_val)
     return default_loss(output, y_val), metric(output, y_val), losses
 
@@ -204,6 +215,7 @@ def meta_gradient(
     first_order: bool = False,
     batching: str = "auto",
     generator: torch.Generator | None = None,
+    mode: str | MetaGradientMode = "unrolled",
 ) -> MetaStats:
     """Adds ∇ω of the mean val loss over ``batch`` to the ``.grad`` of ω's parameters.
 
@@ -211,14 +223,18 @@ def meta_gradient(
         omega: the meta-knowledge.
         batch: same-shaped tasks with a leading task dimension.
         steps: inner steps per task.
-        first_order: first-order meta-gradient (FOMAML).
-        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`).
+        first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
+        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`). The modes
+            ``"checkpointed"``, ``"implicit"`` and ``"reptile"`` always run the loop.
         generator: randomness for a stochastic init.
+        mode: how the meta-gradient is obtained: ``"unrolled"`` (default), ``"first_order"``,
+            ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a mode object from
+            `metalearn.gradients` (e.g. ``Implicit(lam=2.0, cg_steps=10)``) to set its options.
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
     """
-    stats, _ = _meta_gradient(omega, batch, steps, first_order, batching, generator)
+    stats, _ = _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
     return stats
 
 
@@ -229,13 +245,30 @@ def _meta_gradient(
     first_order: bool,
     batching: str,
     generator: torch.Generator | None,
+    gradient_mode: str | MetaGradientMode = "unrolled",
 ) -> tuple[MetaStats, Tensor]:
     """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
     finiteness check and for `meta_step`'s report and clipping)."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
-    mode = _resolve_batching(omega, batching, x_tr.device, first_order)
-    if mode == "vmap":
+    how = resolve_mode(gradient_mode, first_order)
+    first_order = bool(getattr(how, "first_order", False))
+    if not isinstance(how, Unrolled):  # every other mode runs the loop
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+        if batching == "vmap":
+            raise ValueError(f"mode={how.name!r} runs as a loop over tasks; pass batching='loop' or 'auto'")
+        mode = "loop"
+    else:
+        mode = _resolve_batching(omega, batching, x_tr.device, first_order)
+    if isinstance(how, (Implicit, Reptile)):
+        val_losses, metrics, inner = how.accumulate(omega, batch, steps, metric)
+        _check_losses(inner, val_losses, by_task=True)
+    elif isinstance(how, Checkpointed):
+        val_losses, metrics, inner = _loop_backward(
+            omega, batch, steps, False, generator, adapt_fn=partial(checkpointed_adapt_params, segment=how.segment)
+        )
+    elif mode == "vmap":
         theta0_in, theta0_dims = _vmap_theta0(omega, n, generator)
         run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
         val_losses, metrics, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
@@ -269,6 +302,7 @@ def _loop_backward(
     steps: int,
     first_order: bool,
     generator: torch.Generator | None,
+    adapt_fn=adapt_params,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loop path: backpropagates task by task, so only one task's graph is alive at a time.
 
@@ -294,7 +328,7 @@ def _loop_backward(
     for i in range(n):
         leaves = {k: v[i].detach().requires_grad_(v.requires_grad) for k, v in theta0.items()}
         val_loss, met, inner_i = task_objective(
-            omega, shared if point else leaves, x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order
+            omega, shared if point else leaves, x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order, adapt_fn
         )
         if val_loss.requires_grad:
             (val_loss / n).backward()
@@ -361,8 +395,12 @@ def meta_step(
     batching: str = "auto",
     clip_grad_norm: float | None = None,
     generator: torch.Generator | None = None,
+    mode: str | MetaGradientMode = "unrolled",
 ) -> dict[str, float | str]:
     """One outer step: zero grads, meta-gradient over ``batch``, optional clipping, optimizer step.
+
+    ``mode`` is as in `meta_gradient` (``"reptile"`` with ``torch.optim.SGD(lr=ε)`` is Reptile's
+    θ0 ← θ0 + ε(mean φ − θ0)).
 
     ω is left untouched if any loss or the meta-gradient is NaN/Inf (`NonFiniteError`).
 
@@ -371,7 +409,7 @@ def meta_step(
         ``grad_norm`` (before clipping) and ``batching``.
     """
     outer_optimizer.zero_grad(set_to_none=True)
-    stats, grad_norm = _meta_gradient(omega, batch, steps, first_order, batching, generator)
+    stats, grad_norm = _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
     if clip_grad_norm is not None:
         params = [p for p in omega.parameters() if p.grad is not None]
         clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6

@@ -41,6 +41,7 @@ from metalearn.checkpoint import (
 )
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate, omega_device
+from metalearn.gradients import MetaGradientMode, Unrolled, resolve_mode
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.outer import meta_step
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
@@ -239,6 +240,7 @@ def meta_train(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    mode: str | MetaGradientMode = "unrolled",
 ) -> TrainResult:
     """Meta-trains ω for ``steps`` outer steps in total (resuming from ``checkpoint_dir`` if it holds any).
 
@@ -274,6 +276,9 @@ def meta_train(
         progress: show a tqdm progress bar.
         callback: called as ``callback(step, train_row, val_row_or_None)`` after each step;
             returning ``True`` stops the run after that step (a checkpoint is written).
+        mode: the meta-gradient mode, as in `metalearn.outer.meta_step` (``"unrolled"``,
+            ``"first_order"``, ``"checkpointed"``, ``"implicit"``, ``"reptile"`` or a
+            `metalearn.gradients` mode object); part of the run's identity unless ``"unrolled"``.
 
     Interrupting a run (Ctrl-C, a killed job) loses at most the steps since its last
     checkpoint: run the same call again to resume.
@@ -296,18 +301,21 @@ def meta_train(
     _check_positive("checkpoint_every", checkpoint_every)
     if keep_last is not None:
         _check_positive("keep_last", keep_last)
+    gradient_mode = resolve_mode(mode, first_order)
     run_config = {
         "user": dict(config or {}),
         "train": {
             "inner_steps": inner_steps,
             "meta_batch_size": meta_batch_size,
-            "first_order": bool(first_order),
+            "first_order": bool(getattr(gradient_mode, "first_order", False)),
             "batching": batching,
             "clip_grad_norm": None if clip_grad_norm is None else float(clip_grad_norm),
             "seed": seed,
             "tasks": _describe_tasks(tasks),
         },
     }
+    if not isinstance(gradient_mode, Unrolled):  # unrolled runs keep the identity they had before modes existed
+        run_config["train"]["mode"] = gradient_mode.config()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     log = _JsonlLog(Path(log_path) if log_path is not None else None)
     result = TrainResult(omega=omega, steps=0)
@@ -349,6 +357,7 @@ def meta_train(
                     batching=batching,
                     clip_grad_norm=clip_grad_norm,
                     generator=step_generator(seed, step),
+                    mode=gradient_mode,
                 )
             except NonFiniteError as err:
                 raise _reraise_with_step(err, step, indices, "meta-training") from err
