@@ -30,14 +30,38 @@ from pathlib import Path
 
 import torch
 
-from metalearn import MLP, MetaKnowledge, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
+from metalearn import MLP, SGD, MetaKnowledge, MetaSGD, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
+from metalearn.knowledge import Adam, GaussianInit, MomentumSGD, OptimizerMixture
 
-METHODS = {"maml": maml, "meta-sgd": meta_sgd}
+
+def gaussian_init(model: torch.nn.Module, lr: float) -> MetaKnowledge:
+    """MAML with a learned Gaussian init: θ0 ~ N(μ, σ²) per parameter, μ and σ meta-learned."""
+    return MetaKnowledge(model, optimizer=SGD(lr), init=GaussianInit(init_scale=0.01))
+
+
+def learned_adam(model: torch.nn.Module, lr: float) -> MetaKnowledge:
+    """An inner Adam whose step size, betas and eps are meta-learned."""
+    return MetaKnowledge(model, optimizer=Adam(lr))
+
+
+def optimizer_mixture(model: torch.nn.Module, lr: float) -> MetaKnowledge:
+    """A learned choice among inner update rules (softmax weights over SGD, Meta-SGD, momentum, Adam)."""
+    rules = {"sgd": SGD(lr), "meta_sgd": MetaSGD(lr), "momentum": MomentumSGD(lr, 0.5), "adam": Adam(lr)}
+    return MetaKnowledge(model, optimizer=OptimizerMixture(rules))
+
+
+METHODS = {
+    "maml": maml,
+    "meta-sgd": meta_sgd,
+    "gaussian-init": gaussian_init,
+    "learned-adam": learned_adam,
+    "mixture": optimizer_mixture,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=["maml", "meta-sgd"], choices=list(METHODS))
     p.add_argument("--shots", nargs="+", type=int, default=[5, 10, 20], help="K: train points per task")
     p.add_argument(
         "--iterations", type=int, default=15_000, help="outer steps per run (docs/results.md and the MAML paper: 70000)"
@@ -75,6 +99,8 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
+    if isinstance(omega.init, GaussianInit):
+        omega.init.mode = "mean"  # meta-test from the learned mean (sampling would need S adaptations per task)
     result = evaluate(omega, target, steps=args.inner_steps)
     row = {
         "method": method,
@@ -85,6 +111,10 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
         "iterations": args.iterations,
         "train_seconds": round(seconds, 1),
     }
+    if isinstance(omega.optimizer, OptimizerMixture):
+        choice = omega.optimizer.chosen()
+        row["chosen_rule"] = choice.name
+        row["rule_weights"] = {k: round(v, 3) for k, v in choice.weights.items()}
     return omega, row
 
 
@@ -104,7 +134,8 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
         task = family[col]
         ax.plot(xs, family.function(family.function_of(col), xs), "k", lw=2, label="true")
         ax.scatter(task.train[0], task.train[1], c="k", marker="^", zorder=5, label=f"{shots} train points")
-        for (name, omega), color in zip(models.items(), ("tab:blue", "tab:red"), strict=False):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for (name, omega), color in zip(models.items(), colors, strict=False):
             with torch.no_grad():
                 before = omega(omega.model_params(), xs)
             after = omega(fine_tune(omega, task.train, steps=args.inner_steps), xs)
@@ -128,13 +159,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             omega, row = train_one(method, shots, args)
             models[method] = omega
             rows.append(row)
-            print(f"{method:9s} K={shots:<3d} MSE {row['mse']:.3f} ± {row['ci95']:.3f} "
-                  f"({row['tasks']} tasks, {row['iterations']} iterations, {row['train_seconds']} s)", flush=True)
+            chosen = f", chose {row['chosen_rule']} {row['rule_weights']}" if "chosen_rule" in row else ""
+            print(f"{method:13s} K={shots:<3d} MSE {row['mse']:.3f} ± {row['ci95']:.3f} "
+                  f"({row['tasks']} tasks, {row['iterations']} iterations, {row['train_seconds']} s){chosen}",
+                  flush=True)
         if plotted is None and plot_fits(models, shots, args, args.out / "fits.png"):
             plotted = args.out / "fits.png"
-    print(f"\nmethod     K    MSE after {args.inner_steps} step(s) ({args.eval_tasks} target tasks, ± 95% CI)")
+    print(f"\nmethod         K    MSE after {args.inner_steps} step(s) ({args.eval_tasks} target tasks, ± 95% CI)")
     for row in rows:
-        print(f"{row['method']:9s} {row['shots']:3d}   {row['mse']:.3f} ± {row['ci95']:.3f}")
+        print(f"{row['method']:13s} {row['shots']:3d}   {row['mse']:.3f} ± {row['ci95']:.3f}")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"\nwrote {args.out / 'results.json'}" + (f" and {plotted}" if plotted else ""))
     return rows
