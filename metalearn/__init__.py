@@ -20,9 +20,12 @@ from metalearn.knowledge import (
     OptimizerPart,
     Params,
     PointInit,
+    PrototypeInit,
     anil,
     maml,
     meta_sgd,
+    proto_maml,
+    protonet,
 )
 from metalearn.models import MLP, BatchNorm, Conv4
 from metalearn.outer import meta_gradient, meta_loss, meta_step
@@ -73,6 +76,7 @@ __all__ = [
     "OptimizerPart",
     "Params",
     "PointInit",
+    "PrototypeInit",
     "RegressionFamily",
     "Reptile",
     "Sinusoid",
@@ -92,6 +96,8 @@ __all__ = [
     "meta_sgd",
     "meta_step",
     "meta_train",
+    "proto_maml",
+    "protonet",
     "rotations",
     "split_classes",
     "stack_tasks",

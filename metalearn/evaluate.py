@@ -52,8 +52,12 @@ def omega_device(omega: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _detached_theta0(omega: MetaKnowledge, generator: torch.Generator | None) -> Params:
-    return {n: t[0].detach() for n, t in omega.initial_params(1, generator).items()}
+def _detached_theta0(
+    omega: MetaKnowledge, generator: torch.Generator | None, train: tuple[Tensor, Tensor]
+) -> Params:
+    """θ0 of one task (no task dimension); ``train`` is its train half, for a task-conditioned init."""
+    x, y = train
+    return {n: t[0].detach() for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
 
 
 def fine_tune(
@@ -83,7 +87,7 @@ def fine_tune(
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
-        theta0 = _detached_theta0(omega, generator)
+        theta0 = _detached_theta0(omega, generator, (x, y))
         params, losses = adapt_params(omega, theta0, x, y, steps, first_order=True)
     check_finite_losses(losses)
     return params
@@ -220,8 +224,12 @@ def evaluate(
         with torch.no_grad():
             for chunk in _chunks(tasks, batch_size):
                 theta0s = [
-                    _detached_theta0(omega, torch.Generator().manual_seed(task_seed(seed, offset + j)))
-                    for j in range(len(chunk))
+                    _detached_theta0(
+                        omega,
+                        torch.Generator().manual_seed(task_seed(seed, offset + j)),
+                        tuple(t.to(device) for t in task.train),
+                    )
+                    for j, task in enumerate(chunk)
                 ]
                 if mode == "vmap" and len(chunk) > 1 and _same_shapes(chunk):
                     batch = stack_tasks(chunk).to(device)

@@ -183,7 +183,7 @@ def adapt(
         NonFiniteError: the inner loss became NaN or Inf (names the step).
     """
     x, y = train
-    theta0 = {n: t[0] for n, t in omega.initial_params(1, generator).items()}
+    theta0 = {n: t[0] for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
     params, losses = adapt_params(omega, theta0, x, y, steps, first_order)
     check_finite_losses(losses)
     return Adapted(params, losses)

@@ -131,7 +131,7 @@ def _shared_over_tasks(t: Tensor) -> bool:
 
 
 def _vmap_theta0(
-    omega: MetaKnowledge, n: int, generator: torch.Generator | None
+    omega: MetaKnowledge, n: int, generator: torch.Generator | None, train: tuple[Tensor, Tensor]
 ) -> tuple[Params, dict[str, int | None]]:
     """θ0 and its ``in_dims`` for vmap. A tensor shared by every task goes in once, unbatched
     (``in_dims=None``), the rest is mapped over its task dimension.
@@ -139,12 +139,13 @@ def _vmap_theta0(
     Shared: all of `PointInit`'s θ0 (the model's own parameters, taken directly), and any
     tensor with stride 0 over tasks (an ``expand``). Same gradient (the sum over tasks
     happens in vmap's backward instead of ``expand``'s), but the first inner step's forward
-    runs as one batched op over every task's examples.
+    runs as one batched op over every task's examples. ``train`` is the batch's train half,
+    for an init that reads it (``uses_train_data``).
     """
-    if type(omega.init) is PointInit:
+    if type(omega.init) is PointInit and not omega.init.uses_train_data:
         params = omega.model_params()
         return params, dict.fromkeys(params)
-    theta0 = omega.initial_params(n, generator)
+    theta0 = omega.initial_params(n, generator, train=train)
     shared = {k: _shared_over_tasks(t) for k, t in theta0.items()}
     return (
         {k: (t[0] if shared[k] else t) for k, t in theta0.items()},
@@ -269,7 +270,7 @@ def _meta_gradient(
             omega, batch, steps, False, generator, adapt_fn=partial(checkpointed_adapt_params, segment=how.segment)
         )
     elif mode == "vmap":
-        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator)
+        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
         run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
         val_losses, metrics, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
         _check_losses(inner.detach(), val_losses.detach(), by_task=False)
@@ -319,9 +320,9 @@ def _loop_backward(
     """
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
-    point = type(omega.init) is PointInit
+    point = type(omega.init) is PointInit and not omega.init.uses_train_data
     shared = omega.model_params() if point else {}
-    theta0 = {} if point else omega.initial_params(n, generator)
+    theta0 = {} if point else omega.initial_params(n, generator, train=batch.train)
     cotangents = {k: v.new_zeros(v.shape) for k, v in theta0.items() if v.requires_grad}
     got_grad: set[str] = set()
     vals, mets, inners = [], [], []
@@ -367,12 +368,12 @@ def meta_loss(
     n = len(batch)
     mode = _resolve_batching(omega, batching, x_tr.device, first_order)
     if mode == "vmap":
-        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator)
+        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
         run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
         val_losses, _, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
         _check_losses(inner.detach(), val_losses.detach(), by_task=False)
         return val_losses.mean()
-    theta0 = omega.initial_params(n, generator)
+    theta0 = omega.initial_params(n, generator, train=batch.train)
     vals, inners = [], []
     for i in range(n):
         val_loss, _, inner_i = task_objective(

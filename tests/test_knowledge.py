@@ -61,6 +61,7 @@ BUILTINS: dict[str, Callable[[], nn.Module]] = {
     "SGD": lambda: SGD(lr=0.1),
     "MetaSGD": lambda: MetaSGD(init_lr=0.1),
     "PointInit": PointInit,
+    "PrototypeInit": knowledge.PrototypeInit,
     "AdaptAll": AdaptAll,
     "AdaptOnly": lambda: AdaptOnly("head"),
     **{name: factory for name, factory in _MAYBE.items() if factory is not None},

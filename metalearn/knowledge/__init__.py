@@ -11,11 +11,12 @@ from metalearn.knowledge.architecture import (
 )
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
+from metalearn.knowledge.heads import PrototypeInit, prototype_head
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
 from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State
-from metalearn.knowledge.recipes import anil, maml, meta_sgd
+from metalearn.knowledge.recipes import anil, maml, meta_sgd, proto_maml, protonet
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -42,6 +43,7 @@ __all__ = [
     "OptimizerPart",
     "Params",
     "PointInit",
+    "PrototypeInit",
     "ScaledInit",
     "SearchableConvNet",
     "State",
@@ -52,5 +54,8 @@ __all__ = [
     "maml",
     "meta_sgd",
     "native_norm_layers",
+    "proto_maml",
+    "protonet",
+    "prototype_head",
     "with_architecture",
 ]

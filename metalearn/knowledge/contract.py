@@ -268,6 +268,33 @@ def _random_params(generator: torch.Generator, dtype: torch.dtype) -> tuple[Para
     return params, grads
 
 
+class _SmallHeadedModel(nn.Module):
+    """``head(features(x))``: the default model of a task-conditioned init (e.g. prototype heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(2, 3), nn.Tanh())
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _small_headed_model(dtype: torch.dtype, generator: torch.Generator) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG
+        model = _SmallHeadedModel().to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=dtype))
+    return model
+
+
+def _small_train(n_tasks: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Train halves ``([n_tasks, 4, 2], [n_tasks, 4])`` for `_small_headed_model`: 2 classes, 2 shots each."""
+    x = torch.randn(n_tasks, 4, 2, generator=generator, dtype=dtype)
+    return x, torch.tensor([0, 1, 0, 1]).expand(n_tasks, 4)
+
+
 def _small_model(dtype: torch.dtype, generator: torch.Generator) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG
         model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
@@ -383,8 +410,21 @@ class _Runner(nn.Module):
 
 def _check_init(
     part: InitPart, model: nn.Module | None, dtype: torch.dtype, atol: float, rtol: float, gen: torch.Generator,
-    n_tasks: int,
+    n_tasks: int, inputs: Any = None,
 ) -> ContractReport:
+    train: tuple[Tensor, Tensor] | None = None
+    if part.uses_train_data:
+        if model is None:
+            model = _small_headed_model(dtype, gen)
+            train = _small_train(n_tasks, dtype, gen) if inputs is None else None
+        if train is None:
+            if inputs is None:
+                raise TypeError(
+                    f"{type(part).__name__} computes θ0 from each task's train half: pass inputs=(x, y) with a "
+                    f"leading task dimension of n_tasks={n_tasks} (and the model it fits)"
+                )
+            x, y = inputs
+            train = (x.to(dtype) if x.is_floating_point() else x, y)
     model = copy.deepcopy(model).to(dtype) if model is not None else _small_model(dtype, gen)
     part = _prepared(part, dtype)
     part.bind(model)
@@ -393,6 +433,8 @@ def _check_init(
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
 
     def call(mp: Mapping[str, Tensor]) -> Params:
+        if train is not None:
+            return part.initial_params(mp, n_tasks, torch.Generator().manual_seed(seed), train=train)
         return part.initial_params(mp, n_tasks, torch.Generator().manual_seed(seed))
 
     what = "initial_params"
@@ -548,7 +590,9 @@ def check_part(
     * `InitPart`: ``bind`` to ``model``, then ``initial_params(model_params, n_tasks,
       generator)`` twice with generators seeded alike; θ0 must hold every model parameter
       with a leading task dimension; the gradient check covers the meta-parameters and, if
-      `InitPart.uses_model_parameters`, the model's parameters.
+      `InitPart.uses_model_parameters`, the model's parameters. An init with
+      `InitPart.uses_train_data` also gets ``train=inputs`` (the tasks' ``(x, y)`` train
+      halves; by default a small ``head(features(x))`` model with 2-class train data).
     * `AdaptPart`: ``select(names)`` returns a subset of ``names``, in order, the same each time.
     * any other ``nn.Module`` (e.g. a meta-learned loss): ``call(part, inputs, generator)``.
 
@@ -556,7 +600,8 @@ def check_part(
         part: the part to check (as constructed; it is not modified).
         inputs: for an optimizer, ``(params, grads)`` (two dicts with the same keys; random
             by default); for an adapt part, the parameter names (default: ``model``'s, or a
-            few Conv-4-like names); for a module part, a tuple of tensors.
+            few Conv-4-like names); for a module part, a tuple of tensors; for an init with
+            ``uses_train_data``, the train halves ``(x, y)`` with a leading task dimension.
         dtype: floating dtype the check runs in (float64 for a meaningful gradient check).
         atol: absolute tolerance of the gradient check.
         rtol: relative tolerance of the gradient check.
@@ -583,7 +628,7 @@ def check_part(
     if isinstance(part, OptimizerPart):
         return _check_optimizer(part, inputs, dtype, atol, rtol, gen, steps)
     if isinstance(part, InitPart):
-        return _check_init(part, model, dtype, atol, rtol, gen, n_tasks)
+        return _check_init(part, model, dtype, atol, rtol, gen, n_tasks, inputs)
     if isinstance(part, AdaptPart):
         if inputs is not None:
             names = list(inputs)

@@ -133,9 +133,35 @@ class MetaKnowledge(nn.Module):
         """The model's own parameters by name."""
         return dict(self.network.named_parameters())
 
-    def initial_params(self, n_tasks: int, generator: torch.Generator | None = None) -> Params:
-        """θ0 for ``n_tasks`` tasks, each tensor with a leading task dimension."""
-        return self.init.initial_params(self.model_params(), n_tasks, generator)
+    def initial_params(
+        self,
+        n_tasks: int,
+        generator: torch.Generator | None = None,
+        train: tuple[Tensor, Tensor] | None = None,
+    ) -> Params:
+        """θ0 for ``n_tasks`` tasks, each tensor with a leading task dimension.
+
+        Args:
+            n_tasks: number of tasks.
+            generator: randomness for a stochastic init.
+            train: the tasks' train halves ``(x, y)`` with a leading task dimension of size
+                ``n_tasks``; required by an init with ``uses_train_data`` (e.g.
+                `metalearn.knowledge.PrototypeInit`), ignored by the others.
+        """
+        if not self.init.uses_train_data:
+            return self.init.initial_params(self.model_params(), n_tasks, generator)
+        if train is None:
+            raise ValueError(
+                f"{type(self.init).__name__} computes θ0 from each task's train half: pass "
+                "train=(x, y) with a leading task dimension to initial_params"
+            )
+        x, y = train
+        if x.shape[0] != n_tasks or y.shape[0] != n_tasks:
+            raise ValueError(
+                f"train has {x.shape[0]} input and {y.shape[0]} target tasks, but n_tasks={n_tasks}; "
+                "pass the batch's train half with a leading task dimension"
+            )
+        return self.init.initial_params(self.model_params(), n_tasks, generator, train=(x, y))
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Runs the model with parameters ``params`` (θ) on ``x``."""

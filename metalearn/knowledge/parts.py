@@ -42,6 +42,11 @@ class InitPart(nn.Module, ABC):
 
     #: Whether the model's own ``nn.Parameter``s are meta-parameters (θ0 or its mean).
     uses_model_parameters: bool = True
+    #: Whether θ0 depends on each task's train half (a task-conditioned init, e.g. prototype
+    #: heads). If ``True``, `initial_params` takes a keyword ``train=(x, y)``, the batch's train
+    #: half with a leading task dimension, and every caller that draws θ0 passes it; inits that
+    #: leave this ``False`` are called without it.
+    uses_train_data: bool = False
 
     def bind(self, model: nn.Module) -> None:
         """Called once by `MetaKnowledge` with the model; create meta-parameters here."""
@@ -57,6 +62,9 @@ class InitPart(nn.Module, ABC):
                 `uses_model_parameters`).
             n_tasks: number of tasks in the batch.
             generator: the only source of randomness a stochastic init may use.
+
+        An init with `uses_train_data` adds a keyword argument ``train: tuple[Tensor, Tensor]``
+        (inputs ``[n_tasks, shots, ...]`` and targets ``[n_tasks, shots, ...]``).
         """
 
 
