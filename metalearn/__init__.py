@@ -5,6 +5,7 @@ the initial distribution of the weights — from many small tasks. The public AP
 re-exported here; see ``docs/architecture.md`` for the layers.
 """
 
+from metalearn.checkpoint import CheckpointLoadError, load_checkpoint, save_checkpoint
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
@@ -58,6 +59,7 @@ __all__ = [
     "AdaptPart",
     "Adapted",
     "BatchNorm",
+    "CheckpointLoadError",
     "CheckpointMismatchError",
     "Checkpointed",
     "ClassAugmentation",
@@ -96,6 +98,8 @@ __all__ = [
     "meta_sgd",
     "meta_step",
     "meta_train",
+    "load_checkpoint",
+    "save_checkpoint",
     "proto_maml",
     "protonet",
     "rotations",
