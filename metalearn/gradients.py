@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from metalearn.inner import adapt_params
+from metalearn.inner import adapt_params, inner_step
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
@@ -365,12 +365,7 @@ def checkpointed_adapt_params(
         s = dict(zip(state_keys, tensors[len(names) :], strict=True))
         seg_losses = []
         for k in range(k0, k1):
-            loss = omega.inner_loss({**static, **f}, x, y)
-            if loss.requires_grad:
-                g = torch.autograd.grad(loss, list(f.values()), create_graph=True, materialize_grads=True)
-            else:
-                g = tuple(torch.zeros_like(t) for t in f.values())
-            f, s = omega.optimizer.step(f, dict(zip(names, g, strict=True)), s, k)
+            f, s, loss = inner_step(omega, static, f, s, x, y, k, plain_autograd=True)
             seg_losses.append(loss)
         return (*(f[n] for n in names), *(s[k] for k in state_keys), torch.stack(seg_losses))
 

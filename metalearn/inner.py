@@ -25,7 +25,7 @@ from torch.func import grad_and_value
 
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
-from metalearn.knowledge.parts import Params
+from metalearn.knowledge.parts import Params, State
 
 __all__ = ["Adapted", "adapt", "adapt_params", "check_finite_losses", "check_finite_task_losses"]
 
@@ -98,26 +98,47 @@ def _adapt_params(
     static = {n: theta0[n] for n in omega.static_names}
     fast = {n: theta0[n] for n in omega.adapted_names}
     state = omega.optimizer.init_state(fast)
+    losses = []
+    for k in range(steps):
+        fast, state, loss = inner_step(omega, static, fast, state, x, y, k, first_order, plain_autograd)
+        losses.append(loss)
+    losses_t = torch.stack(losses) if losses else x.new_zeros(0)
+    return {**static, **fast}, losses_t
+
+
+def inner_step(
+    omega: MetaKnowledge,
+    static: Params,
+    fast: Params,
+    state: State,
+    x: Tensor,
+    y: Tensor,
+    k: int,
+    first_order: bool = False,
+    plain_autograd: bool = False,
+) -> tuple[Params, State, Tensor]:
+    """One inner step k: the inner loss at θ_k (``fast`` adapted, ``static`` fixed), its gradient, ω's update.
+
+    ``plain_autograd`` takes the gradient with ``torch.autograd.grad(create_graph=True)`` (second
+    order, outside torch.func transforms); otherwise ``torch.func.grad_and_value`` (first order
+    detaches θ_k first). Returns θ_{k+1}, the new optimizer state and the loss at θ_k.
+    """
 
     def inner_loss(fast_params: Params) -> Tensor:
         return omega.inner_loss({**static, **fast_params}, x, y)
 
-    losses = []
-    for k in range(steps):
-        if plain_autograd:
-            loss = inner_loss(fast)
-            if loss.requires_grad:
-                grad_list = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
-                grads = dict(zip(fast, grad_list, strict=True))
-            else:  # the loss does not depend on the adapted parameters
-                grads = {n: torch.zeros_like(t) for n, t in fast.items()}
-        else:
-            at = {n: t.detach() for n, t in fast.items()} if first_order else fast
-            grads, loss = grad_and_value(inner_loss)(at)
-        fast, state = omega.optimizer.step(fast, grads, state, k)
-        losses.append(loss)
-    losses_t = torch.stack(losses) if losses else x.new_zeros(0)
-    return {**static, **fast}, losses_t
+    if plain_autograd:
+        loss = inner_loss(fast)
+        if loss.requires_grad:
+            grad_list = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
+            grads = dict(zip(fast, grad_list, strict=True))
+        else:  # the loss does not depend on the adapted parameters
+            grads = {n: torch.zeros_like(t) for n, t in fast.items()}
+    else:
+        at = {n: t.detach() for n, t in fast.items()} if first_order else fast
+        grads, loss = grad_and_value(inner_loss)(at)
+    fast, state = omega.optimizer.step(fast, grads, state, k)
+    return fast, state, loss
 
 
 def check_finite_losses(losses: Tensor, what: str = "inner loss", task_offset: int = 0) -> None:
