@@ -1,11 +1,12 @@
-"""MAML, 5-way 1-shot Omniglot, from the original archives in a folder you give.
+"""MAML (or ANIL, ProtoNets, Proto-MAML, iMAML), 5-way 1-shot Omniglot, from the original archives.
 
 Finn, Abbeel & Levine (2017), "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
 Networks", section 5.2, with the standard few-shot split of Vinyals et al. (2016): 1200
 source characters (augmented with rotations by 0/90/180/270 degrees as new classes, as in
 Santoro et al., 2016) and 423 target characters. 100 of the 1200 are held out to validate on.
 
-* ω: `maml` on the Conv-4 (64 filters, batch statistics), inner SGD step size 0.4;
+* ω: `maml` on the Conv-4 (64 filters, batch statistics), inner SGD step size 0.4 (``--method``
+  picks another: ``fomaml``, ``anil``, ``protonet`` (0 inner steps), ``proto-maml``, ``imaml``);
 * meta-training: 1 inner step, meta-batch 32, Adam lr 0.001, second order;
 * meta-test: 3 inner steps on each of 600 fixed target tasks, accuracy ± 95% CI.
 
@@ -29,15 +30,42 @@ from pathlib import Path
 
 import torch
 
-from metalearn import ClassAugmentation, Conv4, EpisodicTaskSet, Omniglot, evaluate, maml, meta_train, rotations
+from metalearn import (
+    ClassAugmentation,
+    Conv4,
+    EpisodicTaskSet,
+    Implicit,
+    MetaKnowledge,
+    Omniglot,
+    anil,
+    evaluate,
+    maml,
+    meta_train,
+    rotations,
+)
+from metalearn.knowledge import proto_maml, protonet
 from metalearn.tasks import split_classes
+
+METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml")
+
+
+def build_omega(method: str, ways: int, hidden: int, inner_lr: float) -> MetaKnowledge:
+    """ω for ``method`` on a fresh Conv-4 (the recipes are compositions of parts)."""
+    model = Conv4(num_classes=ways, hidden=hidden)
+    if method == "anil":
+        return anil(model, inner_lr)
+    if method == "protonet":
+        return protonet(model)
+    if method == "proto-maml":
+        return proto_maml(model, inner_lr)
+    return maml(model, inner_lr)  # maml, fomaml (first order) and imaml (implicit meta-gradient)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, required=True, help="folder with the Omniglot archives")
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--run-dir", type=Path, default=Path("runs/omniglot-maml"))
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/omniglot-<method>")
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
@@ -56,10 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--test-tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--first-order", action="store_true", help="first-order MAML")
+    p.add_argument("--method", choices=METHODS, default="maml")
+    p.add_argument("--imaml-lambda", type=float, default=1.0, help="iMAML's proximal strength λ")
+    p.add_argument("--imaml-cg-steps", type=int, default=5)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     args = p.parse_args(argv)
+    args.run_dir = args.run_dir or Path(f"runs/omniglot-{args.method}")
     if args.smoke:
         args.iterations, args.meta_batch, args.hidden = 4, 2, 8
         args.val_every = args.checkpoint_every = 2
@@ -119,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     source, val, target = build_tasks(args)
     torch.manual_seed(args.seed)
-    omega = maml(Conv4(num_classes=args.ways, hidden=args.hidden), lr=args.inner_lr)
+    if args.method == "protonet":
+        args.inner_steps = args.test_inner_steps = 0
+    omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr)
     outer = torch.optim.Adam(omega.parameters(), lr=args.meta_lr)
     deadline = None if args.budget_minutes is None else time.monotonic() + 60 * args.budget_minutes
 
@@ -133,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = meta_train(
         omega, source, outer,
         steps=args.iterations, inner_steps=args.inner_steps, meta_batch_size=args.meta_batch,
-        first_order=args.first_order, val_tasks=val, val_every=args.val_every,
+        first_order=args.method == "fomaml", val_tasks=val, val_every=args.val_every,
+        mode=Implicit(args.imaml_lambda, args.imaml_cg_steps) if args.method == "imaml" else "unrolled",
         val_inner_steps=args.test_inner_steps, log_path=args.run_dir / "log.jsonl",
         checkpoint_dir=args.run_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
         seed=args.seed, config=config, progress=not args.no_progress, callback=out_of_time,
@@ -141,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_minutes = (time.monotonic() - start) / 60
     test = evaluate(omega, target, steps=args.test_inner_steps)
     summary = {
-        "method": "maml" + ("-first-order" if args.first_order else ""),
+        "method": args.method,
         "episode": f"{args.ways}-way {args.shots}-shot {args.queries}-query",
         "iterations": result.steps,
         "train_minutes_this_run": round(train_minutes, 1),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,3 +60,17 @@ def test_omniglot_example_on_fixture(tmp_path):
     # a second run resumes from the last checkpoint instead of starting over
     out = run_example("omniglot.py", *args)
     assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4
+
+
+@pytest.mark.parametrize("method", ["fomaml", "anil", "protonet", "proto-maml", "imaml"])
+def test_omniglot_example_methods_on_fixture(tmp_path, method):
+    from omniglot_fixture import write_omniglot
+
+    root = tmp_path / "omniglot"
+    write_omniglot(root)
+    run_dir = tmp_path / "run"
+    run_example("omniglot.py", "--root", str(root), "--run-dir", str(run_dir), "--smoke", "--no-progress",
+                "--ways", "2", "--n-source", "7", "--n-val", "2", "--method", method)
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["method"] == method and summary["iterations"] == 4
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
