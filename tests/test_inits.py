@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fd_check import fd_check
 from torch import nn
 
 from metalearn.inner import adapt
@@ -37,28 +38,6 @@ def _batch(n_tasks=3, n=6, d=2, seed=1) -> TaskBatch:
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _fd_check(omega, objective, names, h=1e-6, entries=2, rtol=1e-5, atol=1e-9):
-    """Central finite differences of ``objective()`` w.r.t. a few entries of each named meta-parameter."""
-    params = dict(omega.named_parameters())
-    targets = [params[n] for n in names]
-    grads = torch.autograd.grad(objective(), targets)
-    for name, p, g in zip(names, targets, grads, strict=True):
-        assert bool(torch.isfinite(g).all()), name
-        assert g.abs().max() > 0, f"meta-gradient w.r.t. {name} is zero: the check could not fail"
-        flat = p.data.view(-1)
-        for i in range(min(entries, flat.numel())):
-            orig = flat[i].item()
-            with torch.no_grad():
-                flat[i] = orig + h
-                up = objective().item()
-                flat[i] = orig - h
-                down = objective().item()
-                flat[i] = orig
-            fd = (up - down) / (2 * h)
-            an = g.reshape(-1)[i].item()
-            assert abs(fd - an) <= atol + rtol * abs(an), f"{name}[{i}]: autograd {an:.10g} vs FD {fd:.10g}"
 
 
 def _loop_vs_vmap(omega, batch, seed, steps=2):
@@ -131,7 +110,7 @@ def test_gaussian_init_meta_gradient_wrt_mean_and_scale_matches_finite_differenc
     names = ["model.layers.0.weight", "model.layers.2.bias", "init.log_scale.layers:0:weight",
              "init.log_scale.layers:2:bias"]
     # the generator is re-seeded for every evaluation, so every evaluation sees the same noise
-    _fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop", generator=_gen(7)), names)
+    fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop", generator=_gen(7)), names)
 
 
 def test_gaussian_init_loop_and_vmap_agree():
@@ -230,7 +209,7 @@ def test_scaled_init_meta_gradient_matches_finite_differences_and_loop_equals_vm
     omega = _scaled_omega()
     batch = _batch()
     names = [n for n, _ in omega.named_parameters()]
-    _fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop", generator=_gen(9)), names, entries=1)
+    fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop", generator=_gen(9)), names, entries=1)
     grads = _loop_vs_vmap(omega, _batch(n_tasks=4), seed=9)
     assert all(bool(torch.isfinite(g).all()) and g.abs().max() > 0 for g in grads.values())
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fd_check import fd_check
 from torch import nn
 from torch.func import functional_call
 
@@ -103,28 +104,6 @@ def _assert_same_trajectory(ours, theirs, tol=1e-12):
 def _value(part, hyper, name):
     """The effective value of a (possibly learned) hyper-parameter, as a float."""
     return float(torch.as_tensor(part.hyper(hyper, name)).detach().reshape(-1)[0])
-
-
-def _fd_check(omega, objective, names, h=1e-6, entries=2, rtol=1e-5, atol=1e-9):
-    """Central finite differences of ``objective()`` w.r.t. a few entries of each named meta-parameter."""
-    params = dict(omega.named_parameters())
-    targets = [params[n] for n in names]
-    grads = torch.autograd.grad(objective(), targets)
-    for name, p, g in zip(names, targets, grads, strict=True):
-        assert bool(torch.isfinite(g).all()), name
-        assert g.abs().max() > 0, f"meta-gradient w.r.t. {name} is zero: the check could not fail"
-        flat = p.data.view(-1)
-        for i in range(min(entries, flat.numel())):
-            orig = flat[i].item()
-            with torch.no_grad():
-                flat[i] = orig + h
-                up = objective().item()
-                flat[i] = orig - h
-                down = objective().item()
-                flat[i] = orig
-            fd = (up - down) / (2 * h)
-            an = g.reshape(-1)[i].item()
-            assert abs(fd - an) <= atol + rtol * abs(an), f"{name}[{i}]: autograd {an:.10g} vs FD {fd:.10g}"
 
 
 def _loop_vs_vmap(omega, batch, steps=2, generator_seed=None):
@@ -225,7 +204,7 @@ def test_meta_gradient_wrt_hyper_parameters_matches_finite_differences(make):
     names = _hyper_names(omega)
     learned = {n.split(".")[1] for n in names}
     assert learned == {f"log_{k}" if k in ("lr", "eps") else f"logit_{k}" for k in omega.optimizer.learned}
-    _fd_check(omega, lambda: meta_loss(omega, batch, 3, batching="loop"), names + ["model.layers.0.weight"])
+    fd_check(omega, lambda: meta_loss(omega, batch, 3, batching="loop"), names + ["model.layers.0.weight"])
 
 
 def test_loop_and_vmap_meta_gradients_agree():
@@ -355,7 +334,7 @@ def test_mixture_meta_gradient_wrt_logits_and_hypers_matches_finite_differences(
     batch = _batch()
     names = _hyper_names(omega)
     assert "optimizer.logits" in names
-    _fd_check(omega, lambda: meta_loss(omega, batch, 3, batching="loop"), names, entries=2)
+    fd_check(omega, lambda: meta_loss(omega, batch, 3, batching="loop"), names, entries=2)
     grads = _loop_vs_vmap(omega, batch, steps=3)
     assert grads["optimizer.logits"].abs().max() > 0
 
