@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from metalearn.gradients import proximal_adapt
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
-from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
-from metalearn.outer import BATCHING_MODES, choose_batching, task_objective
+from metalearn.outer import BATCHING_MODES, choose_batching, metric, task_objective
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import task_seed
 
@@ -66,8 +67,9 @@ def fine_tune(
     steps: int,
     *,
     generator: torch.Generator | None = None,
+    proximal: float | None = None,
 ) -> Params:
-    """θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
+    r"""θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
 
     No graph is kept: the result does not require grad and holds no reference to ω's
     autograd history (the meta-test counterpart of `metalearn.inner.adapt`).
@@ -77,6 +79,10 @@ def fine_tune(
         train: the task's ``(x, y)`` train half, no task dimension; moved to ω's device.
         steps: number of inner steps (may exceed the number used in meta-training).
         generator: randomness for a stochastic init.
+        proximal: λ > 0 to descend iMAML's proximal objective
+            :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` instead of
+            the train loss (the inner problem `metalearn.gradients.Implicit` meta-trains for;
+            Rajeswaran et al., 2019); None: the plain inner loop.
 
     Returns:
         θ*, every parameter of the model by name.
@@ -88,9 +94,32 @@ def fine_tune(
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
         theta0 = _detached_theta0(omega, generator, (x, y))
-        params, losses = adapt_params(omega, theta0, x, y, steps, first_order=True)
+        params, losses = _adapt_detached(omega, theta0, x, y, steps, proximal)
     check_finite_losses(losses)
     return params
+
+
+def _adapt_detached(
+    omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, steps: int, proximal: float | None
+) -> tuple[Params, Tensor]:
+    """The meta-test inner loop of one task, without a graph: plain, or proximal with λ = ``proximal``."""
+    if proximal is None:
+        return adapt_params(omega, theta0, x, y, steps, first_order=True)
+    if not proximal > 0:
+        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
+    anchor = {n: theta0[n] for n in omega.adapted_names}
+    static = {n: theta0[n] for n in omega.static_names}
+    return proximal_adapt(omega, anchor, x, y, steps, proximal, static=static)
+
+
+def _proximal_objective(
+    omega: MetaKnowledge, theta0: Params, task: Task, steps: int, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`task_objective` with the proximal inner loop (no graph): (val loss, val metric, inner objectives)."""
+    params, losses = _adapt_detached(omega, theta0, *task.train, steps, lam)
+    x_val, y_val = task.val
+    output = omega(params, x_val)
+    return default_loss(output, y_val), metric(output, y_val), losses
 
 
 @dataclass(frozen=True)
@@ -184,6 +213,7 @@ def evaluate(
     batch_size: int = 32,
     batching: str = "auto",
     seed: int = 0,
+    proximal: float | None = None,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -202,6 +232,8 @@ def evaluate(
         batch_size: tasks fine-tuned together.
         batching: ``"auto"``, ``"loop"`` or ``"vmap"``.
         seed: seeds the per-task generators of a stochastic init.
+        proximal: λ to fine-tune on iMAML's proximal objective (see `fine_tune`; tasks then
+            run one by one); None: the plain inner loop.
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -212,8 +244,10 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if proximal is not None and not proximal > 0:
+        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
     device = omega_device(omega)
-    mode = _resolve(omega, batching, device)
+    mode = _resolve(omega, batching, device) if proximal is None else "loop"
     metrics: list[Tensor] = []
     losses: list[Tensor] = []
     kind: str | None = None
@@ -243,7 +277,10 @@ def evaluate(
                 else:
                     for j, (task, theta0) in enumerate(zip(chunk, theta0s, strict=True)):
                         task = task.to(device)
-                        val_loss, met, inner = task_objective(omega, theta0, *task.train, *task.val, steps, True)
+                        if proximal is None:
+                            val_loss, met, inner = task_objective(omega, theta0, *task.train, *task.val, steps, True)
+                        else:
+                            val_loss, met, inner = _proximal_objective(omega, theta0, task, steps, proximal)
                         check_finite_losses(inner, task_offset=offset + j)
                         check_finite_task_losses(
                             val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j

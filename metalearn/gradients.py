@@ -277,16 +277,25 @@ def _require_theta0_only(omega: MetaKnowledge, mode: str, allow_static: bool) ->
 
 
 def proximal_adapt(
-    omega: MetaKnowledge, theta0: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lam: float
+    omega: MetaKnowledge,
+    theta0: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    lam: float,
+    static: Mapping[str, Tensor] | None = None,
 ) -> tuple[Params, Tensor]:
     r"""K steps of ω's inner optimizer on iMAML's proximal objective
     :math:`G(\phi) = L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi-\theta_0\rVert^2`.
 
     No graph is kept (memory independent of ``steps``). ``theta0`` holds the adapted
-    parameters only (detached); the returned φ holds every parameter of the model (the static
-    ones from ω's model). Returns φ and G before each step ``[steps]``.
+    parameters only (detached); the returned φ holds every parameter of the model: the static
+    ones from ``static`` (detached), or from ω's model when ``static`` is None. Returns φ and G
+    before each step ``[steps]``.
     """
-    static = {n: p.detach() for n, p in omega.model_params().items() if n not in theta0}
+    if static is None:
+        static = {n: p for n, p in omega.model_params().items() if n not in theta0}
+    static = {n: p.detach() for n, p in static.items()}
     fast = dict(theta0)
     state = omega.optimizer.init_state(fast)
     losses = []

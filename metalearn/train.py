@@ -41,7 +41,7 @@ from metalearn.checkpoint import (
 )
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate, omega_device
-from metalearn.gradients import MetaGradientMode, Unrolled, resolve_mode
+from metalearn.gradients import Implicit, MetaGradientMode, Unrolled, resolve_mode
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.outer import meta_step
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
@@ -262,7 +262,8 @@ def meta_train(
         clip_grad_norm: clip the meta-gradient to this total norm (``None``: no clipping).
         val_tasks: fixed held-out tasks to validate on, or ``None``.
         val_every: validate after every this many steps.
-        val_inner_steps: inner steps for validation (default ``inner_steps``).
+        val_inner_steps: inner steps for validation (default ``inner_steps``). With an `Implicit`
+            mode validation fine-tunes on its proximal objective (``evaluate(proximal=lam)``).
         log_path: JSONL metrics file, or ``None``.
         checkpoint_dir: where checkpoints go, or ``None`` for none.
         checkpoint_every: write a checkpoint after every this many steps.
@@ -339,6 +340,8 @@ def meta_train(
 
     device = omega_device(omega)
     val_steps = inner_steps if val_inner_steps is None else val_inner_steps
+    # iMAML's inner problem is the proximal one: validate on it too
+    val_proximal = gradient_mode.lam if isinstance(gradient_mode, Implicit) else None
     log.open(start)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="meta-train", unit="step", dynamic_ncols=True)
     try:
@@ -372,7 +375,7 @@ def meta_train(
             if val_tasks is not None and (completed % val_every == 0 or completed == steps):
                 began = time.perf_counter()
                 try:
-                    ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed)
+                    ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
                 except NonFiniteError as err:
                     raise _reraise_with_step(err, step, None, "validation") from err
                 val_row = {

@@ -157,3 +157,52 @@ def test_dropout_is_off_while_evaluating():
     a = evaluate(omega, tasks, 1, batching="loop")
     b = evaluate(omega, tasks, 1, batching="loop")
     assert torch.equal(a.per_task, b.per_task)
+
+
+# ---------------------------------------------------------------- proximal (iMAML) meta-test
+
+
+def _hand_proximal_gd(omega: MetaKnowledge, x, y, steps: int, lr: float, lam: float) -> dict:
+    """Gradient descent on L_train(φ) + λ/2 ||φ − θ0||², written without library code."""
+    theta0 = {n: p.detach().clone() for n, p in omega.network.named_parameters()}
+    phi = {n: t.clone() for n, t in theta0.items()}
+    for _ in range(steps):
+        leaves = {n: t.requires_grad_() for n, t in phi.items()}
+        out = torch.func.functional_call(omega.network, leaves, (x,))
+        objective = (out - y).square().mean() + 0.5 * lam * sum(
+            (leaves[n] - theta0[n]).square().sum() for n in leaves
+        )
+        grads = torch.autograd.grad(objective, list(leaves.values()))
+        phi = {n: (t - lr * g).detach() for (n, t), g in zip(leaves.items(), grads, strict=True)}
+    return phi
+
+
+def test_proximal_fine_tune_equals_hand_written_proximal_descent():
+    omega = _omega(lr=0.05).double()
+    task = Sinusoid(10, 20, seed=4, length=1)[0]
+    x, y = (t.double() for t in task.train)
+    got = fine_tune(omega, (x, y), 7, proximal=2.0)
+    want = _hand_proximal_gd(omega, x, y, 7, lr=0.05, lam=2.0)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=0, atol=1e-12), n
+    plain = fine_tune(omega, (x, y), 7)
+    assert not torch.allclose(plain["layers.0.weight"], got["layers.0.weight"], atol=1e-6)  # λ matters
+
+
+def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
+    omega = _omega(lr=0.05)
+    tasks = list(Sinusoid(5, 10, seed=6, length=6))
+    ev = evaluate(omega, tasks, 5, proximal=1.5, batching="vmap")  # proximal runs task by task
+    want = []
+    for task in tasks:
+        theta = fine_tune(omega, task.train, 5, proximal=1.5)
+        want.append(float(omega.task_loss(theta, *task.val)))
+    assert ev.per_task_loss.tolist() == pytest.approx(want, rel=1e-6)
+    assert ev.mean == pytest.approx(statistics.fmean(want), rel=1e-6)  # regression: the metric is the MSE
+    # a vanishing λ is the plain inner loop
+    assert evaluate(omega, tasks, 5, proximal=1e-12).mean == pytest.approx(evaluate(omega, tasks, 5).mean, rel=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="proximal"):
+            evaluate(omega, tasks, 5, proximal=bad)
+        with pytest.raises(ValueError, match="proximal"):
+            fine_tune(omega, tasks[0].train, 5, proximal=bad)
