@@ -1,4 +1,4 @@
-"""MAML (or ANIL, ProtoNets, Proto-MAML, iMAML), 5-way 1-shot Omniglot, from the original archives.
+"""MAML (or ANIL, ProtoNets, Proto-MAML, iMAML, a DARTS search), 5-way 1-shot Omniglot, from the original archives.
 
 Finn, Abbeel & Levine (2017), "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
 Networks", section 5.2, with the standard few-shot split of Vinyals et al. (2016): 1200
@@ -6,9 +6,21 @@ source characters (augmented with rotations by 0/90/180/270 degrees as new class
 Santoro et al., 2016) and 423 target characters. 100 of the 1200 are held out to validate on.
 
 * ω: `maml` on the Conv-4 (64 filters, batch statistics), inner SGD step size 0.4 (``--method``
-  picks another: ``fomaml``, ``anil``, ``protonet`` (0 inner steps), ``proto-maml``, ``imaml``);
+  picks another: ``fomaml``, ``anil``, ``protonet`` (0 inner steps), ``proto-maml``, ``imaml``,
+  ``darts``);
 * meta-training: 1 inner step, meta-batch 32, Adam lr 0.001, second order;
 * meta-test: 3 inner steps on each of 600 fixed target tasks, accuracy ± 95% CI.
+
+``imaml`` (Rajeswaran et al., 2019) takes the settings of the paper's Omniglot runs unless given:
+16 inner steps of size 0.1 on the proximal objective with λ = 2, 5 conjugate-gradient steps with
+damping 1; it is validated and meta-tested on the same proximal inner problem (16 steps).
+
+``darts`` searches the architecture (Liu et al., 2019, inside MAML's bilevel problem as in
+T-NAS, Lian et al., 2020): a `SearchableConvNet` with 4 cells (32 filters by default), each a
+softmax mixture of conv 3x3, conv 5x5, max-pool 3x3, skip and zero whose logits α are
+meta-parameters next to the weights' init. After meta-training it reports the chosen op of
+every cell, meta-tests the mixture, and meta-tests the derived network (argmax ops, trained
+weights) whose op names go to ``results.json``.
 
 The run is limited by ``--iterations`` and by a wall-clock ``--budget-minutes``; it writes
 checkpoints (and resumes from them when run again with the same ``--run-dir``), a JSONL log,
@@ -43,14 +55,26 @@ from metalearn import (
     meta_train,
     rotations,
 )
-from metalearn.knowledge import proto_maml, protonet
+from metalearn.knowledge import SearchableConvNet, proto_maml, protonet
 from metalearn.tasks import split_classes
 
-METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml")
+METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml", "darts")
+
+#: Per-method settings used where the command line leaves them out.
+DEFAULTS = {
+    "inner_lr": {"imaml": 0.1},
+    "inner_steps": {"imaml": 16, "protonet": 0},
+    "test_inner_steps": {"imaml": 16, "protonet": 0},
+    "hidden": {"darts": 32},
+}
+FALLBACK = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3, "hidden": 64}
 
 
 def build_omega(method: str, ways: int, hidden: int, inner_lr: float) -> MetaKnowledge:
-    """ω for ``method`` on a fresh Conv-4 (the recipes are compositions of parts)."""
+    """ω for ``method`` on a fresh Conv-4 or search space (the recipes are compositions of parts)."""
+    if method == "darts":
+        # α live on the searchable model; MetaKnowledge registers them as omega.architecture
+        return maml(SearchableConvNet(num_classes=ways, hidden=hidden, cells=4, image_size=28), inner_lr)
     model = Conv4(num_classes=ways, hidden=hidden)
     if method == "anil":
         return anil(model, inner_lr)
@@ -71,13 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--n-source", type=int, default=1200, help="source characters (the rest are target)")
     p.add_argument("--n-val", type=int, default=100, help="source characters held out for validation")
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=None, help="filters per layer (64; darts: 32)")
     p.add_argument("--iterations", type=int, default=60_000)
     p.add_argument("--budget-minutes", type=float, default=None, help="stop meta-training after this long")
     p.add_argument("--meta-batch", type=int, default=32)
-    p.add_argument("--inner-lr", type=float, default=0.4)
-    p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--test-inner-steps", type=int, default=3)
+    p.add_argument("--inner-lr", type=float, default=None, help="inner SGD step size (0.4; imaml: 0.1)")
+    p.add_argument("--inner-steps", type=int, default=None, help="meta-training inner steps (1; imaml: 16)")
+    p.add_argument("--test-inner-steps", type=int, default=None, help="validation/meta-test steps (3; imaml: 16)")
     p.add_argument("--meta-lr", type=float, default=1e-3)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-tasks", type=int, default=100)
@@ -85,14 +109,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=METHODS, default="maml")
-    p.add_argument("--imaml-lambda", type=float, default=1.0, help="iMAML's proximal strength λ")
+    p.add_argument("--imaml-lambda", type=float, default=2.0, help="iMAML's proximal strength λ")
     p.add_argument("--imaml-cg-steps", type=int, default=5)
+    p.add_argument("--imaml-damping", type=float, default=1.0, help="δ in iMAML's (I + (H + δI)/λ) system")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     args = p.parse_args(argv)
     args.run_dir = args.run_dir or Path(f"runs/omniglot-{args.method}")
+    for name, fallback in FALLBACK.items():
+        if getattr(args, name) is None:
+            setattr(args, name, DEFAULTS[name].get(args.method, fallback))
+    if args.method == "protonet" and (args.inner_steps or args.test_inner_steps):
+        p.error("protonet has no inner loop: leave --inner-steps and --test-inner-steps out (or 0)")
     if args.smoke:
         args.iterations, args.meta_batch, args.hidden = 4, 2, 8
+        args.inner_steps, args.test_inner_steps = min(args.inner_steps, 2), min(args.test_inner_steps, 2)
         args.val_every = args.checkpoint_every = 2
         args.val_tasks, args.test_tasks = 4, 10
     return args
@@ -150,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     source, val, target = build_tasks(args)
     torch.manual_seed(args.seed)
-    if args.method == "protonet":
-        args.inner_steps = args.test_inner_steps = 0
     omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr)
+    imaml = Implicit(args.imaml_lambda, args.imaml_cg_steps, args.imaml_damping) if args.method == "imaml" else None
     outer = torch.optim.Adam(omega.parameters(), lr=args.meta_lr)
     deadline = None if args.budget_minutes is None else time.monotonic() + 60 * args.budget_minutes
 
@@ -167,23 +197,35 @@ def main(argv: list[str] | None = None) -> dict:
         omega, source, outer,
         steps=args.iterations, inner_steps=args.inner_steps, meta_batch_size=args.meta_batch,
         first_order=args.method == "fomaml", val_tasks=val, val_every=args.val_every,
-        mode=Implicit(args.imaml_lambda, args.imaml_cg_steps) if args.method == "imaml" else "unrolled",
+        mode=imaml or "unrolled",
         val_inner_steps=args.test_inner_steps, log_path=args.run_dir / "log.jsonl",
         checkpoint_dir=args.run_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
         seed=args.seed, config=config, progress=not args.no_progress, callback=out_of_time,
     )
     train_minutes = (time.monotonic() - start) / 60
-    test = evaluate(omega, target, steps=args.test_inner_steps)
+    proximal = None if imaml is None else imaml.lam  # iMAML's inner problem at meta-test too
     summary = {
         "method": args.method,
         "episode": f"{args.ways}-way {args.shots}-shot {args.queries}-query",
         "iterations": result.steps,
         "train_minutes_this_run": round(train_minutes, 1),
-        "test_accuracy": test.mean,
-        "ci95": test.ci95,
-        "test_tasks": test.n,
         "test_inner_steps": args.test_inner_steps,
+        "test_proximal_lambda": proximal,
     }
+    if args.method == "darts":
+        choices = omega.architecture.chosen()
+        for i, c in enumerate(choices):
+            weights = ", ".join(f"{n} {w:.3f}" for n, w in c.weights.items())
+            print(f"cell {i}: {c.name}  ({weights})")
+        mixed = evaluate(omega, target, steps=args.test_inner_steps)
+        summary["mixture_test_accuracy"], summary["mixture_ci95"] = mixed.mean, mixed.ci95
+        summary["derived_ops"] = omega.architecture.fix()  # the derived network: argmax ops, trained weights
+        summary["alpha_weights"] = [c.weights for c in choices]
+        torch.save(omega.network.derive().state_dict(), args.run_dir / "derived.pt")
+        print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
+              f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
+    test = evaluate(omega, target, steps=args.test_inner_steps, proximal=proximal)
+    summary.update(test_accuracy=test.mean, ci95=test.ci95, test_tasks=test.n)
     (args.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plotted = plot_curve(args.run_dir / "log.jsonl", args.run_dir / "curve.png")
     print(f"meta-test accuracy {100 * test.mean:.2f}% ± {100 * test.ci95:.2f}% over {test.n} target tasks "

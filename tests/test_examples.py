@@ -62,7 +62,7 @@ def test_omniglot_example_on_fixture(tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4
 
 
-@pytest.mark.parametrize("method", ["fomaml", "anil", "protonet", "proto-maml", "imaml"])
+@pytest.mark.parametrize("method", ["fomaml", "anil", "protonet", "proto-maml", "imaml", "darts"])
 def test_omniglot_example_methods_on_fixture(tmp_path, method):
     from omniglot_fixture import write_omniglot
 
@@ -74,3 +74,9 @@ def test_omniglot_example_methods_on_fixture(tmp_path, method):
     summary = json.loads((run_dir / "results.json").read_text())
     assert summary["method"] == method and summary["iterations"] == 4
     assert 0.0 <= summary["test_accuracy"] <= 1.0
+    if method == "imaml":  # meta-tested on its proximal inner problem, with its own defaults
+        assert summary["test_proximal_lambda"] == 2.0 and summary["test_inner_steps"] == 2  # (smoke: ≤ 2)
+    if method == "darts":  # the search reports the derived network and meta-tests it and the mixture
+        assert len(summary["derived_ops"]) == 4 and len(summary["alpha_weights"]) == 4
+        assert 0.0 <= summary["mixture_test_accuracy"] <= 1.0
+        assert (run_dir / "derived.pt").stat().st_size > 0
