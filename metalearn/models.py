@@ -1,9 +1,10 @@
 """Standard few-shot backbones, as plain ``nn.Module``s.
 
 Any user module works with the library; these are the ones the papers use. Their batch
-norm is `BatchNorm`, written from mean/var primitives, because torch's native batch norm
-gives silently wrong second-order meta-gradients under ``torch.func.vmap`` when its affine
-weights are adapted in the inner loop (see ``docs/architecture.md``).
+norm is `BatchNorm`: torch's fused batch norm outside ``torch.func.vmap`` and one written from
+mean/var primitives inside it, because the native one gives silently wrong second-order
+meta-gradients under ``vmap`` when its affine weights are adapted in the inner loop (see
+``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchNorm", "Conv4", "MLP", "conv4_feature_size"]
+try:  # private helpers: which torch.func transforms are active
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # pragma: no cover - a torch without them: always take the exact primitive path
+    TransformType = retrieve_all_functorch_interpreters = None
+
+__all__ = ["BatchNorm", "Conv4", "MLP", "conv4_feature_size", "inside_vmap"]
+
+
+def inside_vmap() -> bool:
+    """Whether the caller runs inside ``torch.func.vmap`` (at any nesting level).
+
+    Also True while ``torch.compile`` traces (the transforms are not visible there) and on a
+    torch whose private functorch helpers are missing: callers use it to pick a path that
+    is exact everywhere.
+    """
+    if retrieve_all_functorch_interpreters is None or torch.compiler.is_compiling():
+        return True
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 class BatchNorm(nn.Module):
@@ -23,8 +43,13 @@ class BatchNorm(nn.Module):
 
     with mean and (biased) variance over every dimension but the channel dimension (dim 1).
     No running statistics are kept: at meta-test time a task is normalised with the
-    statistics of its own examples, as in MAML (Finn et al., 2017). Written from primitives
-    so that it is exact under ``torch.func.vmap`` with adapted ``weight``/``bias``.
+    statistics of its own examples, as in MAML (Finn et al., 2017).
+
+    Two implementations of the same function: outside ``torch.func.vmap`` torch's fused
+    ``F.batch_norm`` (one pass forward and backward; ~1.1-1.5x faster Conv-4 meta-iterations
+    on CPU than the primitives), and inside ``vmap`` the formula above from mean/var
+    primitives, because the fused op gives silently wrong second-order meta-gradients there
+    when ``weight``/``bias`` are adapted (a relative error of ~1e-2; the tests guard both).
 
     Args:
         num_features: number of channels C of an input ``[N, C, ...]``.
@@ -46,6 +71,8 @@ class BatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm expects [N, {self.num_features}, ...], got {tuple(x.shape)}")
+        if not inside_vmap():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dims = [0, *range(2, x.ndim)]
         mean = x.mean(dim=dims, keepdim=True)
         var = (x - mean).square().mean(dim=dims, keepdim=True)
@@ -74,6 +101,8 @@ class Conv4(nn.Module):
 
     Four blocks of [conv 3x3 (padding 1), `BatchNorm`, ReLU, max-pool 2], then a linear
     ``head``. Use 64 filters for Omniglot (1x28x28) and 32 for mini-ImageNet (3x84x84).
+    Each block runs the max-pool before the ReLU: the same function (max commutes with the
+    ReLU, values are bit-identical) with the ReLU and its backward on a quarter of the elements.
 
     Args:
         num_classes: outputs of the head (the number of ways N); 0 gives no head (an
@@ -91,8 +120,8 @@ class Conv4(nn.Module):
             layers += [
                 nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
                 BatchNorm(hidden),
+                nn.MaxPool2d(2),  # then ReLU: relu(maxpool(h)) == maxpool(relu(h)), 4x less ReLU work
                 nn.ReLU(),
-                nn.MaxPool2d(2),
             ]
             channels = hidden
         layers.append(nn.Flatten())

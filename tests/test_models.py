@@ -97,3 +97,54 @@ def test_mlp_structure_and_forward() -> None:
     torch.testing.assert_close(tanh(x), expected)
     with pytest.raises(ValueError, match="at least an input and an output"):
         MLP((3,))
+
+
+def test_inside_vmap_sees_vmap_at_any_level() -> None:
+    from metalearn.models import inside_vmap
+
+    seen = []
+
+    def probe(x):
+        seen.append(inside_vmap())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.grad(lambda x: torch.func.vmap(probe)(x).sum())(torch.ones(3, 2))
+    assert seen == [False, False, True, True]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_primitive_path_under_vmap_equals_the_fused_one(affine: bool) -> None:
+    """Outside vmap BatchNorm is F.batch_norm; inside, the primitive formula: same values, same gradients."""
+    g = torch.Generator().manual_seed(1)
+    norm = BatchNorm(4, affine=affine).double()
+    x = torch.randn(3, 6, 4, 5, 5, generator=g, dtype=torch.float64)  # 3 tasks of [6, 4, 5, 5]
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+            norm.bias.normal_(generator=g)
+    fused = torch.stack([norm(xi) for xi in x])
+    assert torch.equal(fused[0], F.batch_norm(x[0], None, None, norm.weight, norm.bias, training=True, eps=norm.eps))
+    torch.testing.assert_close(torch.func.vmap(norm)(x), fused, rtol=0, atol=1e-13)
+    ct = torch.randn(fused.shape, generator=g, dtype=torch.float64)
+    x.requires_grad_()
+    gx_fused = torch.autograd.grad((torch.stack([norm(xi) for xi in x]) * ct).sum(), x)[0]
+    gx_vmap = torch.autograd.grad((torch.func.vmap(norm)(x) * ct).sum(), x)[0]
+    torch.testing.assert_close(gx_vmap, gx_fused, rtol=0, atol=1e-12)
+
+
+def test_conv4_pools_before_the_relu_with_identical_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=8).double()
+    blocks = list(model.features)
+    assert [type(m).__name__ for m in blocks[:4]] == ["Conv2d", "BatchNorm", "MaxPool2d", "ReLU"]
+    # the paper's order, [conv, BN, ReLU, pool], from the same modules
+    paper = nn.Sequential(*[blocks[i + j] for i in range(0, 16, 4) for j in (0, 1, 3, 2)], blocks[16])
+    x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
+    assert torch.equal(model.features(x), paper(x))
+    ours = torch.autograd.grad(model.features(x).square().sum(), list(model.parameters())[:-2])
+    theirs = torch.autograd.grad(paper(x).square().sum(), list(model.parameters())[:-2])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

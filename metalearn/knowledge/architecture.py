@@ -342,7 +342,7 @@ class Cell(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor | int | None = None) -> Tensor:
         h = self.op(x) if weights is None else self.op(x, weights)
-        return F.max_pool2d(torch.relu(self.norm(h)), 2)
+        return torch.relu(F.max_pool2d(self.norm(h), 2))  # == maxpool(relu(.)), 4x less ReLU work
 
 
 class _CellNetBase(nn.Module):
