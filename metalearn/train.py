@@ -276,7 +276,8 @@ def meta_train(
             that change the trajectory, and a checkpoint written with another one is refused.
         progress: show a tqdm progress bar.
         callback: called as ``callback(step, train_row, val_row_or_None)`` after each step;
-            returning ``True`` stops the run after that step (a checkpoint is written).
+            returning ``True`` stops the run after that step (a checkpoint is written, and the
+            validation tasks are scored if that step was not a validation step).
         mode: the meta-gradient mode, as in `metalearn.outer.meta_step` (``"unrolled"``,
             ``"first_order"``, ``"checkpointed"``, ``"implicit"``, ``"reptile"`` or a
             `metalearn.gradients` mode object); part of the run's identity unless ``"unrolled"``.
@@ -342,6 +343,27 @@ def meta_train(
     val_steps = inner_steps if val_inner_steps is None else val_inner_steps
     # iMAML's inner problem is the proximal one: validate on it too
     val_proximal = gradient_mode.lam if isinstance(gradient_mode, Implicit) else None
+
+    def validate(step: int) -> Row:
+        began = time.perf_counter()
+        try:
+            ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
+        except NonFiniteError as err:
+            raise _reraise_with_step(err, step, None, "validation") from err
+        val_row: Row = {
+            "kind": "val",
+            "step": step,
+            "metric": ev.metric,
+            "mean": ev.mean,
+            "ci95": ev.ci95,
+            "n": ev.n,
+            "inner_steps": val_steps,
+            "time": time.perf_counter() - began,
+        }
+        log.write(val_row)
+        result.validations.append(val_row)
+        return val_row
+
     log.open(start)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="meta-train", unit="step", dynamic_ncols=True)
     try:
@@ -371,27 +393,11 @@ def meta_train(
             completed = step + 1
             result.steps = completed
 
-            val_row: Row | None = None
-            if val_tasks is not None and (completed % val_every == 0 or completed == steps):
-                began = time.perf_counter()
-                try:
-                    ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
-                except NonFiniteError as err:
-                    raise _reraise_with_step(err, step, None, "validation") from err
-                val_row = {
-                    "kind": "val",
-                    "step": step,
-                    "metric": ev.metric,
-                    "mean": ev.mean,
-                    "ci95": ev.ci95,
-                    "n": ev.n,
-                    "inner_steps": val_steps,
-                    "time": time.perf_counter() - began,
-                }
-                log.write(val_row)
-                result.validations.append(val_row)
-
+            due = val_tasks is not None and (completed % val_every == 0 or completed == steps)
+            val_row = validate(step) if due else None
             stop = bool(callback(step, row, val_row)) if callback is not None else False
+            if stop and val_row is None and val_tasks is not None:
+                validate(step)  # the run ends here: its last state is validated too
             if ckpt_dir is not None and (completed % checkpoint_every == 0 or completed == steps or stop):
                 result.last_checkpoint = save_checkpoint(
                     checkpoint_path(ckpt_dir, completed),

@@ -253,6 +253,8 @@ def test_keep_last_and_callback_stop(tmp_path):
     result = meta_train(omega, TASKS, opt, steps=10, checkpoint_dir=tmp_path, keep_last=2, callback=stop_after_step_4,
                         **_kwargs(checkpoint_every=3))  # fmt: skip
     assert result.steps == 5 and seen == [(0, False), (1, True), (2, False), (3, True), (4, False)]
+    # the stopped run's last state is validated too (step 4 was not a validation step)
+    assert [v["step"] for v in result.validations] == [1, 3, 4]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 5]
     assert result.last_checkpoint == checkpoint_path(tmp_path, 5)
 
