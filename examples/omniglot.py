@@ -20,7 +20,7 @@ T-NAS, Lian et al., 2020): a `SearchableConvNet` with 4 cells (32 filters by def
 softmax mixture of conv 3x3, conv 5x5, max-pool 3x3, skip and zero whose logits α are
 meta-parameters next to the weights' init (α with their own Adam step size, ``--arch-lr``,
 0.01: DARTS's 3e-4 is meant for far longer searches). After meta-training it reports the chosen op of
-every cell, meta-tests the mixture, and meta-tests the derived network (argmax ops, trained
+every cell, meta-tests the mixture, and meta-tests the derived network (argmax ops but never zero, trained
 weights) whose op names go to ``results.json``.
 
 The run is limited by ``--iterations`` and by a wall-clock ``--budget-minutes``; it writes

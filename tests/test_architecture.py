@@ -164,7 +164,7 @@ def test_searchable_net_shapes_and_alpha_kept_out_of_theta():
 
 
 def test_architecture_weights_temperature_fix_and_state_dict():
-    arch = ArchitectureWeights(2, ("conv3x3", "skip", "zero"), temperature=2.0).to(F64)
+    arch = ArchitectureWeights(2, ("conv3x3", "skip", "zero"), temperature=2.0, never_chosen=()).to(F64)
     with torch.no_grad():
         arch.logits.copy_(torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 3.0]], dtype=F64))
     torch.testing.assert_close(arch.weights(), torch.softmax(arch.logits / 2.0, -1), rtol=0, atol=0)
@@ -175,7 +175,7 @@ def test_architecture_weights_temperature_fix_and_state_dict():
     assert arch.fix() == ["skip", "zero"] and arch.fixed == ["skip", "zero"]
     assert torch.equal(arch.weights(), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=F64))
     assert arch.edge_weights() == [1, 2]
-    restored = ArchitectureWeights(2, ("conv3x3", "skip", "zero")).to(F64)
+    restored = ArchitectureWeights(2, ("conv3x3", "skip", "zero"), never_chosen=()).to(F64)
     restored.load_state_dict(arch.state_dict())
     assert restored.fixed == ["skip", "zero"] and restored.temperature == pytest.approx(0.5)
     arch.unfix()
@@ -187,6 +187,26 @@ def test_architecture_weights_temperature_fix_and_state_dict():
         arch.fix(["skip", "maxpool3x3"])
     with pytest.raises(ValueError, match="positive"):
         arch.set_temperature(0.0)
+
+
+def test_the_zero_op_is_never_chosen_by_default():
+    """DARTS derives without the zero op: a chain with a zero cell would output a constant."""
+    arch = ArchitectureWeights(3, ("conv3x3", "skip", "zero"))
+    assert arch.never_chosen == ("zero",)
+    with torch.no_grad():
+        arch.logits.copy_(torch.tensor([[0.0, 1.0, 5.0], [2.0, 0.0, 3.0], [0.0, 1.0, 0.5]]))
+    chosen = arch.chosen()
+    assert [c.name for c in chosen] == ["skip", "conv3x3", "skip"]
+    assert chosen[0].weights["zero"] > 0.9  # its weight is still reported
+    assert arch.fix() == ["skip", "conv3x3", "skip"]
+    arch.unfix()
+    assert arch.fix(["zero", "skip", "skip"]) == ["zero", "skip", "skip"]  # an explicit choice may name it
+    assert ArchitectureWeights(1, ("conv3x3", "skip")).never_chosen == ()  # no zero among the candidates
+    only_skip = ArchitectureWeights(1, ("conv3x3", "skip", "zero"), never_chosen=("conv3x3", "zero"))
+    assert [c.name for c in only_skip.chosen()] == ["skip"]
+    for bad in (("maxpool3x3",), ("conv3x3", "skip", "zero"), "zero"):
+        with pytest.raises(ValueError, match="never_chosen"):
+            ArchitectureWeights(1, ("conv3x3", "skip", "zero"), never_chosen=bad)
 
 
 # ---------------------------------------------------------------- derive
@@ -202,6 +222,7 @@ def test_architecture_weights_temperature_fix_and_state_dict():
 )
 def test_derived_net_equals_searchable_net_at_one_hot_alpha(ops):
     model = _net(cells=4, image_size=16)
+    model.architecture.never_chosen = ()  # these cases derive the zero op too
     _extreme(model, ops)
     assert model.chosen_ops() == ops
     x = torch.randn(5, 1, 16, 16, generator=_gen(3), dtype=F64)

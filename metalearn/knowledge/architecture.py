@@ -238,11 +238,20 @@ class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
     towards one op. T and a fixed choice are kept in the state dict (buffers
     ``temperature_saved`` and ``fixed_index``), as `OptimizerMixture` keeps its own.
 
+    **Choosing.** The op an edge keeps (`chosen`, `fix`, `SearchableConvNet.derive`) is the
+    argmax of its weights over the candidates not in ``never_chosen`` — by default every
+    candidate but ``zero``: DARTS derives its cells without the zero op (Liu et al., 2019,
+    §2.4), and in a chain of cells a zero cell makes the whole network output a constant.
+    The zero op still takes part in the search (its weight scales the other ops down), and
+    an explicit ``fix([...])`` may name it.
+
     Args:
         edges: number of searchable edges.
         candidates: the candidate op names, in the order of the logits' last dimension.
         temperature: initial T (> 0).
         anneal: optional schedule ``outer_step -> T``.
+        never_chosen: candidates the argmax skips; ``None``: ``("zero",)`` where ``zero`` is a
+            candidate. ``()`` chooses among all.
     """
 
     def __init__(
@@ -251,11 +260,21 @@ class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
         candidates: Sequence[str],
         temperature: float = 1.0,
         anneal: Callable[[int], float] | None = None,
+        never_chosen: Sequence[str] | None = None,
     ) -> None:
         super().__init__(temperature, anneal)
         if edges < 1:
             raise ValueError(f"ArchitectureWeights needs at least one edge, got edges={edges}")
         self.candidates = _check_candidates(candidates, {n: _zero for n in candidates})
+        if never_chosen is None:
+            never_chosen = [n for n in ("zero",) if n in self.candidates]
+        unknown = [n for n in never_chosen if n not in self.candidates]
+        if isinstance(never_chosen, str) or unknown or len(set(never_chosen)) >= len(self.candidates):
+            raise ValueError(
+                f"never_chosen must be a sequence of candidate names leaving at least one to choose; got "
+                f"{never_chosen!r} for candidates {self.candidates}"
+            )
+        self.never_chosen = tuple(never_chosen)
         self.logits = nn.Parameter(torch.zeros(edges, len(self.candidates)))
         # the Python mirror is what forward reads (no device sync); refreshed after load_state_dict
         self.register_buffer("fixed_index", torch.full((edges,), -1, dtype=torch.long))
@@ -286,16 +305,21 @@ class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
         return list(self.weights().unbind(0))
 
     def chosen(self) -> list[Choice]:
-        """Per edge: the op in use (the fixed one, or else the argmax of α) and every candidate's weight."""
+        """Per edge: the op in use (the fixed one, or else the argmax of α over the candidates not
+        in ``never_chosen``) and every candidate's weight."""
         w = torch.softmax(self.logits.detach() / self._temperature, dim=-1)
-        index = self._fixed if self._fixed is not None else w.argmax(dim=-1).tolist()
+        if self._fixed is not None:
+            index = list(self._fixed)
+        else:
+            allowed = torch.tensor([n not in self.never_chosen for n in self.candidates], device=w.device)
+            index = w.masked_fill(~allowed, -1.0).argmax(dim=-1).tolist()
         return [
             Choice(self.candidates[i], {n: float(x) for n, x in zip(self.candidates, row, strict=True)})
             for i, row in zip(index, w, strict=True)
         ]
 
     def fix(self, choices: Sequence[str] | None = None) -> list[str]:
-        """From now on run only one op per edge: ``choices`` (names), or the argmax of α. Returns the names.
+        """From now on run only one op per edge: ``choices`` (names), or else `chosen`'s. Returns the names.
 
         While fixed, α are not used by the forward (and receive no gradient).
         """
@@ -322,7 +346,8 @@ class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
     def extra_repr(self) -> str:
         return (
             # configuration only: temperature and fixed choice are buffers that change during a run
-            f"edges={self.edges}, candidates={self.candidates}, anneal={self.anneal is not None}"
+            f"edges={self.edges}, candidates={self.candidates}, never_chosen={self.never_chosen}, "
+            f"anneal={self.anneal is not None}"
         )
 
 
@@ -490,7 +515,7 @@ class SearchableConvNet(_CellNetBase):
         return self.head(h.flatten(1))
 
     def chosen_ops(self) -> list[str]:
-        """The op of each cell: the fixed one, or else the argmax of its α."""
+        """The op of each cell: the fixed one, or else the argmax of its α (not ``zero``: see `ArchitectureWeights`)."""
         return [c.name for c in self.architecture.chosen()]
 
     def derive_state(self, ops: Sequence[str] | None = None) -> dict[str, str]:
