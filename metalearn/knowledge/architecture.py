@@ -346,8 +346,8 @@ class ArchitectureWeights(AnnealedTemperature, ArchitecturePart):
     def extra_repr(self) -> str:
         return (
             # configuration only: temperature and fixed choice are buffers that change during a run
-            f"edges={self.edges}, candidates={self.candidates}, never_chosen={self.never_chosen}, "
-            f"anneal={self.anneal is not None}"
+            # (never_chosen neither: it changes what is derived, not what is trained, so a run may resume)
+            f"edges={self.edges}, candidates={self.candidates}, anneal={self.anneal is not None}"
         )
 
 
