@@ -35,9 +35,10 @@ refused with an error. Both run as a loop over tasks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -116,6 +117,8 @@ class Implicit(MetaGradientMode):
     damping: float = 0.0
     cg_tol: float = 0.0
     name = "implicit"
+    #: warn when ‖∇G(φ)‖ exceeds this fraction of ‖∇L_train(φ)‖ + λ‖φ − θ0‖ (φ is then far from G's minimiser)
+    unsolved_warning: ClassVar[float] = 0.1
 
     def __post_init__(self) -> None:
         if not self.lam > 0:
@@ -150,6 +153,7 @@ class Implicit(MetaGradientMode):
                 rhs = list(torch.autograd.grad(val_loss, flat, materialize_grads=True))
                 train_loss = omega.inner_loss(leaves, x_tr[i], y_tr[i])
                 train_grads = torch.autograd.grad(train_loss, flat, create_graph=True, materialize_grads=True)
+                self._warn_if_unsolved(train_grads, [leaves[k] - anchor[k] for k in names], i)
 
                 def matvec(v: list[Tensor], flat=flat, train_grads=train_grads) -> list[Tensor]:
                     hv = _hessian_vector_product(train_grads, flat, v)
@@ -164,6 +168,26 @@ class Implicit(MetaGradientMode):
             inners.append(losses)
             del leaves, train_grads, out, val_loss
         return torch.stack(vals), torch.stack(scores), torch.stack(inners)
+
+
+    def _warn_if_unsolved(self, train_grads: tuple[Tensor, ...], moved: list[Tensor], task: int) -> None:
+        """Warns when φ is far from the minimiser of the proximal objective G, where the implicit
+        meta-gradient is exact: ``‖∇L(φ) + λ(φ − θ0)‖`` against ``‖∇L(φ)‖ + λ‖φ − θ0‖``."""
+        with torch.no_grad():
+            grad = torch.sqrt(sum(g.detach().square().sum() for g in train_grads))
+            step = torch.sqrt(sum(m.detach().square().sum() for m in moved))
+            pairs = zip(train_grads, moved, strict=True)
+            residual = torch.sqrt(sum((g.detach() + self.lam * m.detach()).square().sum() for g, m in pairs))
+            scale = float(grad + self.lam * step)
+            ratio = float(residual) / scale if scale > 0 else 0.0
+        if ratio > self.unsolved_warning:
+            warnings.warn(
+                f"iMAML: the proximal inner problem is far from solved (task {task}: ‖∇G(φ)‖ is {ratio:.2f} of "
+                f"‖∇L(φ)‖ + λ‖φ − θ0‖), and the implicit meta-gradient is exact only at its minimiser. "
+                "Take more inner steps, a larger stable inner step size, or a larger λ",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 @dataclass(frozen=True)

@@ -285,3 +285,16 @@ def test_meta_train_passes_mode_and_records_it_in_run_identity(tmp_path) -> None
     other = maml(tiny_mlp(), 0.05)
     with pytest.raises(CheckpointMismatchError):
         meta_train(other, tasks, torch.optim.SGD(other.parameters(), lr=1.0), steps=2, mode="implicit", **kwargs)
+
+
+def test_implicit_warns_when_the_proximal_problem_is_not_solved() -> None:
+    """The implicit meta-gradient is exact only at the proximal minimiser: a far-off φ is reported."""
+    import warnings
+
+    omega = maml(seeded(lambda: MLP((3, 1)), 0), lr=0.1)
+    batch = linear_regression()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # solved (300 steps): silent
+        grads_of(omega, batch, 300, mode=Implicit(lam=2.0, cg_steps=20))
+    with pytest.warns(RuntimeWarning, match="proximal inner problem is far from solved"):
+        grads_of(omega, batch, 1, mode=Implicit(lam=2.0, cg_steps=20))
