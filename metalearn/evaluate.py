@@ -99,14 +99,18 @@ def fine_tune(
     return params
 
 
+def _check_proximal(proximal: float) -> None:
+    if not proximal > 0:
+        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
+
+
 def _adapt_detached(
     omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, steps: int, proximal: float | None
 ) -> tuple[Params, Tensor]:
     """The meta-test inner loop of one task, without a graph: plain, or proximal with λ = ``proximal``."""
     if proximal is None:
         return adapt_params(omega, theta0, x, y, steps, first_order=True)
-    if not proximal > 0:
-        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
+    _check_proximal(proximal)
     anchor = {n: theta0[n] for n in omega.adapted_names}
     static = {n: theta0[n] for n in omega.static_names}
     return proximal_adapt(omega, anchor, x, y, steps, proximal, static=static)
@@ -244,8 +248,8 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if proximal is not None and not proximal > 0:
-        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
+    if proximal is not None:
+        _check_proximal(proximal)
     device = omega_device(omega)
     mode = _resolve(omega, batching, device) if proximal is None else "loop"
     metrics: list[Tensor] = []
