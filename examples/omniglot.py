@@ -56,7 +56,7 @@ from metalearn import (
     meta_train,
     rotations,
 )
-from metalearn.knowledge import SearchableConvNet, proto_maml, protonet
+from metalearn.knowledge import SEARCH_OPS, CellConvNet, SearchableConvNet, proto_maml, protonet
 from metalearn.tasks import split_classes
 
 METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml", "darts")
@@ -71,12 +71,18 @@ DEFAULTS = {
 FALLBACK = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3, "hidden": 64}
 
 
-def build_omega(method: str, ways: int, hidden: int, inner_lr: float) -> MetaKnowledge:
-    """ω for ``method`` on a fresh Conv-4 or search space (the recipes are compositions of parts)."""
+def build_omega(
+    method: str, ways: int, hidden: int, inner_lr: float, architecture: list[str] | None = None
+) -> MetaKnowledge:
+    """ω for ``method`` on a fresh Conv-4, a fresh network of the given cell ops, or the search space
+    (the recipes are compositions of parts)."""
     if method == "darts":
         # α live on the searchable model; MetaKnowledge registers them as omega.architecture
         return maml(SearchableConvNet(num_classes=ways, hidden=hidden, cells=4, image_size=28), inner_lr)
-    model = Conv4(num_classes=ways, hidden=hidden)
+    if architecture is not None:  # a found architecture, trained from scratch (DARTS's second stage)
+        model = CellConvNet(num_classes=ways, ops=architecture, hidden=hidden, image_size=28)
+    else:
+        model = Conv4(num_classes=ways, hidden=hidden)
     if method == "anil":
         return anil(model, inner_lr)
     if method == "protonet":
@@ -111,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=METHODS, default="maml")
+    p.add_argument(
+        "--architecture", type=lambda s: s.split(","), default=None, metavar="OP,OP,...",
+        help="train this network of the search space from scratch instead of the Conv-4: one op per cell, "
+        "e.g. the derived_ops of a darts run's results.json (not with darts)",
+    )
     p.add_argument("--imaml-lambda", type=float, default=2.0, help="iMAML's proximal strength λ")
     p.add_argument("--imaml-cg-steps", type=int, default=5)
     p.add_argument("--imaml-damping", type=float, default=1.0, help="δ in iMAML's (I + (H + δI)/λ) system")
@@ -121,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, fallback in FALLBACK.items():
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[name].get(args.method, fallback))
+    if args.architecture is not None:
+        if args.method == "darts":
+            p.error("--architecture trains a found network; darts searches one: leave one of them out")
+        unknown = [op for op in args.architecture if op not in SEARCH_OPS]
+        if unknown:
+            p.error(f"--architecture: unknown ops {unknown}; known: {', '.join(SEARCH_OPS)}")
     if args.method == "protonet" and (args.inner_steps or args.test_inner_steps):
         p.error("protonet has no inner loop: leave --inner-steps and --test-inner-steps out (or 0)")
     if args.smoke:
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     source, val, target = build_tasks(args)
     torch.manual_seed(args.seed)
-    omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr)
+    omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr, args.architecture)
     imaml = Implicit(args.imaml_lambda, args.imaml_cg_steps, args.imaml_damping) if args.method == "imaml" else None
     if args.method == "darts":  # α get their own (larger) step size: a short search must still move them
         alphas = {id(p) for p in omega.architecture.parameters()}
@@ -214,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     proximal = None if imaml is None else imaml.lam  # iMAML's inner problem at meta-test too
     summary = {
         "method": args.method,
+        "architecture": args.architecture or "conv4",
         "episode": f"{args.ways}-way {args.shots}-shot {args.queries}-query",
         "iterations": result.steps,
         "train_minutes_this_run": round(train_minutes, 1),

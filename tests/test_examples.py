@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +81,28 @@ def test_omniglot_example_methods_on_fixture(tmp_path, method):
         assert len(summary["derived_ops"]) == 4 and len(summary["alpha_weights"]) == 4
         assert 0.0 <= summary["mixture_test_accuracy"] <= 1.0
         assert (run_dir / "derived.pt").stat().st_size > 0
+
+
+def test_omniglot_example_trains_a_found_architecture(tmp_path):
+    from omniglot_fixture import write_omniglot
+
+    root = tmp_path / "omniglot"
+    write_omniglot(root)
+    run_dir = tmp_path / "run"
+    ops = "maxpool3x3,skip,conv3x3,conv5x5"
+    run_example("omniglot.py", "--root", str(root), "--run-dir", str(run_dir), "--smoke", "--no-progress",
+                "--ways", "2", "--n-source", "7", "--n-val", "2", "--architecture", ops)
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["architecture"] == ops.split(",") and summary["iterations"] == 4
+    # the checkpoint holds the cell network's parameters (a conv 5x5 in cell 3), not the Conv-4's
+    last = sorted((run_dir / "checkpoints").iterdir())[-1]
+    state = torch.load(last, weights_only=True)
+    assert [tuple(v.shape) for k, v in state["omega"].items() if k.endswith("cells.3.op.weight")] == [(8, 8, 5, 5)]
+
+
+@pytest.mark.parametrize("bad", [["--method", "darts", "--architecture", "conv3x3"],
+                                 ["--architecture", "conv3x3,conv7x7"]])
+def test_omniglot_example_refuses_bad_architecture(tmp_path, bad):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot.py"), "--root", str(tmp_path), *bad],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--architecture" in proc.stderr
