@@ -12,8 +12,10 @@ Santoro et al., 2016) and 423 target characters. 100 of the 1200 are held out to
 * meta-test: 3 inner steps on each of 600 fixed target tasks, accuracy ± 95% CI.
 
 ``imaml`` (Rajeswaran et al., 2019) takes the settings of the paper's Omniglot runs unless given:
-16 inner steps of size 0.1 on the proximal objective with λ = 2, 5 conjugate-gradient steps with
-damping 1; it is validated and meta-tested on the same proximal inner problem (16 steps).
+16 inner steps of size 0.1 on the proximal objective with λ = 2, 5 conjugate-gradient steps, and the
+damping of its reference code (``(1 + 1)v + Hv/(λ + 10)``, i.e. ``Implicit(damping=λ + 20)``; without it
+the meta-gradient assumes a solved inner problem and iMAML does not learn here); it is validated and
+meta-tested on the same proximal inner problem (16 steps).
 
 ``darts`` searches the architecture (Liu et al., 2019, inside MAML's bilevel problem as in
 T-NAS, Lian et al., 2020): a `SearchableConvNet` with 4 cells (32 filters by default), each a
@@ -124,7 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--imaml-lambda", type=float, default=2.0, help="iMAML's proximal strength λ")
     p.add_argument("--imaml-cg-steps", type=int, default=5)
-    p.add_argument("--imaml-damping", type=float, default=1.0, help="δ in iMAML's (I + (H + δI)/λ) system")
+    p.add_argument("--imaml-damping", type=float, default=None,
+                   help="δ in iMAML's (I + H/(λ + δ)) v = g system (default λ + 20, the reference code's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     args = p.parse_args(argv)
@@ -132,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, fallback in FALLBACK.items():
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[name].get(args.method, fallback))
+    if args.imaml_damping is None:
+        args.imaml_damping = args.imaml_lambda + 20.0
     if args.architecture is not None:
         if args.method == "darts":
             p.error("--architecture trains a found network; darts searches one: leave one of them out")

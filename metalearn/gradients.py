@@ -17,11 +17,16 @@ r"""Meta-gradient modes: how ∇ω of the meta-objective is obtained (or replace
 
   without a graph, and the meta-gradient of the val loss at its (approximate) minimiser φ* is
 
-  .. math:: \nabla_{\theta_0} = \big(I + \tfrac{1}{\lambda}(H + \delta I)\big)^{-1}
+  .. math:: \nabla_{\theta_0} = \big(I + \tfrac{1}{\lambda + \delta} H\big)^{-1}
             \nabla_\phi \mathcal{L}^{val}(\phi^*), \qquad H = \nabla^2_\phi \mathcal{L}^{train}(\phi^*),
 
-  solved by conjugate gradient with Hessian-vector products (δ: ``damping``). Memory does not
-  grow with K. Exact when φ* is the exact minimiser of G and CG has converged.
+  solved by conjugate gradient with Hessian-vector products. Memory does not grow with K. With
+  ``damping`` δ = 0 it is exact when φ* is the exact minimiser of G and CG has converged. δ > 0
+  damps the solve (δ is added to the Hessian and the system rescaled so that a flat inner loss
+  passes ∇L^val through unchanged; δ → ∞ is the first-order gradient at φ*). In practice the inner
+  loop is short and φ* is not the minimiser, and the exact solve then shrinks the directions of
+  high curvature that matter most; the paper's reference code damps heavily (its
+  ``(1 + ρ)v + Hv/(λ + 10)`` with ρ = 1 is δ = λ + 20 here, up to a factor 1/2).
 * `Reptile` (``"reptile"``): Nichol, Achiam & Schulman (2018), *On First-Order Meta-Learning
   Algorithms*. Adapts K steps without a graph and sets ``θ0.grad = mean_i(θ0 − φ_K^{(i)})``, so
   any ``torch.optim`` outer optimizer follows it; ``SGD(lr=ε)`` is Reptile's
@@ -108,7 +113,9 @@ class Implicit(MetaGradientMode):
         lam: λ, the strength of the proximal term tying φ to θ0 (larger: φ stays closer).
         cg_steps: conjugate-gradient iterations (fixed; stops early only at a residual
             below ``cg_tol`` times the right-hand side's norm).
-        damping: δ added to the Hessian, ``H + δI`` (δ > 0 helps with indefinite H).
+        damping: δ, the system is ``(I + H/(λ + δ)) v = ∇L^val``: 0 is exact at the proximal
+            minimiser; with a short inner loop (φ far from the minimiser) a large δ such as λ + 20
+            (the reference implementation's setting) is what makes iMAML learn in practice.
         cg_tol: relative residual at which CG stops early (0: only an exactly zero residual).
     """
 
@@ -157,8 +164,8 @@ class Implicit(MetaGradientMode):
 
                 def matvec(v: list[Tensor], flat=flat, train_grads=train_grads) -> list[Tensor]:
                     hv = _hessian_vector_product(train_grads, flat, v)
-                    scale = 1.0 + self.damping / self.lam
-                    return [scale * vi + hvi / self.lam for vi, hvi in zip(v, hv, strict=True)]
+                    curvature = self.lam + self.damping
+                    return [vi + hvi / curvature for vi, hvi in zip(v, hv, strict=True)]
 
                 solution = conjugate_gradient(matvec, rhs, self.cg_steps, self.cg_tol)
             for k, g in zip(names, solution, strict=True):
@@ -184,7 +191,8 @@ class Implicit(MetaGradientMode):
             warnings.warn(
                 f"iMAML: the proximal inner problem is far from solved (task {task}: ‖∇G(φ)‖ is {ratio:.2f} of "
                 f"‖∇L(φ)‖ + λ‖φ − θ0‖), and the implicit meta-gradient is exact only at its minimiser. "
-                "Take more inner steps, a larger stable inner step size, or a larger λ",
+                "Take more inner steps, a larger stable inner step size or a larger λ, or damp the solve "
+                "(Implicit(damping=...), e.g. λ + 20 as the paper's reference code does)",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -350,6 +358,11 @@ def conjugate_gradient(
 
     Runs ``iterations`` steps, or fewer once the residual norm is at most ``tol * ||rhs||``
     (or exactly zero). Vectors are lists of tensors (one per parameter).
+
+    ``A`` built from a Hessian away from a minimum can be indefinite. CG then meets a direction
+    ``p`` with ``pᵀAp ≤ 0``, where its step is undefined or goes the wrong way; it stops there and
+    returns the iterate so far (truncated CG, as in Hessian-free optimisation), or ``rhs`` itself
+    if that happens on the first step (the solution for ``A = I``).
     """
     x = [torch.zeros_like(b) for b in rhs]
     r = [b.clone() for b in rhs]
@@ -360,7 +373,10 @@ def conjugate_gradient(
         if float(rs) <= stop:
             break
         ap = matvec(p)
-        alpha = rs / _dot(p, ap)
+        curvature = _dot(p, ap)
+        if not float(curvature) > 0:  # negative or zero curvature (or NaN): truncate
+            return x if any(bool(xi.any()) for xi in x) else [b.clone() for b in rhs]
+        alpha = rs / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]
         rs_new = _dot(r, r)

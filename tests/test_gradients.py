@@ -115,7 +115,7 @@ def test_implicit_meta_gradient_equals_exact_one_through_closed_form_inner_solut
 
 
 def test_implicit_cg_solution_equals_dense_solve_on_nonlinear_model() -> None:
-    """On a tanh MLP (non-quadratic): the CG/HVP solve equals (I + H/λ)^{-1} ∇L_val with H built densely."""
+    """On a tanh MLP (non-quadratic): the CG/HVP solve equals (I + H/(λ+δ))^{-1} ∇L_val with H built densely."""
     omega = maml(tiny_mlp(), lr=0.05)
     batch = regression(n_tasks=1)
     lam, steps, damping = 1.5, 4, 0.3
@@ -139,7 +139,7 @@ def test_implicit_cg_solution_equals_dense_solve_on_nonlinear_model() -> None:
     hessian = torch.autograd.functional.hessian(train_loss, flat)
     rhs = torch.autograd.functional.jacobian(val_loss, flat)
     eye = torch.eye(len(flat), dtype=DT)
-    exact = torch.linalg.solve(eye + (hessian + damping * eye) / lam, rhs)
+    exact = torch.linalg.solve(eye + hessian / (lam + damping), rhs)
     got_flat = torch.cat([got[f"model.{k}"].reshape(-1) for k in names])
     assert float((got_flat - exact).abs().max()) <= 1e-9 * float(exact.abs().max())
 
@@ -152,6 +152,43 @@ def test_conjugate_gradient_solves_spd_system() -> None:
     (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], 50, 1e-14)
     assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-10)
 
+
+def test_conjugate_gradient_stops_at_negative_curvature() -> None:
+    """On an indefinite A, CG returns its iterate before the first direction with pᵀAp ≤ 0."""
+    a = torch.diag(torch.tensor([1.0, 2.0, -3.0], dtype=DT))
+    b = torch.tensor([1.0, 0.0, 0.0], dtype=DT)  # the first direction (b) has positive curvature...
+    (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], 10)
+    assert torch.allclose(x, torch.tensor([1.0, 0.0, 0.0], dtype=DT))  # ... and solves it in one step
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=DT)  # bᵀAb = 0: no step is defined, rhs comes back
+    (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], 10)
+    assert torch.equal(x, b)
+    b = torch.tensor([2.0, 1.0, 1.0], dtype=DT)  # bᵀAb = 3 > 0, then the next direction has pᵀAp < 0
+    calls = []
+
+    def matvec(v: list[Tensor]) -> list[Tensor]:
+        calls.append(v[0].clone())
+        return [a @ v[0]]
+
+    (x,) = conjugate_gradient(matvec, [b], 10)
+    assert len(calls) == 2 and float(calls[1] @ a @ calls[1]) < 0
+    step = float(b @ b) / float(b @ a @ b)
+    assert torch.allclose(x, step * b)  # the first CG iterate, not a step along the bad direction
+    assert torch.isfinite(x).all()
+
+
+def test_implicit_damping_interpolates_to_first_order() -> None:
+    """δ → ∞ gives ∇L_val at φ (first order at the proximal solution); every δ keeps its scale."""
+    omega = maml(tiny_mlp(), lr=0.05)
+    batch = regression(n_tasks=1)
+    lam, steps = 1.5, 4
+    anchor = {k: t.detach() for k, t in omega.model_params().items()}
+    phi, _ = proximal_adapt(omega, anchor, batch.train[0][0], batch.train[1][0], steps, lam)
+    leaves = {k: t.detach().requires_grad_() for k, t in phi.items()}
+    val = reference.task_loss(omega(leaves, batch.val[0][0]), batch.val[1][0])
+    direct = dict(zip(leaves, torch.autograd.grad(val, list(leaves.values())), strict=True))
+    damped = grads_of(omega, batch, steps, mode=Implicit(lam=lam, cg_steps=50, damping=1e12, cg_tol=1e-14))
+    for k, g in direct.items():
+        assert torch.allclose(damped[f"model.{k}"], g, rtol=1e-9, atol=1e-12)
 
 @pytest.mark.parametrize("mode", ["implicit", "reptile"])
 def test_modes_for_theta0_refuse_other_meta_parameters(mode: str) -> None:
