@@ -76,7 +76,7 @@ def test_omniglot_example_methods_on_fixture(tmp_path, method):
     assert summary["method"] == method and summary["iterations"] == 4
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     if method == "imaml":  # meta-tested on its proximal inner problem, with its own defaults
-        assert summary["test_proximal_lambda"] == 2.0 and summary["test_inner_steps"] == 2  # (smoke: ≤ 2)
+        assert summary["test_proximal_lambda"] == 0.5 and summary["test_inner_steps"] == 2  # (smoke: ≤ 2)
     if method == "darts":  # the search reports the derived network and meta-tests it and the mixture
         assert len(summary["derived_ops"]) == 4 and len(summary["alpha_weights"]) == 4
         assert 0.0 <= summary["mixture_test_accuracy"] <= 1.0
