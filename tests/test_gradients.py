@@ -335,3 +335,16 @@ def test_implicit_warns_when_the_proximal_problem_is_not_solved() -> None:
         grads_of(omega, batch, 300, mode=Implicit(lam=2.0, cg_steps=20))
     with pytest.warns(RuntimeWarning, match="proximal inner problem is far from solved"):
         grads_of(omega, batch, 1, mode=Implicit(lam=2.0, cg_steps=20))
+
+
+def test_implicit_warns_once_per_meta_batch_not_per_task() -> None:
+    """Many tasks far from solved give one warning for the batch (with the worst ratio)."""
+    import warnings
+
+    omega = maml(seeded(lambda: MLP((3, 1)), 0), lr=0.1)
+    batch = linear_regression(n_tasks=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads_of(omega, batch, 1, mode=Implicit(lam=2.0, cg_steps=20))
+    unsolved = [w for w in caught if "far from solved" in str(w.message)]
+    assert len(unsolved) == 1 and "up to " in str(unsolved[0].message)
