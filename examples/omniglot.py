@@ -24,7 +24,9 @@ softmax mixture of conv 3x3, conv 5x5, max-pool 3x3, skip and zero whose logits 
 meta-parameters next to the weights' init (α with their own Adam step size, ``--arch-lr``,
 0.01: DARTS's 3e-4 is meant for far longer searches). After meta-training it reports the chosen op of
 every cell, meta-tests the mixture, and meta-tests the derived network (argmax ops but never zero, trained
-weights) whose op names go to ``results.json``.
+weights) whose op names go to ``results.json``. DARTS's second stage, training the found network from
+scratch, is ``--architecture OP,OP,OP,OP`` (those names) with any other method: a `CellConvNet` of those
+ops in place of the Conv-4.
 
 The run is limited by ``--iterations`` and by a wall-clock ``--budget-minutes``; it writes
 checkpoints (and resumes from them when run again with the same ``--run-dir``), a JSONL log,
