@@ -115,7 +115,8 @@ class Implicit(MetaGradientMode):
             below ``cg_tol`` times the right-hand side's norm).
         damping: δ, the system is ``(I + H/(λ + δ)) v = ∇L^val``: 0 is exact at the proximal
             minimiser; with a short inner loop (φ far from the minimiser) a large δ such as λ + 20
-            (the reference implementation's setting) is what makes iMAML learn in practice.
+            (the reference implementation's setting) keeps the solve from amplifying directions
+            where that minimiser's curvature is not there (docs/results.md measures both).
         cg_tol: relative residual at which CG stops early (0: only an exactly zero residual).
     """
 
@@ -379,7 +380,7 @@ def conjugate_gradient(
             break
         ap = matvec(p)
         curvature = _dot(p, ap)
-        if not float(curvature) > 0:  # negative or zero curvature (or NaN): truncate
+        if float(curvature) <= 0:  # negative or zero curvature: truncate (NaN goes on, and is caught downstream)
             return x if any(bool(xi.any()) for xi in x) else [b.clone() for b in rhs]
         alpha = rs / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]

@@ -348,3 +348,11 @@ def test_implicit_warns_once_per_meta_batch_not_per_task() -> None:
         grads_of(omega, batch, 1, mode=Implicit(lam=2.0, cg_steps=20))
     unsolved = [w for w in caught if "far from solved" in str(w.message)]
     assert len(unsolved) == 1 and "up to " in str(unsolved[0].message)
+
+
+def test_conjugate_gradient_lets_nan_through() -> None:
+    """A NaN Hessian-vector product is not mistaken for negative curvature: it reaches the result,
+    where the meta-gradient's finiteness check reports it (never a silently finite gradient)."""
+    b = torch.tensor([1.0, 2.0], dtype=DT)
+    (x,) = conjugate_gradient(lambda v: [torch.full_like(v[0], float("nan"))], [b], 3)
+    assert torch.isnan(x).all()
