@@ -2,7 +2,7 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/channels_last.py [--tasks 8] [--rounds 3]
+    OMP_NUM_THREADS=1 python benchmarks/channels_last.py [--tasks 32] [--rounds 3]
 
 On the workloads of `meta_iteration.py` (Conv-4, Omniglot 5-way 1-shot 15-query, 1 and 5 inner
 steps, second order; the first ``--tasks`` of its meta-batch), the same meta-gradient is computed

@@ -150,6 +150,7 @@ class Implicit(MetaGradientMode):
         anchor = {n: theta0[n].detach() for n in names}
         (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
         n = len(batch)
+        curvature = self.lam + self.damping  # the system is (I + H/(λ + δ)) v = ∇L_val
         vals, scores, inners, unsolved = [], [], [], []
         for i in range(n):
             phi, losses = proximal_adapt(omega, anchor, x_tr[i], y_tr[i], steps, self.lam)
@@ -165,7 +166,6 @@ class Implicit(MetaGradientMode):
 
                 def matvec(v: list[Tensor], flat=flat, train_grads=train_grads) -> list[Tensor]:
                     hv = _hessian_vector_product(train_grads, flat, v)
-                    curvature = self.lam + self.damping
                     return [vi + hvi / curvature for vi, hvi in zip(v, hv, strict=True)]
 
                 solution = conjugate_gradient(matvec, rhs, self.cg_steps, self.cg_tol)
@@ -177,7 +177,6 @@ class Implicit(MetaGradientMode):
             del leaves, train_grads, out, val_loss
         self._warn_if_unsolved(max(unsolved, default=0.0))
         return torch.stack(vals), torch.stack(scores), torch.stack(inners)
-
 
     def _unsolved_ratio(self, train_grads: tuple[Tensor, ...], moved: list[Tensor]) -> float:
         """How far φ is from the minimiser of the proximal objective G, where the implicit
@@ -375,13 +374,13 @@ def conjugate_gradient(
     p = [b.clone() for b in rhs]
     rs = _dot(r, r)
     stop = float(rs) * tol * tol
-    for _ in range(iterations):
+    for step in range(iterations):
         if float(rs) <= stop:
             break
         ap = matvec(p)
         curvature = _dot(p, ap)
         if float(curvature) <= 0:  # negative or zero curvature: truncate (NaN goes on, and is caught downstream)
-            return x if any(bool(xi.any()) for xi in x) else [b.clone() for b in rhs]
+            return x if step else [b.clone() for b in rhs]
         alpha = rs / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - alpha * api for ri, api in zip(r, ap, strict=True)]

@@ -177,7 +177,7 @@ def test_conjugate_gradient_stops_at_negative_curvature() -> None:
 
 
 def test_implicit_damping_interpolates_to_first_order() -> None:
-    """δ → ∞ gives ∇L_val at φ (first order at the proximal solution); every δ keeps its scale."""
+    """δ → ∞ gives ∇L_val at φ, unscaled (first order at the proximal solution)."""
     omega = maml(tiny_mlp(), lr=0.05)
     batch = regression(n_tasks=1)
     lam, steps = 1.5, 4
