@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
 from metalearn.gradients import proximal_adapt
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss

@@ -220,7 +220,7 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """``F.group_norm`` from primitives: statistics of each example over each group of C/G channels and the spatial dims."""
+    """``F.group_norm`` from primitives: statistics of each example over each group of C/G channels and space."""
     if input.ndim < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.ndim}")
     n, c = input.shape[0], input.shape[1]
