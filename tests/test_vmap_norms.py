@@ -207,7 +207,9 @@ FORWARDS = {
     "group_norm": (F.group_norm, E.group_norm, (X4, 3, W6, B6), {}),
     "group_norm 1 group, no affine": (F.group_norm, E.group_norm, (X4, 1), {"eps": 1e-3}),
     "group_norm 6 groups": (F.group_norm, E.group_norm, (X4, 6, W6), {}),
-    "torch.batch_norm": (torch.batch_norm, E.ROUTES[torch.batch_norm][1], (X4, W6, B6, None, None, True, 0.1, 1e-5, False), {}),
+    "torch.batch_norm": (
+        torch.batch_norm, E.ROUTES[torch.batch_norm][1], (X4, W6, B6, None, None, True, 0.1, 1e-5, False), {}
+    ),
     "torch.instance_norm": (
         torch.instance_norm, E.ROUTES[torch.instance_norm][1], (X4, W6, B6, None, None, True, 0.1, 1e-5, False), {}
     ),
