@@ -7,8 +7,9 @@ r"""The outer loop: the meta-objective over a batch of tasks and one step on ω.
 
 A batch of same-shaped tasks runs either as a Python loop over tasks (each task's
 meta-gradient is backpropagated as soon as its val loss exists, so only one task's graph is
-alive at a time) or as one batched computation under ``torch.func.vmap``. Both give the
-same meta-gradient; ``batching="auto"`` picks the faster for the model and device:
+alive at a time) or as one batched computation under ``torch.func.vmap`` (`run_vmapped`,
+which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
+same meta-gradient, for any model; ``batching="auto"`` picks the faster for the model and device:
 measured on 2 CPU cores, vmap is ~6x faster than the loop for a 1-40-40-1 MLP but ~2x
 slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 """
@@ -90,11 +91,12 @@ def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: boo
       ``"loop"`` (vmap cannot draw per-task random numbers from torch's global generator);
     * on CUDA: ``"vmap"`` (one batched kernel per op instead of one per task);
     * on CPU: ``"loop"`` for convolutional models (compute-bound; vmap's batched
-      convolutions were ~2x slower with ~10x the memory on the Conv-4, and 1.4-2.0x slower
-      on a Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``), ``"vmap"`` otherwise (small
-      models are bound by per-op overhead, which batching removes: 2.5-4x faster than the
-      loop for MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``). Measured by
-      ``benchmarks/vmap_norms.py`` (see docs/architecture.md, "The vmap + batch norm trap").
+      convolutions were ~2x slower with ~10x the memory on the Conv-4, and 2.6x slower on a
+      Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8), ``"vmap"``
+      otherwise (small models are bound by per-op overhead, which batching removes: 6-7x
+      faster than the loop for 1-40-40-1 MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``,
+      interception included). Measured by ``benchmarks/vmap_norms.py`` (figures in
+      docs/architecture.md, "The vmap + batch norm trap").
 
     ``first_order`` is accepted for callers that know it; the choice no longer depends on it.
     """
