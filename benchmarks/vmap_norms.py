@@ -106,6 +106,16 @@ def error_kinds() -> dict[str, tuple[Callable[[], nn.Module], str]]:
         "F.group_norm": (
             lambda: tiny_conv(FunctionalNorm(lambda m, x: F.group_norm(x, 2, m.weight, m.bias), (CH,))), "conv"
         ),
+        "torch.native_layer_norm": (
+            lambda: tiny_mlp(FunctionalNorm(
+                lambda m, x: torch.native_layer_norm(x, [HID], m.weight, m.bias, 1e-5)[0], (HID,))),
+            "mlp",
+        ),
+        "torch.native_batch_norm": (
+            lambda: tiny_conv(FunctionalNorm(
+                lambda m, x: torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.1, 1e-5)[0], (CH,))),
+            "conv",
+        ),
     }
     if hasattr(F, "rms_norm"):
         kinds["nn.RMSNorm"] = (lambda: tiny_mlp(nn.RMSNorm(HID)), "mlp")

@@ -14,8 +14,9 @@ and passes every other call through unchanged. Outside it nothing changes: the f
 kernels are exact (and faster) on the per-task loop path.
 
 Both ``torch.nn.functional.<norm>`` (what the ``nn`` modules call) and ``torch.<norm>``
-(what ``F`` calls, and what a user may call directly) are routed; whichever comes first is
-replaced, so a call is routed once.
+(what ``F`` calls, and what a user may call directly; also ``torch.native_layer_norm`` and
+``torch.native_batch_norm``, measured wrong under vmap too) are routed; whichever comes
+first is replaced, so a call is routed once.
 
 Running statistics: a norm with ``training=True`` (``use_input_stats=True``) and running
 statistics updates them in place, once per call, which cannot happen per task under vmap;
@@ -271,6 +272,28 @@ def _aten_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_
     return group_norm(input, num_groups, weight, bias, eps)
 
 
+def _aten_native_layer_norm(input, normalized_shape, weight, bias, eps):
+    """``torch.native_layer_norm``: (output, mean, rstd), the statistics with the normalised dims kept as 1."""
+    dims = _normalized_dims(input, normalized_shape, "native_layer_norm")
+    x = _upcast(input)
+    mean = x.mean(dim=dims, keepdim=True)
+    centered = x - mean
+    rstd = torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + eps)
+    return _affine(centered * rstd, weight, bias, lambda t: t).to(input.dtype), mean, rstd
+
+
+def _aten_native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``torch.native_batch_norm``: (output, saved mean ``[C]``, saved 1/std ``[C]``; empty when not training)."""
+    out = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        empty = input.new_empty(0)
+        return out, empty, empty
+    x, dims = _upcast(input), [0, *range(2, input.ndim)]
+    mean = x.mean(dim=dims)
+    invstd = torch.rsqrt((x - _channel_view(mean, x.ndim)).square().mean(dim=dims) + eps)
+    return out, mean, invstd
+
+
 def _routes() -> dict[Callable, tuple[str, Callable]]:
     """Each intercepted torch function → (the name it is counted under, its primitive version)."""
     routes = {
@@ -282,6 +305,8 @@ def _routes() -> dict[Callable, tuple[str, Callable]]:
         torch.instance_norm: ("instance_norm", _aten_instance_norm),
         torch.layer_norm: ("layer_norm", _aten_layer_norm),
         torch.group_norm: ("group_norm", _aten_group_norm),
+        torch.native_layer_norm: ("layer_norm", _aten_native_layer_norm),
+        torch.native_batch_norm: ("batch_norm", _aten_native_batch_norm),
     }
     if hasattr(F, "rms_norm"):  # torch >= 2.4
         routes[F.rms_norm] = ("rms_norm", rms_norm)

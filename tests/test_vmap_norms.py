@@ -99,6 +99,15 @@ KINDS: dict[str, tuple[Callable[[], nn.Module], Callable[[], TaskBatch], str]] =
         lambda: mlp(FunctionalNorm(lambda m, x: torch.layer_norm(x, [HID], m.weight, m.bias, 1e-5), (HID,))),
         regression, "layer_norm",
     ),
+    "torch.native_layer_norm": (
+        lambda: mlp(FunctionalNorm(lambda m, x: torch.native_layer_norm(x, [HID], m.weight, m.bias, 1e-5)[0], (HID,))),
+        regression, "layer_norm",
+    ),
+    "torch.native_batch_norm": (
+        lambda: conv(FunctionalNorm(
+            lambda m, x: torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.1, 1e-5)[0], (CH,))),
+        images, "batch_norm",
+    ),
 }
 if HAS_RMS:
     KINDS["nn.RMSNorm"] = (lambda: mlp(nn.RMSNorm(HID)), regression, "rms_norm")
@@ -215,6 +224,23 @@ FORWARDS = {
     ),
     "torch.group_norm": (torch.group_norm, E.ROUTES[torch.group_norm][1], (X4, 2, W6, B6), {}),
 }
+NATIVE = {
+    "native_layer_norm": (torch.native_layer_norm, (X4, [5, 3], W53, B53, 1e-5)),
+    "native_batch_norm": (torch.native_batch_norm, (X4, W6, B6, None, None, True, 0.1, 1e-5)),
+    "native_batch_norm eval": (torch.native_batch_norm, (X4, W6, B6, RM, RV, False, 0.1, 1e-5)),
+}
+
+
+@pytest.mark.parametrize("case", list(NATIVE))
+def test_native_entry_points_give_torchs_outputs_and_statistics(case: str) -> None:
+    fused, args = NATIVE[case]
+    expected, got = fused(*args), E.ROUTES[fused][1](*args)
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 if HAS_RMS:
     FORWARDS["rms_norm eps=None"] = (F.rms_norm, E.rms_norm, (X4, (5, 3), W53), {})
     FORWARDS["rms_norm eps, no weight"] = (F.rms_norm, E.rms_norm, (X4 * 1e-5, [3]), {"eps": 1e-9})
