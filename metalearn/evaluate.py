@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from metalearn.gradients import proximal_adapt
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
-from metalearn.outer import BATCHING_MODES, choose_batching, metric, task_objective
+from metalearn.outer import BATCHING_MODES, choose_batching, metric, run_vmapped, task_objective
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import task_seed
 
@@ -251,7 +250,6 @@ def evaluate(
     if proximal is not None:
         _check_proximal(proximal)
     device = omega_device(omega)
-    mode = _resolve(omega, batching, device) if proximal is None else "loop"
     metrics: list[Tensor] = []
     losses: list[Tensor] = []
     kind: str | None = None
@@ -259,6 +257,8 @@ def evaluate(
     was_training = omega.training
     omega.eval()
     try:
+        # chosen for ω as it runs here, in eval mode (dropout off); a bad value leaves ω's mode restored
+        mode = _resolve(omega, batching, device) if proximal is None else "loop"
         with torch.no_grad():
             for chunk in _chunks(tasks, batch_size):
                 theta0s = [
@@ -272,8 +272,10 @@ def evaluate(
                 if mode == "vmap" and len(chunk) > 1 and _same_shapes(chunk):
                     batch = stack_tasks(chunk).to(device)
                     theta0, theta0_dims = _batched_theta0(theta0s)
-                    run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
-                    val_loss, met, inner = run(omega, theta0, *batch.train, *batch.val, steps, True)
+                    val_loss, met, inner = run_vmapped(
+                        task_objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
+                        omega, theta0, *batch.train, *batch.val, steps, True,
+                    )
                     check_finite_losses(inner, task_offset=offset)
                     check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
                     losses.extend(val_loss.unbind())

@@ -2,7 +2,7 @@
 
 Any user module works with the library; these are the ones the papers use. Their batch
 norm is `BatchNorm`: torch's fused batch norm outside ``torch.func.vmap`` and one written from
-mean/var primitives inside it, because the native one gives silently wrong second-order
+mean/var primitives inside it (`metalearn.exact_norms`), because the native one gives silently wrong second-order
 meta-gradients under ``vmap`` when its affine weights are adapted in the inner loop (see
 ``docs/architecture.md``).
 """
@@ -15,25 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # private helpers: which torch.func transforms are active
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-except ImportError:  # pragma: no cover - a torch without them: always take the exact primitive path
-    TransformType = retrieve_all_functorch_interpreters = None
+from metalearn import exact_norms
+from metalearn.exact_norms import inside_vmap
 
 __all__ = ["BatchNorm", "Conv4", "MLP", "conv4_feature_size", "inside_vmap"]
-
-
-def inside_vmap() -> bool:
-    """Whether the caller runs inside ``torch.func.vmap`` (at any nesting level).
-
-    Also True while ``torch.compile`` traces (the transforms are not visible there) and on a
-    torch whose private functorch helpers are missing: callers use it to pick a path that
-    is exact everywhere.
-    """
-    if retrieve_all_functorch_interpreters is None or torch.compiler.is_compiling():
-        return True
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 class BatchNorm(nn.Module):
@@ -71,16 +56,9 @@ class BatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm expects [N, {self.num_features}, ...], got {tuple(x.shape)}")
-        if not inside_vmap():
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        dims = [0, *range(2, x.ndim)]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = (x - mean).square().mean(dim=dims, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            shape = [1, -1] + [1] * (x.ndim - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        # exact_norms.batch_norm, not F.batch_norm, inside any vmap: also one the library did not start
+        norm = exact_norms.batch_norm if inside_vmap() else F.batch_norm
+        return norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"

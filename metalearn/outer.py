@@ -7,14 +7,16 @@ r"""The outer loop: the meta-objective over a batch of tasks and one step on ω.
 
 A batch of same-shaped tasks runs either as a Python loop over tasks (each task's
 meta-gradient is backpropagated as soon as its val loss exists, so only one task's graph is
-alive at a time) or as one batched computation under ``torch.func.vmap``. Both give the
-same meta-gradient; ``batching="auto"`` picks the faster for the model and device:
+alive at a time) or as one batched computation under ``torch.func.vmap`` (`run_vmapped`,
+which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
+same meta-gradient, for any model; ``batching="auto"`` picks the faster for the model and device:
 measured on 2 CPU cores, vmap is ~6x faster than the loop for a 1-40-40-1 MLP but ~2x
 slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metalearn.errors import NonFiniteError
+from metalearn.exact_norms import exact_norms
 from metalearn.gradients import (
     Checkpointed,
     Implicit,
@@ -38,10 +41,26 @@ from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
 from metalearn.tasks.task import TaskBatch
 
-__all__ = ["BATCHING_MODES", "MetaStats", "choose_batching", "meta_gradient", "meta_loss", "meta_step", "metric"]
+__all__ = [
+    "BATCHING_MODES",
+    "MetaStats",
+    "choose_batching",
+    "meta_gradient",
+    "meta_loss",
+    "meta_step",
+    "metric",
+    "random_layers",
+    "run_vmapped",
+]
 
 BATCHING_MODES = ("auto", "loop", "vmap")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_DROPOUTS = nn.modules.dropout._DropoutNd
+
+
+def _task_in_dims(theta0_dims: dict[str, int | None]) -> tuple:
+    """vmap's ``in_dims`` for `task_objective`: ω shared, θ0 as given, the task halves mapped, steps/order shared."""
+    return (None, theta0_dims, 0, 0, 0, 0, None, None)
 
 
 def metric(output: Tensor, target: Tensor) -> Tensor:
@@ -52,17 +71,36 @@ def metric(output: Tensor, target: Tensor) -> Tensor:
     return (output.argmax(-1) == target).to(output.dtype).mean()
 
 
-def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: bool = False) -> str:
-    """The faster safe batching for ω's model on ``device``: ``"loop"`` or ``"vmap"``.
+def random_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that draw random numbers in their forward as it is now
+    (dropout with ``p > 0`` and ``RReLU``, in training mode): vmap refuses random operations."""
+    return [
+        name for name, m in model.named_modules()
+        if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0) or isinstance(m, nn.RReLU))
+    ]
 
-    * native norm layers with adapted affine weights: ``"loop"`` unless first order (their
-      second-order meta-gradients are wrong under vmap);
+
+def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: bool = False) -> str:
+    """The faster batching for ω's model on ``device``: ``"loop"`` or ``"vmap"``.
+
+    Both paths give the same meta-gradient for every model: under vmap every norm is computed
+    from primitives (`metalearn.exact_norms`), so native ``nn.*Norm`` layers and a model's own
+    ``F.batch_norm``/``F.layer_norm``/... calls no longer force the loop. The choice is speed:
+
+    * a model with random layers in training mode (`random_layers`, e.g. ``nn.Dropout``):
+      ``"loop"`` (vmap cannot draw per-task random numbers from torch's global generator);
     * on CUDA: ``"vmap"`` (one batched kernel per op instead of one per task);
     * on CPU: ``"loop"`` for convolutional models (compute-bound; vmap's batched
-      convolutions were ~2x slower with ~10x the memory on the Conv-4), ``"vmap"``
-      otherwise (small models are bound by per-op overhead, which batching removes).
+      convolutions were ~2x slower with ~10x the memory on the Conv-4, and 2.6x slower on a
+      Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8), ``"vmap"``
+      otherwise (small models are bound by per-op overhead, which batching removes: 6-7x
+      faster than the loop for 1-40-40-1 MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``,
+      interception included). Measured by ``benchmarks/vmap_norms.py`` (figures in
+      docs/architecture.md, "The vmap + batch norm trap").
+
+    ``first_order`` is accepted for callers that know it; the choice no longer depends on it.
     """
-    if not first_order and omega.native_norms_adapted():
+    if random_layers(omega.network):
         return "loop"
     if device.type == "cuda":
         return "vmap"
@@ -76,13 +114,38 @@ def _resolve_batching(omega: MetaKnowledge, batching: str, device: torch.device,
         raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
     if batching == "auto":
         return choose_batching(omega, device, first_order)
-    if batching == "vmap" and not first_order and omega.native_norms_adapted():
-        raise ValueError(
-            f"native norm layers {omega.native_norms_adapted()} adapt in the inner loop: under vmap their "
-            "second-order meta-gradients are silently wrong (torch 2.13). Use batching='loop', "
-            "metalearn.models.BatchNorm instead of nn.BatchNorm*, or first_order=True"
-        )
+    if batching == "vmap" and random_layers(omega.network):
+        raise ValueError(_random_under_vmap(f"layers {random_layers(omega.network)} draw random numbers"))
     return batching
+
+
+def _random_under_vmap(what: str) -> str:
+    return (
+        f"ω's model: {what} in training mode, and torch.func.vmap cannot draw per-task random numbers "
+        "from torch's global generator. Use batching='loop' (or 'auto', which picks it for dropout "
+        "layers), or put those layers in eval mode (omega.eval(), no dropout) for the vmap path"
+    )
+
+
+def run_vmapped(fn: Callable, in_dims: tuple, *args):
+    """``vmap(fn, in_dims)(*args)`` with every norm computed exactly (`metalearn.exact_norms`).
+
+    The one way the library maps a function over a batch's tasks: torch's fused norms give
+    wrong second-order meta-gradients under vmap, so the calls are routed to primitives
+    while it runs (the backward afterwards needs nothing: its graph holds only primitives).
+    A random operation inside (e.g. ``F.dropout`` in a model's own forward) is refused with
+    an error naming the fix, instead of torch's raw randomness error.
+
+    Raises:
+        ValueError: ``fn`` called a random operation.
+    """
+    try:
+        with exact_norms():
+            return vmap(fn, in_dims=in_dims)(*args)
+    except RuntimeError as err:
+        if "randomness" not in str(err):
+            raise
+        raise ValueError(_random_under_vmap("a random operation (e.g. F.dropout) was called")) from err
 
 
 def task_objective(
@@ -271,8 +334,9 @@ def _meta_gradient(
         )
     elif mode == "vmap":
         theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
-        run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
-        val_losses, metrics, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
+        val_losses, metrics, inner = run_vmapped(
+            task_objective, _task_in_dims(theta0_dims), omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order
+        )
         _check_losses(inner.detach(), val_losses.detach(), by_task=False)
         val_losses.mean().backward()
     else:
@@ -369,8 +433,9 @@ def meta_loss(
     mode = _resolve_batching(omega, batching, x_tr.device, first_order)
     if mode == "vmap":
         theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
-        run = vmap(task_objective, in_dims=(None, theta0_dims, 0, 0, 0, 0, None, None))
-        val_losses, _, inner = run(omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order)
+        val_losses, _, inner = run_vmapped(
+            task_objective, _task_in_dims(theta0_dims), omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order
+        )
         _check_losses(inner.detach(), val_losses.detach(), by_task=False)
         return val_losses.mean()
     theta0 = omega.initial_params(n, generator, train=batch.train)

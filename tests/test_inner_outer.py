@@ -1,4 +1,4 @@
-"""The inner and outer loops: adapt(), NaN/Inf errors, meta_step, and the vmap + native batch norm guard."""
+"""The inner and outer loops: adapt(), NaN/Inf errors, meta_step, and vmap with native batch norm."""
 
 from __future__ import annotations
 
@@ -233,23 +233,26 @@ def test_meta_loss_backward_equals_meta_gradient() -> None:
     assert rel_diff(got, expected) <= 1e-12
 
 
-# ---------------------------------------------------------------- the vmap + native batch norm guard
+# ---------------------------------------------------------------- vmap + native batch norm (see also test_vmap_norms)
 
 
-def test_native_batch_norm_adapted_under_forced_vmap_second_order_is_refused() -> None:
+def test_native_batch_norm_adapted_under_forced_vmap_second_order_is_exact() -> None:
+    # once refused (torch's fused batch norm is wrong there); now routed to primitives (exact_norms)
     omega = maml(native_bn_model(), lr=0.4)
     assert omega.native_norms_adapted() == ["1"]
-    with pytest.raises(ValueError, match="batching='loop'"):
-        meta_gradient(omega, images(), steps=1, batching="vmap")
-    with pytest.raises(ValueError, match="metalearn.models.BatchNorm"):
-        meta_loss(omega, images(), steps=1, batching="vmap")
+    batch = images()
+    loop = grads_of(omega, batch, 2, batching="loop")
+    assert rel_diff(grads_of(omega, batch, 2, batching="vmap"), loop) <= 1e-10
+    omega.zero_grad(set_to_none=True)
+    meta_loss(omega, batch, steps=2, batching="vmap").backward()
+    assert rel_diff({n: p.grad.clone() for n, p in omega.named_parameters()}, loop) <= 1e-10
 
 
-def test_native_batch_norm_auto_picks_loop_and_matches_a_hand_reference() -> None:
+def test_native_batch_norm_auto_picks_loop_for_a_conv_model_and_matches_a_hand_reference() -> None:
     model = native_bn_model()
     omega = maml(model, lr=0.4)
     batch = images()
-    assert choose_batching(omega, torch.device("cpu")) == "loop"
+    assert choose_batching(omega, torch.device("cpu")) == "loop"  # convolutional, on CPU: the faster path
     omega.zero_grad(set_to_none=True)
     stats = meta_gradient(omega, batch, steps=2, batching="auto")
     assert stats.batching == "loop"
@@ -272,10 +275,10 @@ def test_native_batch_norm_under_vmap_is_allowed_where_it_is_exact() -> None:
 
 
 def test_the_trap_still_exists_in_torch() -> None:
-    """Documents why the guard is needed: raw torch.func, native batch norm, adapted γ/β, second order.
+    """Documents why the interception is needed: raw torch.func, native batch norm, adapted γ/β, second order.
 
     If a torch release fixes it, this test skips (with that message) rather than fails:
-    the guard can then be relaxed for that torch version.
+    `metalearn.exact_norms` (which costs a little time under vmap) may then be dropped for it.
     """
     model = native_bn_model()
     names = [n for n, _ in model.named_parameters()]
@@ -297,7 +300,7 @@ def test_the_trap_still_exists_in_torch() -> None:
     error = max(float((a - b).abs().max()) for a, b in zip(looped, batched, strict=True)) / scale
     if error <= 1e-6:
         pytest.skip(f"torch {torch.__version__} computes native batch norm under vmap correctly now "
-                    f"(relative error {error:.1e}); the guard in metalearn.outer may be relaxed for it")
+                    f"(relative error {error:.1e}); metalearn.exact_norms may be dropped for it")
     assert error > 1e-6
 
 

@@ -17,6 +17,7 @@ __all__ = ["LossFn", "MetaKnowledge", "default_loss", "native_norm_layers"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _NATIVE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+_RUNNING_STATS_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def default_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -29,15 +30,36 @@ def default_loss(output: Tensor, target: Tensor) -> Tensor:
 def native_norm_layers(model: nn.Module) -> list[str]:
     """Names of torch's native batch/instance/layer norm modules with affine parameters.
 
-    Under ``torch.func.vmap`` their second-order meta-gradients are silently wrong when the
-    affine parameters adapt (measured on torch 2.13, relative error up to 6e-2 in float64),
-    so the vmap path refuses them; `metalearn.models.BatchNorm` is the exact replacement.
+    Under a raw ``torch.func.vmap`` their second-order meta-gradients are silently wrong when
+    the affine parameters adapt (measured on torch 2.13, relative error up to 6e-2 in
+    float64). The library's vmap path is exact for them all the same: it routes every norm
+    call to primitives (`metalearn.exact_norms`); this list is for information.
     """
     names = []
     for name, module in model.named_modules():
         if isinstance(module, _NATIVE_NORMS) and getattr(module, "weight", None) is not None:
             names.append(name)
     return names
+
+
+def _refuse_running_statistics(model: nn.Module) -> None:
+    """Raises ValueError for a batch or instance norm of ``model`` that tracks running statistics.
+
+    The functional inner loop cannot update them in place (and under vmap not once per
+    task); with ``track_running_stats=False`` each batch is normalised with its own
+    statistics, as MAML does.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _RUNNING_STATS_NORMS) and module.track_running_stats:
+            fix = (
+                "metalearn.models.BatchNorm" if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                else "the default track_running_stats=False of instance norm"
+            )
+            raise ValueError(
+                f"model.{name or '(root)'} ({type(module).__name__}) tracks running statistics, which the "
+                "functional inner loop cannot update; build it with track_running_stats=False (MAML-style "
+                f"batch statistics) or use {fix}"
+            )
 
 
 def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
@@ -88,13 +110,7 @@ class MetaKnowledge(nn.Module):
         loss: LossFn | None = None,
     ) -> None:
         super().__init__()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                raise ValueError(
-                    f"model.{name} tracks running statistics, which the functional inner loop cannot update; "
-                    "build it with track_running_stats=False (MAML-style batch statistics) or use "
-                    "metalearn.models.BatchNorm"
-                )
+        _refuse_running_statistics(model)
         init = init if init is not None else PointInit()
         adapt = adapt if adapt is not None else AdaptAll()
         if init.uses_model_parameters:
@@ -177,7 +193,8 @@ class MetaKnowledge(nn.Module):
         return default_loss(self(params, x), y)
 
     def native_norms_adapted(self) -> list[str]:
-        """Native norm layers whose affine parameters adapt (unsafe under vmap, second order)."""
+        """Native norm layers whose affine parameters adapt (unsafe under a raw vmap, second order;
+        the library's vmap path computes them exactly, see `metalearn.exact_norms`)."""
         adapted = set(self.adapted_names)
         return [
             n for n in native_norm_layers(self.network)
