@@ -2,8 +2,8 @@
 
 Each check raises before any work is done (no inner step, no file, ω unchanged), with an
 exception that names the bad value and the fix. They are cheap: plain Python on the
-arguments, except `check_labels_not_negative`, which costs one small reduction (and one
-host sync) per batch of integer targets. This module imports nothing of the package, so any
+arguments, except `check_labels`, which costs one small reduction (one host sync) and one
+forward of one task's inputs per batch of integer targets. This module imports nothing of the package, so any
 layer may use it.
 """
 
@@ -22,12 +22,13 @@ from torch import Tensor, nn
 __all__ = [
     "check_clip_grad_norm",
     "check_grad_mode",
-    "check_labels_not_negative",
+    "check_labels",
     "check_log_path",
     "check_outer_optimizer",
     "check_seed",
     "check_steps",
     "explain_label_error",
+    "head_size",
 ]
 
 
@@ -157,37 +158,80 @@ def _first_task_with(bad: Tensor) -> int:
     return int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
 
 
-def check_labels_not_negative(
-    halves: Iterable[tuple[str, Tensor]], batched: bool = True, task_offset: int = 0
-) -> None:
-    """Raises `ValueError` if an integer target of any half is negative, naming the task.
+def head_size(omega: nn.Module, x: Tensor) -> int | None:
+    """The number of outputs (classes) ω's model gives for inputs ``x`` (one task's, ``[n, ...]``).
 
-    Negative class labels raise a raw torch error in cross-entropy, except ``-100`` (torch's
-    ignore index), which silently drops the example from the loss. One reduction and one host
-    sync over all halves; floating targets are skipped.
+    One forward of ``x`` without a graph and with the global RNG state restored afterwards
+    (dropout draws nothing that later code would see); ``None`` if the model cannot run on
+    ``x`` alone (the check that needs it is then left to torch).
+    """
+    devices = [x.device.index or 0] if x.is_cuda else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            output = omega(omega.model_params(), x)  # type: ignore[operator, attr-defined]
+    except Exception:  # noqa: BLE001 - a model that needs more than one task's inputs: no probe
+        return None
+    if output.ndim == 0:
+        return None
+    return int(output.shape[1] if output.ndim >= 2 else output.shape[0])
+
+
+def check_labels(
+    omega: nn.Module,
+    x: Tensor,
+    halves: Iterable[tuple[str, Tensor]],
+    batched: bool = True,
+    task_offset: int = 0,
+) -> None:
+    """Raises `ValueError` naming the task if an integer target is outside ``0 .. head size - 1``.
+
+    Negative labels raise a raw torch error in cross-entropy, except ``-100`` (its ignore index),
+    which silently drops the example from the loss; labels ``>=`` the head size raise a raw error
+    on CPU (after other tasks' gradients were accumulated) and a device-side assert on CUDA.
+    The cost, only for integer targets: one reduction over the labels with one host sync, and
+    one forward of the first task's inputs (`head_size`) to know the head size. Floating
+    targets are skipped (their shape is checked in the loss).
 
     Args:
+        omega: ω (its model gives the head size).
+        x: inputs ``[tasks, n, ...]`` if ``batched``, else ``[n, ...]``; the first task's are probed.
         halves: ``(name, targets)`` pairs, e.g. ``[("train", y_train), ("val", y_val)]``;
             targets ``[tasks, n]`` if ``batched``, else ``[n]`` (one task).
-        batched: whether targets have a leading task dimension.
+        batched: whether inputs and targets have a leading task dimension.
         task_offset: index of the first task, for the message.
     """
     halves = [(name, y) for name, y in halves if not y.is_floating_point() and y.numel() > 0]
-    if not halves:
+    if not halves or halves[0][1].dtype in (torch.bool,) or halves[0][1].is_complex():
         return
-    lowest = torch.stack([y.amin() for _, y in halves]).amin()
-    if int(lowest) >= 0:
-        return
+    bounds = torch.stack([y.amin() for _, y in halves] + [y.amax() for _, y in halves]).tolist()
+    lowest, highest = min(bounds[: len(halves)]), max(bounds[len(halves) :])
+    if lowest < 0:
+        _raise_for(halves, lambda y: y < 0, batched, task_offset, "")
+    head = head_size(omega, x[0] if batched else x)
+    if head is not None and head > 1 and highest >= head:
+        _raise_for(halves, lambda y: y >= head, batched, task_offset, f", but ω's model has {head} outputs")
+
+
+def _raise_for(halves, is_bad, batched: bool, task_offset: int, head_note: str) -> None:
     for name, y in halves:
-        bad = y < 0
-        if bool(bad.any()):
-            task = _first_task_with(bad) if batched else 0
-            value = int((y[task] if batched else y).amin())
-            hint = " (-100 is cross-entropy's ignore index: it would silently drop those examples)" if value == -100 else ""
+        bad = is_bad(y)
+        if not bool(bad.any()):
+            continue
+        task = _first_task_with(bad) if batched else 0
+        labels = y[task] if batched else y
+        value = int(labels[is_bad(labels)][0])
+        if head_note:
+            head = head_note.split()[-2]
             raise ValueError(
-                f"task {task + task_offset} has {name} label {value}{hint}; class labels must be 0 .. ways-1. Relabel each "
-                "task's classes 0 .. ways-1 (EpisodicTaskSet does), or cast regression targets to float"
+                f"task {task + task_offset} has {name} label {value}{head_note} (the head size), so labels must be "
+                f"0 .. {int(head) - 1}. Build the model's head with as many outputs as the tasks have ways "
+                f"(e.g. Conv4(num_classes=ways)), or draw tasks with at most {head} ways"
             )
+        hint = " (-100 is cross-entropy's ignore index: it would silently drop those examples)" if value == -100 else ""
+        raise ValueError(
+            f"task {task + task_offset} has {name} label {value}{hint}; class labels must be 0 .. ways-1. Relabel "
+            "each task's classes 0 .. ways-1 (EpisodicTaskSet does), or cast regression targets to float"
+        )
 
 
 def _is_label_range_error(err: BaseException) -> bool:

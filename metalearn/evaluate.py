@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalearn.checks import check_labels_not_negative, check_seed, check_steps
+from metalearn.checks import check_labels, check_seed, check_steps
 from metalearn.gradients import proximal_adapt
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
@@ -93,7 +93,7 @@ def fine_tune(
         TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label.
     """
     check_steps("steps (inner steps)", steps)
-    check_labels_not_negative((("train", train[1]),), batched=False)
+    check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
@@ -274,8 +274,9 @@ def evaluate(
         with torch.no_grad():
             for chunk in _chunks(tasks, batch_size):
                 for j, task in enumerate(chunk):
-                    check_labels_not_negative(
-                        (("train", task.train[1]), ("val", task.val[1])), batched=False, task_offset=offset + j
+                    check_labels(
+                        omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,
+                        task_offset=offset + j,
                     )
                 theta0s = [
                     _detached_theta0(

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from metalearn.checks import check_labels_not_negative, check_steps, explain_label_error
+from metalearn.checks import check_labels, check_steps, explain_label_error
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params, State
@@ -212,7 +212,7 @@ def adapt(
     """
     check_steps("steps (inner steps)", steps)
     x, y = train
-    check_labels_not_negative((("train", y),), batched=False)
+    check_labels(omega, x, (("train", y),), batched=False)
     theta0 = {n: t[0] for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
     try:
         params, losses = adapt_params(omega, theta0, x, y, steps, first_order)

@@ -25,7 +25,7 @@ from torch.func import vmap
 from metalearn.checks import (
     check_clip_grad_norm,
     check_grad_mode,
-    check_labels_not_negative,
+    check_labels,
     check_outer_optimizer,
     check_steps,
     explain_label_error,
@@ -255,12 +255,14 @@ def meta_gradient(
 
 def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, steps: int, need_grad: bool = True) -> None:
     """The entry checks of a meta-gradient over ``batch``: grad mode on (if ``need_grad``), a step
-    count, a non-empty `TaskBatch` and no negative class label (one small reduction; before any work)."""
+    count, a non-empty `TaskBatch` and class labels within the head (`check_labels`); before any work."""
     if need_grad:
         check_grad_mode(caller)
     check_steps("steps (inner steps)", steps)
     if not isinstance(omega, MetaKnowledge):
-        raise TypeError(f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))")
+        raise TypeError(
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+        )
     if not isinstance(batch, TaskBatch):
         raise TypeError(
             f"batch must be a TaskBatch (same-shaped tasks stacked), got {type(batch).__name__}; "
@@ -268,7 +270,7 @@ def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, steps: int,
         )
     if len(batch) == 0:
         raise ValueError("the task batch is empty (0 tasks); give at least one task")
-    check_labels_not_negative((("train", batch.train[1]), ("val", batch.val[1])))
+    check_labels(omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
 
 
 def _explained_meta_gradient(

@@ -341,7 +341,9 @@ def meta_train(
     """
     check_grad_mode("meta_train")
     if not isinstance(omega, MetaKnowledge):
-        raise TypeError(f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))")
+        raise TypeError(
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+        )
     _check_task_collection("tasks", tasks)
     _check_task_collection("val_tasks", val_tasks, optional=True)
     check_outer_optimizer(omega, outer_optimizer)

@@ -90,7 +90,9 @@ def _check_shape_kept(base: LabelledDataset, transforms: Sequence[Transform]) ->
         try:
             shape = tuple(t(x).shape)
         except ValueError as err:
-            raise ValueError(f"transform {t!r} cannot augment {_item_name(base, 0)} of the base dataset: {err}") from err
+            raise ValueError(
+                f"transform {t!r} cannot augment {_item_name(base, 0)} of the base dataset: {err}"
+            ) from err
         if shape != tuple(x.shape):
             raise ValueError(
                 f"transform {t!r} changes {_item_name(base, 0)} of the base dataset from shape {tuple(x.shape)[1:]} "
