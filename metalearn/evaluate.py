@@ -19,12 +19,13 @@ function transform ignores an outer ``no_grad``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from metalearn.checks import check_labels, check_seed, check_steps
 from metalearn.gradients import proximal_adapt
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
@@ -88,7 +89,10 @@ def fine_tune(
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
+        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label.
     """
+    check_steps("steps (inner steps)", steps)
+    check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
@@ -242,11 +246,19 @@ def evaluate(
         An `Evaluation` (mean, 95% CI, per-task metrics).
 
     Raises:
-        ValueError: no tasks, or an unknown ``batching``.
+        ValueError: no tasks, an unknown ``batching``, a negative ``steps`` or class label (names
+            the task), targets that do not fit the model's output.
+        TypeError: ``steps``, ``batch_size`` or ``seed`` not an int.
         NonFiniteError: a NaN/Inf inner or val loss; ``task`` is the index among ``tasks``.
     """
+    check_steps("steps (inner steps)", steps)
+    check_seed(seed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {batch_size!r} ({type(batch_size).__name__})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(tasks, Sized) and len(tasks) == 0:
+        raise ValueError("evaluate needs at least one task; got an empty task collection")
     if proximal is not None:
         _check_proximal(proximal)
     device = omega_device(omega)
@@ -261,6 +273,11 @@ def evaluate(
         mode = _resolve(omega, batching, device) if proximal is None else "loop"
         with torch.no_grad():
             for chunk in _chunks(tasks, batch_size):
+                for j, task in enumerate(chunk):
+                    check_labels(
+                        omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,
+                        task_offset=offset + j,
+                    )
                 theta0s = [
                     _detached_theta0(
                         omega,

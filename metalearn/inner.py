@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
+from metalearn.checks import check_labels, check_steps, explain_label_error
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params, State
@@ -63,7 +64,11 @@ def adapt_params(
 
     Returns:
         θK as a dict of every parameter, and the inner losses before each step ``[steps]``.
+
+    Raises:
+        TypeError, ValueError: ``steps`` is not an int of at least 0.
     """
+    check_steps("steps (inner steps)", steps)
     return _adapt_params(omega, theta0, x, y, steps, first_order, _use_plain_autograd(omega, theta0, first_order))
 
 
@@ -202,9 +207,19 @@ def adapt(
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
+        TypeError, ValueError: ``steps`` is not an int of at least 0; targets that do not fit
+            the model's output, or class labels outside ``0 .. head size - 1``.
     """
+    check_steps("steps (inner steps)", steps)
     x, y = train
+    check_labels(omega, x, (("train", y),), batched=False)
     theta0 = {n: t[0] for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
-    params, losses = adapt_params(omega, theta0, x, y, steps, first_order)
+    try:
+        params, losses = adapt_params(omega, theta0, x, y, steps, first_order)
+    except (IndexError, RuntimeError) as err:
+        explained = explain_label_error(err, omega, x, (("train", y),), batched=False)
+        if explained is err:
+            raise
+        raise explained from err
     check_finite_losses(losses)
     return Adapted(params, losses)

@@ -24,6 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from metalearn.checks import (
+    check_clip_grad_norm,
+    check_grad_mode,
+    check_labels,
+    check_outer_optimizer,
+    check_steps,
+    explain_label_error,
+)
 from metalearn.errors import NonFiniteError
 from metalearn.exact_norms import exact_norms
 from metalearn.gradients import (
@@ -37,7 +45,7 @@ from metalearn.gradients import (
 )
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.builtins import PointInit
-from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
+from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape, default_loss
 from metalearn.knowledge.parts import Params
 from metalearn.tasks.task import TaskBatch
 
@@ -65,6 +73,7 @@ def _task_in_dims(theta0_dims: dict[str, int | None]) -> tuple:
 
 def metric(output: Tensor, target: Tensor) -> Tensor:
     """Accuracy for integer class targets, mean squared error otherwise (no gradient)."""
+    check_target_shape(output, target)
     output = output.detach()
     if target.is_floating_point():
         return (output - target).square().mean()
@@ -297,9 +306,55 @@ def meta_gradient(
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
+        RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+        ValueError: a negative ``steps``, an empty batch, targets that do not fit the model's
+            output or class labels outside ``0 .. head size - 1`` (names the task), an unknown
+            ``batching``.
     """
-    stats, _ = _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+    check_batch("meta_gradient", omega, batch, steps)
+    stats, _ = _explained_meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
     return stats
+
+
+def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, steps: int, need_grad: bool = True) -> None:
+    """The entry checks of a meta-gradient over ``batch``: grad mode on (if ``need_grad``), a step
+    count, a non-empty `TaskBatch` and class labels within the head (`check_labels`); before any work."""
+    if need_grad:
+        check_grad_mode(caller)
+    check_steps("steps (inner steps)", steps)
+    if not isinstance(omega, MetaKnowledge):
+        raise TypeError(
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+        )
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(
+            f"batch must be a TaskBatch (same-shaped tasks stacked), got {type(batch).__name__}; "
+            "build one with stack_tasks(tasks) or taskset.batch(indices)"
+        )
+    if len(batch) == 0:
+        raise ValueError("the task batch is empty (0 tasks); give at least one task")
+    check_labels(omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
+
+
+def _explained_meta_gradient(
+    omega: MetaKnowledge,
+    batch: TaskBatch,
+    steps: int,
+    first_order: bool,
+    batching: str,
+    generator: torch.Generator | None,
+    mode: str | MetaGradientMode,
+) -> tuple[MetaStats, Tensor]:
+    """`_meta_gradient`, turning torch's raw "target out of bounds" into an error that names the task,
+    the label and the head size (the labels' upper bound needs the head size, known only from a
+    forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
+    try:
+        return _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+    except (IndexError, RuntimeError) as err:
+        explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
+        if explained is err:
+            raise
+        raise explained from err
 
 
 def _meta_gradient(
@@ -426,8 +481,9 @@ def meta_loss(
     """The meta-objective: mean over ``batch`` of the val loss after adaptation, differentiable w.r.t. ω.
 
     Keeps every task's graph alive until you call ``backward``; `meta_gradient` is the
-    memory-lean way to get the same gradient.
+    memory-lean way to get the same gradient. Raises as `meta_gradient` does for bad inputs.
     """
+    check_batch("meta_loss", omega, batch, steps, need_grad=False)  # its value alone may be wanted
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = _resolve_batching(omega, batching, x_tr.device, first_order)
@@ -473,9 +529,21 @@ def meta_step(
     Returns:
         ``meta_loss``, ``val_metric``, ``inner_loss_first``, ``inner_loss_last``,
         ``grad_norm`` (before clipping) and ``batching``.
+
+    Raises:
+        ValueError: ``clip_grad_norm`` not a positive finite number, an outer optimizer that holds
+            none of ω's parameters or tensors that are not ω's, and the bad inputs `meta_gradient`
+            refuses; all before ω or its gradients change.
+        RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+
+    Warns:
+        UserWarning: the outer optimizer lacks some trainable ω parameters (named).
     """
+    check_batch("meta_step", omega, batch, steps)
+    clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+    check_outer_optimizer(omega, outer_optimizer)
     outer_optimizer.zero_grad(set_to_none=True)
-    stats, grad_norm = _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+    stats, grad_norm = _explained_meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
     if clip_grad_norm is not None:
         params = [p for p in omega.parameters() if p.grad is not None]
         clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6

@@ -17,6 +17,7 @@ checkpoint, before the run stopped) are dropped and new lines are appended.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,11 +40,12 @@ from metalearn.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from metalearn.checks import check_clip_grad_norm, check_grad_mode, check_log_path, check_outer_optimizer, check_seed
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate, omega_device
 from metalearn.gradients import Implicit, MetaGradientMode, Unrolled, resolve_mode
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
-from metalearn.outer import meta_step
+from metalearn.outer import BATCHING_MODES, meta_step
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, task_seed
 
@@ -95,15 +97,41 @@ def batch_for_step(tasks: TaskSet | Sequence[Task], step: int, batch_size: int) 
     return stack_tasks([tasks[i] for i in indices])
 
 
-def _describe_tasks(tasks: object) -> dict[str, Any]:
-    description: dict[str, Any] = {"class": type(tasks).__qualname__}
-    for attr in ("seed", "length", "ways", "shots", "queries"):
-        value = getattr(tasks, attr, None)
-        if isinstance(value, (int, float, str)) or (attr == "length" and hasattr(tasks, attr)):
-            description[attr] = value
-    if "length" not in description and hasattr(tasks, "__len__"):
-        description["length"] = len(tasks)  # type: ignore[arg-type]
-    return description
+def _describe_tasks(tasks: TaskSet | Sequence[Task]) -> dict[str, Any]:
+    """The run identity's part for the source tasks: every setting that changes them.
+
+    A `TaskSet` describes itself (`TaskSet.describe`: its class, sizes, seed, length, dataset,
+    class pool, augmentation...); a list of tasks is its contents (a digest of every tensor).
+    """
+    describe = getattr(tasks, "describe", None)
+    if callable(describe):
+        return {"describe": describe()}
+    sha = hashlib.sha256()
+    for task in tasks:
+        for t in (*task.train, *task.val):
+            t = t.detach().cpu().contiguous()
+            sha.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            sha.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"class": type(tasks).__qualname__, "length": len(tasks), "sha256": sha.hexdigest()}
+
+
+def _check_task_collection(name: str, tasks: object, optional: bool = False) -> None:
+    """Raises `TypeError` / `ValueError` for ``tasks`` that are neither a `TaskSet` nor a non-empty
+    sequence of `Task` (an empty one would divide by zero in `batch_for_step`)."""
+    if optional and tasks is None:
+        return
+    if isinstance(tasks, TaskSet):
+        return
+    if isinstance(tasks, TaskBatch) or not isinstance(tasks, Sequence):
+        raise TypeError(
+            f"{name} must be a TaskSet or a list of Task, got {type(tasks).__name__}"
+            + ("; pass list(batch) for a TaskBatch" if isinstance(tasks, TaskBatch) else "")
+        )
+    if len(tasks) == 0:
+        raise ValueError(f"{name} is empty (0 tasks); give at least one task")
+    bad = next((i for i, t in enumerate(tasks) if not isinstance(t, Task)), None)
+    if bad is not None:
+        raise TypeError(f"{name}[{bad}] is a {type(tasks[bad]).__name__}, not a Task; build each with Task(train, val)")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -113,11 +141,16 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class _JsonlLog:
-    """Append-only JSONL metrics log, made consistent with the checkpoint a run resumes from."""
+    """Append-only JSONL metrics log, made consistent with the checkpoint a run resumes from.
+
+    The file is touched only by the first `write`: a run that fails before its first step
+    completes leaves no log (or the old one unchanged).
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._file = None
+        self._start: int | None = None
 
     def check_fresh(self) -> None:
         if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
@@ -128,11 +161,14 @@ class _JsonlLog:
             )
 
     def open(self, start: int) -> None:
-        if self.path is None:
-            return
+        """Makes the log ready for the lines of steps ``>= start`` (the file is opened at the first write)."""
+        self._start = start
+
+    def _open_now(self) -> None:
+        assert self.path is not None and self._start is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start > 0 and self.path.exists():
-            self._keep_before(start)
+        if self._start > 0 and self.path.exists():
+            self._keep_before(self._start)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def _keep_before(self, start: int) -> None:
@@ -158,6 +194,8 @@ class _JsonlLog:
             raise
 
     def write(self, row: Row) -> None:
+        if self._file is None and self.path is not None and self._start is not None:
+            self._open_now()
         if self._file is not None:
             self._file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
             self._file.flush()
@@ -295,7 +333,27 @@ def meta_train(
         CheckpointMismatchError: ``checkpoint_dir`` holds a checkpoint of another configuration.
         CheckpointLoadError: its newest checkpoint is corrupt.
         FileExistsError: the run would overwrite checkpoints or a log of another run.
+        RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+        TypeError, ValueError: a bad argument (an empty task list, a ``clip_grad_norm`` that is not
+            positive and finite, an outer optimizer without ω's parameters, a ``seed`` that is not
+            an int, a ``log_path`` that is a folder, ...): all checked before any file is written.
+        IsADirectoryError: ``log_path`` is a folder.
     """
+    check_grad_mode("meta_train")
+    if not isinstance(omega, MetaKnowledge):
+        raise TypeError(
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+        )
+    _check_task_collection("tasks", tasks)
+    _check_task_collection("val_tasks", val_tasks, optional=True)
+    check_outer_optimizer(omega, outer_optimizer)
+    clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+    check_seed(seed)
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+    if val_inner_steps is not None:
+        _check_positive("val_inner_steps", val_inner_steps, 0)
+    log_file = check_log_path(log_path)
     _check_positive("steps", steps, 0)
     _check_positive("inner_steps", inner_steps, 0)
     _check_positive("meta_batch_size", meta_batch_size)
@@ -319,7 +377,14 @@ def meta_train(
     if not isinstance(gradient_mode, Unrolled):  # unrolled runs keep the identity they had before modes existed
         run_config["train"]["mode"] = gradient_mode.config()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    log = _JsonlLog(Path(log_path) if log_path is not None else None)
+    if ckpt_dir is not None:  # stored in every checkpoint: refuse it now, not at the first save
+        try:
+            json.dumps(run_config, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"config must be JSON-serialisable (str/int/float/bool/None, lists, dicts with str keys): {err}"
+            ) from None
+    log = _JsonlLog(log_file)
     result = TrainResult(omega=omega, steps=0)
 
     start = 0

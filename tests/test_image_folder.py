@@ -50,8 +50,15 @@ def test_classes_and_labels_from_listing(tree):
 def test_construction_decodes_nothing(tree, monkeypatch):
     opened = []
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("decoded at init"))
-    ImageFolderDataset(tree)
+    ImageFolderDataset(tree, image_size=(4, 6))  # a resize option: not even a header is read
     assert opened == []
+
+
+def test_size_check_reads_headers_only(tree, monkeypatch):
+    # without image_size, construction reads each file's header to check one shared size, but decodes none
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded at init"))
+    ds = ImageFolderDataset(tree)
+    assert len(ds) == 12
 
 
 def test_get_input_rgb(tree):

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from metalearn.knowledge.builtins import AdaptAll, PointInit
 from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params
 
-__all__ = ["LossFn", "MetaKnowledge", "default_loss", "native_norm_layers"]
+__all__ = ["LossFn", "MetaKnowledge", "check_target_shape", "default_loss", "native_norm_layers"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -20,8 +20,53 @@ _NATIVE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Insta
 _RUNNING_STATS_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
+def check_target_shape(output: Tensor, target: Tensor) -> None:
+    """Raises if ``target`` does not fit ``output`` for `default_loss` (shapes and dtypes only).
+
+    Only static facts are read (no sync, safe under ``torch.func.vmap``, where the shapes are
+    those of one task): a floating (regression) target must have the output's shape, since
+    a ``[K]`` target against a ``[K, 1]`` output broadcasts to a ``[K, K]`` squared error;
+    an integer (class) target needs an output with more than one class, since integer
+    regression targets would otherwise be taken for class labels.
+    """
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            f"targets of dtype {target.dtype} are neither class labels nor regression values; use int64 class "
+            "labels or float regression targets"
+        )
+    if target.is_floating_point():
+        if output.shape != target.shape:
+            raise ValueError(
+                f"regression targets of shape {tuple(target.shape)} do not match the model's output of shape "
+                f"{tuple(output.shape)}: the squared error would broadcast them (e.g. [K] against [K, 1] gives a "
+                "[K, K] error) and train on the wrong objective. Give targets the output's shape (y[:, None] for a "
+                "[K, 1] output)"
+            )
+        return
+    class_dim = 1 if output.ndim >= 2 else 0
+    if output.ndim == 0 or output.shape[class_dim] == 1:
+        raise ValueError(
+            f"integer targets (dtype {target.dtype}) are taken for class labels, but the model has "
+            f"{1 if output.ndim == 0 else output.shape[class_dim]} output per example (output shape "
+            f"{tuple(output.shape)}), so there is only one class. For regression, cast the targets to float "
+            "(y.float()); for classification, give the model one output per class"
+        )
+    expected = output.shape[:class_dim] + output.shape[class_dim + 1 :]
+    if target.shape != expected:
+        raise ValueError(
+            f"class labels of shape {tuple(target.shape)} do not match the model's output of shape "
+            f"{tuple(output.shape)} (one label per example: expected {tuple(expected)}); flatten the labels "
+            "(y.reshape(-1)) or check the model's output"
+        )
+
+
 def default_loss(output: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy for integer class targets, mean squared error otherwise."""
+    """Cross-entropy for integer class targets, mean squared error otherwise.
+
+    Raises:
+        ValueError: targets whose shape does not fit the output (`check_target_shape`).
+    """
+    check_target_shape(output, target)
     if target.is_floating_point():
         return F.mse_loss(output, target)
     return F.cross_entropy(output, target)

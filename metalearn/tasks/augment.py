@@ -28,7 +28,9 @@ class Rotate90:
     """Rotates images ``[..., H, W]`` by ``k`` quarter turns counter-clockwise (`torch.rot90`).
 
     A plain class rather than a lambda, so that datasets holding it pickle (for DataLoader
-    workers). Square images keep their shape; others swap ``H`` and ``W`` for odd ``k``.
+    workers). Square images keep their shape; a quarter turn (odd ``k``) of non-square images
+    would swap ``H`` and ``W``, so its classes could not share episodes with the others: it
+    raises `ValueError` instead (resize the images to a square first).
     """
 
     def __init__(self, k: int) -> None:
@@ -37,6 +39,13 @@ class Rotate90:
     def __call__(self, x: Tensor) -> Tensor:
         if self.k == 0:
             return x
+        if self.k % 2 and x.shape[-2] != x.shape[-1]:
+            raise ValueError(
+                f"Rotate90(k={self.k}) turns non-square images of shape {tuple(x.shape)} (H x W = "
+                f"{x.shape[-2]} x {x.shape[-1]}) into {x.shape[-1]} x {x.shape[-2]}, so the rotated classes "
+                "could not share episodes with the others. Resize the images to a square first (e.g. "
+                "ImageFolderDataset(..., image_size=(S, S))), or rotate by 180 degrees only"
+            )
         return torch.rot90(x, self.k, dims=(-2, -1))
 
     def __repr__(self) -> str:
@@ -64,6 +73,32 @@ def rotations(degrees: Sequence[int] = (0, 90, 180, 270)) -> list[Rotate90]:
             raise ValueError(f"rotations are by multiples of 90 degrees, got {d}; use 0, 90, 180 or 270")
         out.append(Rotate90(int(d) // 90))
     return out
+
+
+def _item_name(base: LabelledDataset, index: int) -> str:
+    paths = getattr(base, "paths", None)
+    return f"item {index}" + (f" ({paths[index]})" if isinstance(paths, list) and index < len(paths) else "")
+
+
+def _check_shape_kept(base: LabelledDataset, transforms: Sequence[Transform]) -> None:
+    """Raises `ValueError` if a transform changes the shape of the base's first item (then its
+    classes could not stack with the others in an episode). Costs one decode per transform."""
+    if len(base) == 0:
+        return
+    x = base.gather(torch.zeros(1, dtype=torch.int64))
+    for t in transforms:
+        try:
+            shape = tuple(t(x).shape)
+        except ValueError as err:
+            raise ValueError(
+                f"transform {t!r} cannot augment {_item_name(base, 0)} of the base dataset: {err}"
+            ) from err
+        if shape != tuple(x.shape):
+            raise ValueError(
+                f"transform {t!r} changes {_item_name(base, 0)} of the base dataset from shape {tuple(x.shape)[1:]} "
+                f"to {shape[1:]}, so its classes could not share episodes with the others; use transforms that "
+                "keep the input's shape (resize non-square images to a square before rotating them)"
+            )
 
 
 class ClassAugmentation(LabelledDataset):
@@ -98,6 +133,7 @@ class ClassAugmentation(LabelledDataset):
         for t in transforms:
             if not callable(t):
                 raise TypeError(f"each transform must be a callable tensor -> tensor, got {t!r}")
+        _check_shape_kept(base, transforms)
         self.base = base
         self.transforms = transforms
         n_transforms = len(transforms)

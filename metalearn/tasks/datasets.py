@@ -9,9 +9,12 @@ indexing operation, which is what makes thousands of episodes per second possibl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from metalearn.tasks.describe import describe_attributes
 
 __all__ = ["LabelledDataset", "TensorDataset"]
 
@@ -24,6 +27,13 @@ class LabelledDataset(ABC):
     """
 
     labels: Tensor
+    #: public attributes that do not change the items (e.g. a cache switch), left out of `describe`.
+    describe_skip: ClassVar[tuple[str, ...]] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """What the items are, as plain JSON: the class and every public attribute (tensors as a
+        digest of their contents), so two datasets with other data or settings differ."""
+        return describe_attributes(self, skip=self.describe_skip)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

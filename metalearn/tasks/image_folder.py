@@ -10,14 +10,16 @@ images are decoded only when an episode asks for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.describe import describe_value
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset"]
 
@@ -39,6 +41,35 @@ def _is_visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def _image_sizes(paths: Sequence[Path]) -> dict[tuple[int, int], list[Path]]:
+    """The files of each ``(H, W)``, read from the image headers only (Pillow decodes lazily)."""
+    image_module = _import_pil()
+    sizes: dict[tuple[int, int], list[Path]] = {}
+    for path in paths:
+        with image_module.open(path) as image:
+            width, height = image.size
+        sizes.setdefault((height, width), []).append(path)
+    return sizes
+
+
+def _check_one_size(root: Path, paths: Sequence[Path]) -> None:
+    """Raises `ValueError` naming files of each size if the images do not all share one size."""
+    sizes = _image_sizes(paths)
+    if len(sizes) <= 1:
+        return
+    ranked = sorted(sizes.items(), key=lambda item: -len(item[1]))
+    shown = "; ".join(
+        f"{h}x{w} (H x W): {len(files)} file(s), e.g. "
+        + ", ".join(str(f.relative_to(root)) for f in files[:3])
+        for (h, w), files in ranked[:4]
+    )
+    (h, w), _ = ranked[0]
+    raise ValueError(
+        f"the images under {root} have {len(sizes)} different sizes ({shown}), so episodes cannot stack. "
+        f"Pass image_size=({h}, {w}) (or another (H, W)) to resize every image, or resize the files"
+    )
+
+
 class ImageFolderDataset(LabelledDataset):
     """A class-per-folder image dataset, decoded lazily with Pillow.
 
@@ -50,8 +81,9 @@ class ImageFolderDataset(LabelledDataset):
         root: the folder holding one sub-folder per class.
         transform: optional callable applied to each decoded image tensor.
         image_size: resize every image to ``(H, W)`` (or ``(n, n)`` for an int), with
-            bilinear filtering; ``None`` keeps each image's size (then all images must
-            share one size for episodes to stack).
+            bilinear filtering; ``None`` keeps each image's size, and then all images must
+            share one size (checked at construction from the image headers, which reads
+            every file's first bytes; an error names files of each size).
         mode: ``"RGB"`` (3 channels) or ``"L"`` (grayscale, 1 channel).
         cache: keep decoded images in memory (per process) after the first decode. The
             cached tensor is the one after ``image_size`` and before ``transform``.
@@ -63,7 +95,8 @@ class ImageFolderDataset(LabelledDataset):
 
     Raises:
         FileNotFoundError: if ``root`` does not exist or is not a folder.
-        ValueError: if ``root`` has no class folders, or a class folder has no images.
+        ValueError: if ``root`` has no class folders, a class folder has no images, or
+            (``image_size=None``) the images differ in size.
         ImportError: if Pillow is not installed.
     """
 
@@ -109,6 +142,8 @@ class ImageFolderDataset(LabelledDataset):
                 )
             paths.extend(images)
             labels.extend([class_id] * len(images))
+        if image_size is None:
+            _check_one_size(self.root, paths)
         self.class_names = [p.name for p in class_dirs]
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.int64)
@@ -117,6 +152,16 @@ class ImageFolderDataset(LabelledDataset):
         self.mode = mode
         self.cache = cache
         self._cache: dict[int, Tensor] = {}
+
+    #: the folder's location and the cache switch do not change the items (the files enter
+    #: `describe` by their paths relative to ``root``)
+    describe_skip = ("root", "paths", "cache")
+
+    def describe(self) -> dict[str, Any]:
+        """`LabelledDataset.describe`, with the image files relative to ``root`` (so a moved folder
+        still describes the same data)."""
+        files = [p.relative_to(self.root).as_posix() for p in self.paths]
+        return {**super().describe(), "files": describe_value(files)}
 
     def _decode(self, index: int) -> Tensor:
         image_module = _import_pil()

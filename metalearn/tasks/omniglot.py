@@ -165,6 +165,9 @@ class Omniglot(LabelledDataset):
         split = data.few_shot_split()          # 1200 source / 423 target characters
     """
 
+    #: where the files are does not change the items (their contents enter `describe` as a digest)
+    describe_skip = ("root", "cache_dir")
+
     def __init__(
         self,
         root: str | os.PathLike,

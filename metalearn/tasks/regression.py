@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,6 +98,10 @@ class RegressionFamily(TaskSet):
     def function_of(self, index: int) -> FunctionParams:
         """The parameters of task ``index`` (the same function as ``self[index]`` uses)."""
         return self.sample_function(self.generator(self._check_index(index)))
+
+    def describe(self) -> dict[str, Any]:
+        """`TaskSet.describe`, with ``x_range`` even where it is the class's default."""
+        return {**super().describe(), "x_range": list(self.x_range)}
 
     def sample(self, generator: torch.Generator) -> Task:
         params = self.sample_function(generator)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from metalearn.tasks.describe import describe_attributes
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 
 __all__ = ["TaskSet", "TaskStream", "task_seed"]
@@ -61,9 +63,12 @@ class TaskSet(ABC):
             set (meta-training), which has no ``len`` and is read with `stream` or `batches`.
     """
 
+    #: public attributes that do not change the tasks, left out of `describe`.
+    describe_skip: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, seed: int = 0, length: int | None = 600) -> None:
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__}); pass e.g. seed=0")
         if length is not None and (not isinstance(length, int) or length < 1):
             raise ValueError(f"length must be a positive int or None (endless), got {length!r}")
         self.seed = seed
@@ -72,6 +77,17 @@ class TaskSet(ABC):
     @abstractmethod
     def sample(self, generator: torch.Generator) -> Task:
         """Draws one task, taking all its randomness from ``generator``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting that changes this set's tasks, as plain JSON (part of a training run's identity).
+
+        By default the class and every public attribute (seed, length, sizes, ranges, the
+        dataset's own description, the class pool's contents, ...); tensors and long lists
+        enter as a digest of their contents. A subclass whose tasks depend on a private
+        attribute or on a class attribute overrides it (and calls ``super().describe()``);
+        one with a public attribute that does not change the tasks lists it in ``describe_skip``.
+        """
+        return describe_attributes(self, skip=self.describe_skip)
 
     # -- indexing -------------------------------------------------------------------------
 
