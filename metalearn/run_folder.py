@@ -220,9 +220,19 @@ def _describe_holder(record: dict) -> str:
 def _in_use(directory: Path, lock: Path, record: dict, *, how: str) -> RunFolderInUseError:
     return RunFolderInUseError(
         f"checkpoint_dir {directory} is in use by another run: {_describe_holder(record)}. Two runs writing "
-        f"one folder would overwrite each other's checkpoints, so this one did not start ({how}). Wait for it "
-        "to finish or stop it, or pass another checkpoint_dir"
+        f"one folder would overwrite each other's checkpoints, so this one did not start ({how}; lock file "
+        f"{lock}). Wait for it to finish or stop it, or pass another checkpoint_dir"
     )
+
+
+_UNWRITTEN_RECORD_S = 60.0  # a lock file still empty after this long was left by a holder killed while starting
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _process_alive(pid: int) -> bool:
@@ -341,7 +351,8 @@ def _acquire_without_os_lock(directory: Path, lock: Path) -> _Lock:
         except FileExistsError:
             record = _read_record(lock)
             pid = record.get("pid")
-            if record.get("host") == host and isinstance(pid, int) and not _process_alive(pid):
+            dead = record.get("host") == host and isinstance(pid, int) and not _process_alive(pid)
+            if dead or (not record and _age(lock) > _UNWRITTEN_RECORD_S):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)  # stale: its holder is gone
                 continue

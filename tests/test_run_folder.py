@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -619,3 +620,18 @@ TMPFS_SCRIPT = textwrap.dedent(
     print(json.dumps(attempt()))
     """
 )
+
+
+def test_without_os_locks_an_empty_lock_file_is_stale_only_once_old(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = tmp_path / LOCK_NAME
+    lock.write_bytes(b"")  # a holder that was killed before it wrote its record, or one starting right now
+    with pytest.raises(RunFolderInUseError, match="has not written its pid yet"):
+        run_folder.lock_run_folder(tmp_path)
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    run_folder.lock_run_folder(tmp_path).release()
+    assert not lock.exists()
