@@ -342,8 +342,8 @@ def meta_train(
         NotADirectoryError: ``checkpoint_dir`` is a file (or lies under one).
         PermissionError: nothing can be created in ``checkpoint_dir``.
         RunFolderInUseError: another process is running on ``checkpoint_dir``.
-        OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint or the log; the
-            message names the last good checkpoint.
+        OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint (the message
+            names the last good checkpoint, which is intact) or the log.
     """
     _check_positive("steps", steps, 0)
     _check_positive("inner_steps", inner_steps, 0)
