@@ -11,18 +11,36 @@ Each checkpoint records the *identity* of the run that wrote it: the user's conf
 and settings, e.g. ``SGD(lr=0.4)``) and the outer optimizer (class, constructor
 hyper-parameters, which ω parameters each group holds). Loading into a run with another
 identity raises `CheckpointMismatchError` naming what differs, before anything is changed.
+
+Loading is all-or-nothing: every tensor of the file is checked against ω's ``state_dict``
+(names, shapes, dtypes) and the optimizer state against the optimizer before anything is
+copied, so a refused file leaves ω and the optimizer bit-identical.
+
+Files are created with the process's normal permissions (``0o666`` less the umask), not the
+``0o600`` of ``tempfile.mkstemp``. A write that runs out of space raises an `OSError` with
+``errno.ENOSPC`` that names the last good checkpoint; the temporary file is removed (and one
+left by a killed process is removed by the next `metalearn.meta_train` on the folder).
+
+Reproducibility: each checkpoint records ``torch.get_num_threads()``, ω's device and the
+torch version. A resume is bit-identical to the uninterrupted run when all three match;
+with another thread count or device, reductions sum in another order (a Conv-4 drifted by
+3e-3 after 12 steps), so `metalearn.meta_train` warns once (`ResumeEnvironmentWarning`)
+naming both values. Checkpoints written before these fields existed load as before.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
+import pickletools
 import random
 import re
 import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,17 +52,20 @@ import torch
 from torch import nn
 
 from metalearn.errors import CheckpointMismatchError
+from metalearn.run_folder import default_file_mode
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointInfo",
     "CheckpointLoadError",
+    "ResumeEnvironmentWarning",
     "capture_rng_state",
     "checkpoint_path",
     "list_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "restore_rng_state",
+    "resume_environment_differences",
     "run_identity",
     "save_checkpoint",
 ]
@@ -56,8 +77,14 @@ _SAFE_PLAIN = (str, int, float, bool, type(None))
 
 
 class CheckpointLoadError(RuntimeError):
-    """A checkpoint file cannot be read: truncated, corrupt, not a metalearn checkpoint, or
-    holding pickled Python objects that ``weights_only`` loading refuses."""
+    """A checkpoint file cannot be read: truncated, corrupt, not a metalearn checkpoint,
+    holding pickled Python objects that ``weights_only`` loading refuses, or holding tensors
+    that do not fit ω or the optimizer (nothing was loaded)."""
+
+
+class ResumeEnvironmentWarning(UserWarning):
+    """A run resumes with another thread count, device or torch version than its checkpoint's:
+    it continues correctly, but not bit-identically to an uninterrupted run."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,8 @@ class CheckpointInfo:
         extra: the ``extra`` dict given to `save_checkpoint`.
         fingerprint: SHA-256 of the run identity that wrote it.
         torch_version: the torch version that wrote it.
+        num_threads: ``torch.get_num_threads()`` of the writer (``None`` in older checkpoints).
+        device: the device ω was on when written, e.g. ``"cpu"`` (``None`` in older checkpoints).
     """
 
     path: Path
@@ -79,6 +108,8 @@ class CheckpointInfo:
     extra: dict[str, Any] = field(repr=False)
     fingerprint: str = ""
     torch_version: str = ""
+    num_threads: int | None = None
+    device: str | None = None
 
 
 # -- file names -------------------------------------------------------------------------------
@@ -322,6 +353,70 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _device_of(omega: nn.Module) -> str:
+    for t in omega.parameters():
+        return str(t.device)
+    for t in omega.buffers():
+        return str(t.device)
+    return "cpu"
+
+
+class _RecordingWriter:
+    """A file wrapper that keeps the `OSError` of a failed write: torch.save replaces it by its own
+    ``RuntimeError: unexpected pos``, which would hide that the disk is full."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _disk_full_error(path: Path, err: OSError) -> OSError:
+    """An ENOSPC error that says what happened and names the newest checkpoint still intact."""
+    good = [p for _, p in list_checkpoints(path.parent)]
+    last = f"the last good checkpoint is {good[-1]} (intact)" if good else "there is no earlier checkpoint in it"
+    what = "the disk quota is exceeded" if err.errno != errno.ENOSPC else "there is no space left on the device"
+    return OSError(
+        err.errno,
+        f"could not write checkpoint {path}: {what} ({os.strerror(err.errno)}); the partial file was removed "
+        f"and {last}. Free space on the device holding {path.parent} (or pass another checkpoint_dir, or a "
+        "smaller keep_last), then run again to resume from it",
+    )
+
+
+def _write_payload(payload: Mapping[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in ``path``'s folder, with the default file mode, fsync'ed, renamed."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, default_file_mode())  # mkstemp's 0o600 would make every checkpoint private
+        with os.fdopen(fd, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(payload, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            raise _disk_full_error(path, cause) from cause
+        raise
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -333,6 +428,8 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes a checkpoint atomically: either the whole new file is at ``path`` or nothing changed.
+
+    The file gets the process's default mode (``0o666`` less the umask).
 
     Args:
         path: the file to write (its directory is created).
@@ -348,6 +445,8 @@ def save_checkpoint(
 
     Raises:
         TypeError: ``config`` is not JSON-serialisable or ``extra`` holds other objects.
+        OSError: the write failed; with ``errno.ENOSPC`` (or ``EDQUOT``) when the disk (quota) is
+            full, naming the last good checkpoint in the folder. The partial file is removed.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -357,6 +456,8 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": _VERSION,
         "torch_version": str(torch.__version__),
+        "num_threads": int(torch.get_num_threads()),
+        "device": _device_of(omega),
         "step": step,
         "fingerprint": _fingerprint(identity),
         "identity": json.dumps(identity, sort_keys=True),
@@ -367,34 +468,62 @@ def save_checkpoint(
     }
     _check_safe(payload, "checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    _write_payload(payload, path)
     _fsync_directory(path.parent)
     return path
 
 
+_OBJECT_REFUSAL = ("Unsupported global", "Unsupported class")
+
+
+def _is_wellformed_pickle(path: Path) -> bool:
+    """Whether the file (or the ``data.pkl`` of a torch zip) parses as a pickle, without running it.
+
+    Tells a pickle that weights-only loading refuses (e.g. one with protocol 4's FRAME opcode)
+    from garbage bytes, which torch reports with the same "Unsupported operand" words.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return False
+                data = zf.read(member)
+        else:
+            data = path.read_bytes()
+        ops = list(pickletools.genops(data))
+    except Exception:  # anything that does not parse is not a pickle
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
+
+
+def _refused_pickle(path: Path, err: BaseException) -> CheckpointLoadError:
+    """The file holds pickled objects (or pickle instructions) that weights-only loading refuses."""
+    return CheckpointLoadError(
+        f"refused to load {path}: it holds pickled Python objects, which checkpoints may not hold, so it was "
+        "not loaded. Checkpoints are read with torch.load(weights_only=True) so that loading never runs code; "
+        f"only files written by metalearn.save_checkpoint can be resumed from. ({_unpickler_reason(err)})"
+    )
+
+
+def _load_weights_only(path: Path) -> Any:
+    with warnings.catch_warnings():
+        # torch warns about the pickle protocol of a foreign file just before refusing it
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = _load_weights_only(path)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            raise CheckpointLoadError(
-                f"refused to load {path}: it holds pickled Python objects, and checkpoints are loaded with "
-                "torch.load(weights_only=True) so that loading never runs code. Only files written by "
-                f"metalearn.save_checkpoint can be resumed from. ({_unpickler_reason(err)})"
-            ) from err
-        raise _corrupt(path, err) from err
-    except Exception as err:  # zip/stream errors of a truncated or overwritten file
+    except Exception as err:  # zip/stream errors of a truncated or overwritten file, or a refused pickle
+        # torch's wording varies (an unsupported global, an unsupported opcode of a newer pickle protocol,
+        # which garbage bytes also give): a named global is an object; otherwise a pickle that parses is one
+        refused = isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+        if any(m in str(err) for m in _OBJECT_REFUSAL) or (refused and _is_wellformed_pickle(path)):
+            raise _refused_pickle(path, err) from err
         raise _corrupt(path, err) from err
     if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointLoadError(
@@ -412,20 +541,156 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _without_torch_advice(text: str) -> str:
+    """``text`` cut before torch's advice (allow-listing globals, or weights_only=False): never pass it on."""
+    for marker in (" was not an allowed global", "Please use", "Re-running", "weights_only", "Check the documentation"):
+        if marker in text:
+            text = text[: text.index(marker)]
+    return text.strip().rstrip(".,:;")
+
+
 def _unpickler_reason(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            return line
-    return lines[0] if lines else type(err).__name__
+    """What the weights-only unpickler refused, e.g. ``Unsupported global: GLOBAL mod.fn``."""
+    reason = _torch_reason(err)
+    return f"the unpickler refused: {reason}" if reason else f"the unpickler refused it ({type(err).__name__})"
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The line of torch's message that says what failed, without its advice."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    for line in text.splitlines():
+        reason = _without_torch_advice(line)
+        if reason and not reason.startswith("Weights only load failed"):
+            return reason
+    return ""
 
 
 def _corrupt(path: Path, err: BaseException) -> CheckpointLoadError:
     return CheckpointLoadError(
         f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}). Delete it to resume from the previous checkpoint "
+        f"{_torch_reason(err)}). Delete it to resume from the previous checkpoint "
         "in its directory, or start a fresh run"
     )
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return _tensor_description(value)
+    return type(value).__qualname__
+
+
+def _omega_state_problems(stored: Any, omega: nn.Module) -> list[str]:
+    """How the checkpoint's ω tensors differ from ω's own ``state_dict`` (names, shapes, dtypes)."""
+    if not isinstance(stored, Mapping):
+        return [f"ω's state is a {type(stored).__qualname__}, not a dict of tensors"]
+    current = omega.state_dict()
+    problems = [f"{k}: missing from the checkpoint" for k in current if k not in stored]
+    problems += [f"{k}: in the checkpoint but not in ω" for k in stored if k not in current]
+    for name, value in current.items():
+        if name not in stored:
+            continue
+        got = stored[name]
+        if isinstance(value, torch.Tensor):
+            if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
+                problems.append(f"{name}: checkpoint has {_describe_value(got)}, ω has {_describe_value(value)}")
+    return problems
+
+
+# state entries that torch.optim keeps with the shape of their parameter
+_PARAM_SHAPED_STATE = frozenset(
+    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "exp_inf",
+     "prev", "step_size", "ax", "grad_avg"}
+)  # fmt: skip
+
+
+def _optimizer_state_problems(stored: Any, optimizer: torch.optim.Optimizer) -> list[str]:
+    """How the checkpoint's optimizer state does not fit ``optimizer``'s parameters."""
+    if not (isinstance(stored, Mapping) and isinstance(stored.get("state"), Mapping)):
+        return ["the optimizer state is not a torch.optim state_dict (no 'state' dict)"]
+    groups = stored.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        n = len(groups) if isinstance(groups, list) else 0
+        return [f"the optimizer state has {n} parameter group(s), the optimizer {len(optimizer.param_groups)}"]
+    problems: list[str] = []
+    params: dict[Any, torch.Tensor] = {}
+    for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = saved.get("params") if isinstance(saved, Mapping) else None
+        if not isinstance(ids, list) or len(ids) != len(group["params"]):
+            problems.append(f"parameter group {i} holds {len(ids or [])} parameters in the checkpoint, "
+                            f"{len(group['params'])} in the optimizer")  # fmt: skip
+            continue
+        params.update(zip(ids, group["params"], strict=True))
+    current_state = optimizer.state_dict()["state"]
+    for key, entries in stored["state"].items():
+        if key not in params:
+            problems.append(f"optimizer state {key!r} belongs to no parameter of the optimizer")
+            continue
+        if not isinstance(entries, Mapping):
+            problems.append(f"optimizer state {key!r} is a {type(entries).__qualname__}, not a dict")
+            continue
+        param, current = params[key], current_state.get(key, {})
+        for name, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            reference = current.get(name)
+            if isinstance(reference, torch.Tensor):
+                expected = reference.shape
+            elif name in _PARAM_SHAPED_STATE:
+                expected = param.shape
+            else:
+                continue
+            if value.shape != expected:
+                problems.append(f"optimizer state {key!r}.{name}: checkpoint has shape {list(value.shape)}, "
+                                f"expected {list(expected)}")  # fmt: skip
+    return problems
+
+
+def _refuse_unfit(path: Path, problems: list[str]) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointLoadError(
+            f"checkpoint {path} holds tensors that do not fit this ω / outer optimizer although its recorded "
+            f"run identity matches, so the file is damaged or was edited:\n  {shown}\nNothing was loaded: ω "
+            "and the optimizer are unchanged. Delete the file to resume from the previous checkpoint"
+        )
+
+
+def _load_all_or_nothing(
+    path: Path, payload: Mapping[str, Any], omega: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Loads ω (and the optimizer) after checking every tensor; restores both if loading still fails."""
+    problems = _omega_state_problems(payload["omega"], omega)
+    if optimizer is not None:
+        problems += _optimizer_state_problems(payload["outer_optimizer"], optimizer)
+    _refuse_unfit(path, problems)
+    backup = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in omega.state_dict().items()}
+    optimizer_backup = None if optimizer is None else optimizer.state_dict()
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["outer_optimizer"])
+        omega.load_state_dict(payload["omega"])
+    except Exception as err:
+        omega.load_state_dict(backup)
+        if optimizer is not None and optimizer_backup is not None:
+            optimizer.load_state_dict(optimizer_backup)
+        raise CheckpointLoadError(
+            f"checkpoint {path} could not be loaded into ω / the outer optimizer ({type(err).__name__}: {err}); "
+            "both were restored to their state before the call. Delete the file to resume from the previous "
+            "checkpoint"
+        ) from err
+
+
+def resume_environment_differences(info: CheckpointInfo, omega: nn.Module) -> list[str]:
+    """What differs between the checkpoint's writer and this process that breaks bit-identity.
+
+    Compares ``torch.get_num_threads()``, ω's device and the torch version; a field the
+    checkpoint does not record (older checkpoints) is not compared.
+    """
+    now = {"thread count": torch.get_num_threads(), "device": _device_of(omega), "torch": str(torch.__version__)}
+    then = {"thread count": info.num_threads, "device": info.device, "torch": info.torch_version or None}
+    return [f"{k} {then[k]} in the checkpoint, {now[k]} now" for k in now if then[k] is not None and then[k] != now[k]]
 
 
 def load_checkpoint(
@@ -437,7 +702,7 @@ def load_checkpoint(
 ) -> CheckpointInfo:
     """Loads a checkpoint into ``omega`` (and ``outer_optimizer``) after checking it belongs to this run.
 
-    Nothing is modified unless the checkpoint's run identity matches: the outer optimizer
+    Loading is all-or-nothing. Nothing is modified unless the checkpoint's run identity matches: the outer optimizer
     if one is given, and ``config`` and ω's structure (weights and every module's settings,
     e.g. the inner step size) if ``config`` is given. With ``config=None`` (loading ω for
     meta-testing) only ω's class and weights (names, shapes, dtypes) must match, so settings
@@ -446,8 +711,9 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointLoadError: the file is truncated, corrupt, not a metalearn checkpoint, or
-            holds pickled objects (``weights_only`` refuses them).
+        CheckpointLoadError: the file is truncated, corrupt, not a metalearn checkpoint, holds
+            pickled objects (``weights_only`` refuses them), or holds tensors that do not fit ω or
+            the optimizer (every tensor is checked first: ω and the optimizer are unchanged).
         CheckpointMismatchError: the checkpoint was written by another configuration; the
             message names every difference.
     """
@@ -478,9 +744,8 @@ def load_checkpoint(
         raise CheckpointMismatchError(
             f"checkpoint {path} holds no outer optimizer state; pass outer_optimizer=None to load only ω"
         )
-    omega.load_state_dict(payload["omega"])
-    if outer_optimizer is not None:
-        outer_optimizer.load_state_dict(payload["outer_optimizer"])
+    _load_all_or_nothing(path, payload, omega, outer_optimizer)
+    threads, device = payload.get("num_threads"), payload.get("device")
     return CheckpointInfo(
         path=path,
         step=int(payload["step"]),
@@ -488,4 +753,6 @@ def load_checkpoint(
         extra=payload["extra"],
         fingerprint=str(payload.get("fingerprint", "")),
         torch_version=str(payload.get("torch_version", "")),
+        num_threads=threads if isinstance(threads, int) and not isinstance(threads, bool) else None,
+        device=device if isinstance(device, str) else None,
     )

@@ -17,12 +17,15 @@ checkpoint, before the run stopped) are dropped and new lines are appended.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +35,15 @@ import torch
 from tqdm import tqdm
 
 from metalearn.checkpoint import (
+    CheckpointInfo,
+    ResumeEnvironmentWarning,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng_state,
+    resume_environment_differences,
     save_checkpoint,
 )
 from metalearn.checks import check_clip_grad_norm, check_grad_mode, check_log_path, check_outer_optimizer, check_seed
@@ -46,6 +52,7 @@ from metalearn.evaluate import evaluate, omega_device
 from metalearn.gradients import Implicit, MetaGradientMode, Unrolled, resolve_mode
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.outer import BATCHING_MODES, meta_step
+from metalearn.run_folder import open_run_folder
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, task_seed
 
@@ -182,8 +189,11 @@ class _JsonlLog:
                     continue  # a line cut short by the crash
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < start:
                     kept.append(json.dumps(row) + "\n")
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)  # the rewritten log keeps the log's mode, not mkstemp's 0o600
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.writelines(kept)
                 f.flush()
@@ -197,13 +207,37 @@ class _JsonlLog:
         if self._file is None and self.path is not None and self._start is not None:
             self._open_now()
         if self._file is not None:
-            self._file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
+                self._file.flush()
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                    raise
+                raise OSError(
+                    err.errno,
+                    f"could not write to the log {self.path}: there is no space left on the device "
+                    f"({os.strerror(err.errno)}). Free space, then run again: the run resumes from its last "
+                    "checkpoint and the log is cut back to it",
+                ) from err
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _warn_if_not_bit_identical(info: CheckpointInfo, omega: MetaKnowledge) -> None:
+    """Warns once when the resumed run's thread count, device or torch differ from the checkpoint's."""
+    differences = resume_environment_differences(info, omega)
+    if differences:
+        warnings.warn(
+            f"resuming from {info.path} with another {', '.join(differences)}: the run continues correctly, but "
+            "not bit-identically to an uninterrupted run (reductions sum in another order; a Conv-4 drifted by "
+            "3e-3 in 12 steps). For a bit-identical resume, run with the checkpoint's settings (e.g. "
+            "torch.set_num_threads, the same device)",
+            ResumeEnvironmentWarning,
+            stacklevel=3,
+        )
 
 
 def _check_positive(name: str, value: int, minimum: int = 1) -> None:
@@ -321,7 +355,17 @@ def meta_train(
             `metalearn.gradients` mode object); part of the run's identity unless ``"unrolled"``.
 
     Interrupting a run (Ctrl-C, a killed job) loses at most the steps since its last
-    checkpoint: run the same call again to resume.
+    checkpoint: run the same call again to resume. The resumed run ends with exactly the ω
+    of an uninterrupted one when it runs on the same device, with the same
+    ``torch.get_num_threads()`` and torch version as the checkpoint's writer; otherwise it
+    warns once (`metalearn.checkpoint.ResumeEnvironmentWarning`, naming both values) and
+    continues, correct but not bit-identical.
+
+    The ``checkpoint_dir`` is opened before step 0 (`metalearn.run_folder`): a file or an
+    unwritable folder is refused, the folder is locked for this run (a second run on it is
+    refused with `metalearn.run_folder.RunFolderInUseError` naming the first; the lock of a
+    killed run is taken over), and temporary files of killed writes are removed. The lock is
+    released when the call returns or raises.
 
     Returns:
         A `TrainResult`.
@@ -338,6 +382,11 @@ def meta_train(
             positive and finite, an outer optimizer without ω's parameters, a ``seed`` that is not
             an int, a ``log_path`` that is a folder, ...): all checked before any file is written.
         IsADirectoryError: ``log_path`` is a folder.
+        NotADirectoryError: ``checkpoint_dir`` is a file (or lies under one).
+        PermissionError: nothing can be created in ``checkpoint_dir``.
+        RunFolderInUseError: another process is running on ``checkpoint_dir``.
+        OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint (the message
+            names the last good checkpoint, which is intact) or the log.
     """
     check_grad_mode("meta_train")
     if not isinstance(omega, MetaKnowledge):
@@ -387,104 +436,108 @@ def meta_train(
     log = _JsonlLog(log_file)
     result = TrainResult(omega=omega, steps=0)
 
-    start = 0
-    latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-    if latest is not None:
-        if not resume:
-            raise FileExistsError(
-                f"checkpoint_dir {ckpt_dir} already holds checkpoints (newest: {latest.name}) and resume=False; "
-                "pass resume=True to continue that run, or choose an empty checkpoint_dir"
-            )
-        info = load_checkpoint(latest, omega=omega, outer_optimizer=outer_optimizer, config=run_config)
-        restore_rng_state(info.rng_state)
-        start = result.resumed_from = result.steps = info.step
-        result.last_checkpoint = latest
-    else:
-        log.check_fresh()
-    if start >= steps:
-        return result
+    # the folder is checked, locked and tidied before anything else: a second run on it, or a folder
+    # that cannot be written, is refused here rather than after checkpoint_every steps
+    with open_run_folder(ckpt_dir, log_path=log.path):
+        start = 0
+        latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        if latest is not None:
+            if not resume:
+                raise FileExistsError(
+                    f"checkpoint_dir {ckpt_dir} already holds checkpoints (newest: {latest.name}) and resume=False; "
+                    "pass resume=True to continue that run, or choose an empty checkpoint_dir"
+                )
+            info = load_checkpoint(latest, omega=omega, outer_optimizer=outer_optimizer, config=run_config)
+            _warn_if_not_bit_identical(info, omega)
+            restore_rng_state(info.rng_state)
+            start = result.resumed_from = result.steps = info.step
+            result.last_checkpoint = latest
+        else:
+            log.check_fresh()
+        if start >= steps:
+            return result
 
-    device = omega_device(omega)
-    val_steps = inner_steps if val_inner_steps is None else val_inner_steps
-    # iMAML's inner problem is the proximal one: validate on it too
-    val_proximal = gradient_mode.lam if isinstance(gradient_mode, Implicit) else None
+        device = omega_device(omega)
+        val_steps = inner_steps if val_inner_steps is None else val_inner_steps
+        # iMAML's inner problem is the proximal one: validate on it too
+        val_proximal = gradient_mode.lam if isinstance(gradient_mode, Implicit) else None
 
-    def validate(step: int) -> Row:
-        began = time.perf_counter()
-        try:
-            ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
-        except NonFiniteError as err:
-            raise _reraise_with_step(err, step, None, "validation") from err
-        val_row: Row = {
-            "kind": "val",
-            "step": step,
-            "metric": ev.metric,
-            "mean": ev.mean,
-            "ci95": ev.ci95,
-            "n": ev.n,
-            "inner_steps": val_steps,
-            "time": time.perf_counter() - began,
-        }
-        log.write(val_row)
-        result.validations.append(val_row)
-        return val_row
-
-    log.open(start)
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="meta-train", unit="step", dynamic_ncols=True)
-    try:
-        for step in range(start, steps):
+        def validate(step: int) -> Row:
             began = time.perf_counter()
-            indices = _step_indices(tasks, step, meta_batch_size)
-            batch = batch_for_step(tasks, step, meta_batch_size).to(device)
-            set_outer_step(omega, step)
             try:
-                stats = meta_step(
-                    omega,
-                    outer_optimizer,
-                    batch,
-                    inner_steps,
-                    first_order=first_order,
-                    batching=batching,
-                    clip_grad_norm=clip_grad_norm,
-                    generator=step_generator(seed, step),
-                    mode=gradient_mode,
-                )
+                ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
             except NonFiniteError as err:
-                raise _reraise_with_step(err, step, indices, "meta-training") from err
-            _check_omega_finite(omega, step)
-            row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
-            log.write(row)
-            result.history.append(row)
-            completed = step + 1
-            result.steps = completed
+                raise _reraise_with_step(err, step, None, "validation") from err
+            val_row: Row = {
+                "kind": "val",
+                "step": step,
+                "metric": ev.metric,
+                "mean": ev.mean,
+                "ci95": ev.ci95,
+                "n": ev.n,
+                "inner_steps": val_steps,
+                "time": time.perf_counter() - began,
+            }
+            log.write(val_row)
+            result.validations.append(val_row)
+            return val_row
 
-            due = val_tasks is not None and (completed % val_every == 0 or completed == steps)
-            val_row = validate(step) if due else None
-            stop = bool(callback(step, row, val_row)) if callback is not None else False
-            if stop and val_row is None and val_tasks is not None:
-                validate(step)  # the run ends here: its last state is validated too
-            if ckpt_dir is not None and (completed % checkpoint_every == 0 or completed == steps or stop):
-                result.last_checkpoint = save_checkpoint(
-                    checkpoint_path(ckpt_dir, completed),
-                    omega=omega,
-                    outer_optimizer=outer_optimizer,
-                    step=completed,
-                    rng_state=capture_rng_state(),
-                    config=run_config,
-                    extra={"meta_loss": float(stats["meta_loss"])},
-                )
-                if keep_last is not None:
-                    for _, old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                        old.unlink(missing_ok=True)
+        log.open(start)
+        bar = tqdm(total=steps, initial=start, disable=not progress, desc="meta-train", unit="step", dynamic_ncols=True)
+        try:
+            for step in range(start, steps):
+                began = time.perf_counter()
+                indices = _step_indices(tasks, step, meta_batch_size)
+                batch = batch_for_step(tasks, step, meta_batch_size).to(device)
+                set_outer_step(omega, step)
+                try:
+                    stats = meta_step(
+                        omega,
+                        outer_optimizer,
+                        batch,
+                        inner_steps,
+                        first_order=first_order,
+                        batching=batching,
+                        clip_grad_norm=clip_grad_norm,
+                        generator=step_generator(seed, step),
+                        mode=gradient_mode,
+                    )
+                except NonFiniteError as err:
+                    raise _reraise_with_step(err, step, indices, "meta-training") from err
+                _check_omega_finite(omega, step)
+                row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
+                log.write(row)
+                result.history.append(row)
+                completed = step + 1
+                result.steps = completed
 
-            postfix = {"meta_loss": f"{stats['meta_loss']:.4g}"}
-            if val_row is not None:
-                postfix[f"val_{val_row['metric']}"] = f"{val_row['mean']:.4g}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if stop:
-                break
-    finally:
-        bar.close()
-        log.close()
-    return result
+                due = val_tasks is not None and (completed % val_every == 0 or completed == steps)
+                val_row = validate(step) if due else None
+                stop = bool(callback(step, row, val_row)) if callback is not None else False
+                if stop and val_row is None and val_tasks is not None:
+                    validate(step)  # the run ends here: its last state is validated too
+                if ckpt_dir is not None and (completed % checkpoint_every == 0 or completed == steps or stop):
+                    result.last_checkpoint = save_checkpoint(
+                        checkpoint_path(ckpt_dir, completed),
+                        omega=omega,
+                        outer_optimizer=outer_optimizer,
+                        step=completed,
+                        rng_state=capture_rng_state(),
+                        config=run_config,
+                        extra={"meta_loss": float(stats["meta_loss"])},
+                    )
+                    if keep_last is not None:
+                        for _, old in list_checkpoints(ckpt_dir)[:-keep_last]:
+                            old.unlink(missing_ok=True)
+
+                postfix = {"meta_loss": f"{stats['meta_loss']:.4g}"}
+                if val_row is not None:
+                    postfix[f"val_{val_row['metric']}"] = f"{val_row['mean']:.4g}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if stop:
+                    break
+        finally:
+            bar.close()
+            log.close()
+        return result

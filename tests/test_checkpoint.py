@@ -237,3 +237,76 @@ def test_maml_checkpoint_without_optimizer(tmp_path):
     with pytest.raises(CheckpointMismatchError):
         load_checkpoint(path, omega=omega, outer_optimizer=opt)
     load_checkpoint(path, omega=omega)
+
+
+def test_a_tampered_optimizer_state_is_refused_for_a_fresh_optimizer_too(tmp_path):
+    omega, opt = _trained()
+    path = save_checkpoint(tmp_path / "c.pt", omega=omega, outer_optimizer=opt, step=1)
+    payload = torch.load(path, weights_only=True)
+    payload["outer_optimizer"]["state"][1]["exp_avg_sq"] = torch.zeros(5)
+    torch.save(payload, path)
+    other, other_opt = _fresh()  # no optimizer state yet: the state is checked against the parameters' shapes
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(CheckpointLoadError, match=r"optimizer state 1.*exp_avg_sq: checkpoint has shape \[5\]"):
+        load_checkpoint(path, omega=other, outer_optimizer=other_opt)
+    assert all(torch.equal(p, b) for p, b in zip(other.parameters(), before, strict=True))
+    assert other_opt.state_dict()["state"] == {}
+
+
+def test_loading_weights_only_is_all_or_nothing_too(tmp_path):
+    omega, opt = _trained()
+    path = save_checkpoint(tmp_path / "c.pt", omega=omega, outer_optimizer=opt, step=1)
+    payload = torch.load(path, weights_only=True)
+    last = list(payload["omega"])[-1]
+    payload["omega"][last] = payload["omega"][last][:0]
+    torch.save(payload, path)
+    other, _ = _fresh()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointLoadError, match="Nothing was loaded"):
+        load_checkpoint(path, omega=other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_checkpoints_are_written_with_the_default_mode(tmp_path):
+    import os
+    import stat
+
+    omega, opt = _fresh()
+    old = os.umask(0o077)
+    try:
+        private = save_checkpoint(tmp_path / "a.pt", omega=omega, outer_optimizer=opt, step=0)
+        os.umask(0o002)
+        shared = save_checkpoint(tmp_path / "b.pt", omega=omega, outer_optimizer=opt, step=0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(shared.stat().st_mode) == 0o664
+
+
+def test_a_full_disk_is_named_and_there_may_be_no_earlier_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    omega, opt = _fresh()
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match="no space left on the device.*there is no earlier checkpoint") as info:
+        save_checkpoint(checkpoint_path(tmp_path, 1), omega=omega, outer_optimizer=opt, step=1)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchs_advice_to_load_unsafely_is_never_passed_on(tmp_path):
+    omega, _ = _fresh()
+    path = tmp_path / "p4.pt"
+    with open(path, "wb") as f:  # protocol 4: torch says "Unsupported operand 149", next to its advice
+        pickle.dump({"a": 1}, f, protocol=4)
+    with pytest.raises(CheckpointLoadError, match="holds pickled Python objects") as info:
+        load_checkpoint(path, omega=omega)
+    assert "weights_only` set to `False`" not in str(info.value) and "weights_only=False" not in str(info.value)
+    path.write_bytes(b"\x00" * 64)  # garbage also gets "Unsupported operand": it is corrupt, not a pickle
+    with pytest.raises(CheckpointLoadError, match="truncated or corrupt") as info:
+        load_checkpoint(path, omega=omega)
+    assert "False" not in str(info.value)

@@ -216,3 +216,16 @@ def test_known_archives_are_the_originals():
     assert evaluation.checksum == ("md5", "6b91aef0f799c5bb55b94e3f2daec811") and evaluation.size == 6_462_886
     with pytest.raises(TypeError):
         OMNIGLOT_ARCHIVES["images_background"] = background  # a constant, not a setting
+
+
+def test_a_download_gets_the_process_default_mode(server, tmp_path):
+    import os
+    import stat
+
+    server.routes["/f.bin"] = (BODY, "ok")
+    old = os.umask(0o027)
+    try:
+        dest = download_file(server.url("/f.bin"), tmp_path / "f.bin", checksum=sha256(BODY))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640  # not tempfile.mkstemp's 0o600

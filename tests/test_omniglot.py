@@ -332,3 +332,51 @@ def test_empty_extracted_folder_names_the_fix(tmp_path):
     (tmp_path / "images_background" / "Latin").mkdir(parents=True)
     with pytest.raises(OmniglotFormatError, match="holds no PNG images"):
         Omniglot(tmp_path, split="background")
+
+
+def _damage_member(path: Path, member: str, how: str) -> None:
+    """Damages one member of a zip in place: its deflate stream ("deflate") or its recorded CRC ("crc")."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    if how == "deflate":
+        # the local header is 30 bytes plus the name and extra field; the compressed bytes follow
+        name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+        extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        data[start : start + 8] = b"\xff" * 8  # block type 3 does not exist: zlib fails
+    else:
+        # the central directory's CRC of this member (zipfile checks the bytes against it)
+        name_at = data.rindex(member.encode())  # the last copy of the name is the central directory's
+        crc_at = name_at - 46 + 16
+        assert data[crc_at - 16 : crc_at - 12] == b"PK\x01\x02"
+        data[crc_at : crc_at + 4] = bytes(b ^ 0xFF for b in data[crc_at : crc_at + 4])
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["deflate", "crc"])
+def test_a_corrupted_member_names_the_archive_and_member_and_how_to_refetch(root, how):
+    archive = root / "images_background.zip"
+    member = "images_background/Braille/character02/0004_03.png"
+    _damage_member(archive, member, how)
+    damaged = archive.read_bytes()
+    with pytest.raises(OmniglotFormatError) as info:
+        Omniglot(root, split="background")
+    message = str(info.value)
+    assert f"member {member!r} of the archive {archive}" in message and "is corrupt" in message
+    assert {"deflate": "zlib", "crc": "CRC"}[how].lower() in message.lower()
+    assert f"Delete {archive} and load again with download=True" in message
+    assert archive.read_bytes() == damaged and cache_files(root / ".metalearn_cache") == []
+
+
+def test_the_cache_gets_the_process_default_mode(root):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        Omniglot(root, split="background")
+    finally:
+        os.umask(old)
+    cache = root / ".metalearn_cache" / "images_background-28px.npz"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o640

@@ -24,6 +24,7 @@ __all__ = [
     "ChecksumMismatchError",
     "DownloadError",
     "IncompleteDownloadError",
+    "default_file_mode",
     "download_file",
     "file_checksum",
 ]
@@ -42,6 +43,25 @@ class ChecksumMismatchError(DownloadError):
 
 class IncompleteDownloadError(DownloadError):
     """Fewer (or more) bytes arrived than the server or the caller announced."""
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process's umask.
+
+    Files written through ``tempfile.mkstemp`` (0o600) are set to it before the rename, so a
+    download or cache is as readable as any other file the process writes. (The same helper
+    lives in `metalearn.run_folder`; the tasks layer imports nothing above it.)
+    """
+    umask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:  # Linux: read without changing process state
+            for line in f:
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _new_hash(algorithm: str):
@@ -117,6 +137,8 @@ def download_file(
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, default_file_mode())  # mkstemp's 0o600 would make the download private
         with os.fdopen(fd, "wb") as out:
             received, digest, announced = _stream(url, out, algorithm, timeout)
             out.flush()

@@ -34,6 +34,7 @@ import re
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 
 from metalearn.tasks.datasets import LabelledDataset
-from metalearn.tasks.download import download_file
+from metalearn.tasks.download import default_file_mode, download_file
 from metalearn.tasks.splits import ClassSplit
 
 __all__ = [
@@ -391,6 +392,32 @@ def _pillow():
     return Image
 
 
+def _refetch_advice(source: Path, name: str) -> str:
+    """How to get an intact copy, as a sentence."""
+    if source.is_dir():
+        return f"Extract the original {name}.zip from {_ORIGINALS} into {source.parent} again"
+    return (
+        f"Delete {source} and load again with download=True to fetch it afresh (or put the original "
+        f"{name}.zip from {_ORIGINALS} there)"
+    )
+
+
+def _read_member(read: Callable[[], bytes], source: Path, name: str, member: str) -> bytes:
+    """The bytes of one PNG; a damaged zip member (bad CRC, broken deflate stream) names archive and member."""
+    try:
+        return read()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        if source.is_dir():
+            what = f"file {source / member.split('/', 1)[1]}"
+        else:
+            what = f"member {member!r} of the archive {source}"
+        kind = "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+        raise OmniglotFormatError(
+            f"{what} is corrupt ({kind}: {exc}); the archive was damaged on disk or in "
+            f"transfer. {_refetch_advice(source, name)}"
+        ) from exc
+
+
 def _decode(source: Path, name: str, image_size: int) -> _Decoded:
     Image = _pillow()
     with _open_entries(source, name) as entries:
@@ -402,14 +429,14 @@ def _decode(source: Path, name: str, image_size: int) -> _Decoded:
                 characters.append((alphabet, character))
             labels[i] = len(characters) - 1
             where = f"{source}: {alphabet}/{character}/{file}"
+            data = _read_member(read, source, name, f"{name}/{alphabet}/{character}/{file}")
             try:
-                data = read()
                 with Image.open(io.BytesIO(data)) as im:
                     gray = im.convert("L")  # before resizing: mode "1" would be resized nearest-neighbour
-            except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            except (OSError, ValueError) as exc:
                 raise OmniglotFormatError(
-                    f"{where} cannot be read as a PNG ({exc}); the archive is damaged: "
-                    f"replace it with the original {name}.zip from {_ORIGINALS}"
+                    f"{where} cannot be read as a PNG ({exc}); the archive is damaged. "
+                    f"{_refetch_advice(source, name)}"
                 ) from exc
             if gray.size != (image_size, image_size):
                 gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
@@ -509,6 +536,8 @@ def _write_cache(cache_file: Path, header: dict, decoded: _Decoded) -> None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
         tmp = Path(tmp_name)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, default_file_mode())  # the process's normal mode, not mkstemp's 0o600
         with os.fdopen(fd, "wb") as f:
             np.savez(f, header=header_bytes, images=decoded.images, labels=decoded.labels)
             f.flush()
