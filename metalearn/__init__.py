@@ -5,7 +5,7 @@ the initial distribution of the weights — from many small tasks. The public AP
 re-exported here; see ``docs/architecture.md`` for the layers.
 """
 
-from metalearn.checkpoint import CheckpointLoadError, load_checkpoint, save_checkpoint
+from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
@@ -30,6 +30,7 @@ from metalearn.knowledge import (
 )
 from metalearn.models import MLP, BatchNorm, Conv4
 from metalearn.outer import meta_gradient, meta_loss, meta_step
+from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
     ClassAugmentation,
     ClassSplit,
@@ -81,6 +82,8 @@ __all__ = [
     "PrototypeInit",
     "RegressionFamily",
     "Reptile",
+    "ResumeEnvironmentWarning",
+    "RunFolderInUseError",
     "Sinusoid",
     "Task",
     "TaskBatch",

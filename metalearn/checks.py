@@ -158,17 +158,26 @@ def _first_task_with(bad: Tensor) -> int:
     return int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
 
 
+def _probe_forward(omega: nn.Module, x: Tensor) -> Tensor:
+    """ω's model on ``x`` with no side effect: no graph, the global RNG state restored afterwards
+    (dropout draws nothing later code would see), and clones of the model's buffers, so that a
+    forward that updates statistics in place (``F.batch_norm`` given running stats) leaves the
+    real buffers as they were."""
+    devices = [x.device.index or 0] if x.is_cuda else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        network = omega.network  # type: ignore[attr-defined]
+        state = {**omega.model_params(), **{n: b.clone() for n, b in network.named_buffers()}}  # type: ignore[operator]
+        return omega(state, x)  # type: ignore[operator]
+
+
 def head_size(omega: nn.Module, x: Tensor) -> int | None:
     """The number of outputs (classes) ω's model gives for inputs ``x`` (one task's, ``[n, ...]``).
 
-    One forward of ``x`` without a graph and with the global RNG state restored afterwards
-    (dropout draws nothing that later code would see); ``None`` if the model cannot run on
-    ``x`` alone (the check that needs it is then left to torch).
+    One forward of ``x`` with no side effect (`_probe_forward`); ``None`` if the model cannot
+    run on ``x`` alone (the check that needs it is then left to torch).
     """
-    devices = [x.device.index or 0] if x.is_cuda else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            output = omega(omega.model_params(), x)  # type: ignore[operator, attr-defined]
+        output = _probe_forward(omega, x)
     except Exception:  # noqa: BLE001 - a model that needs more than one task's inputs: no probe
         return None
     if output.ndim == 0:
@@ -252,9 +261,7 @@ def explain_label_error(
     if not halves:
         return err
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            params = omega.model_params()  # type: ignore[attr-defined]
-            head = int(omega(params, x[0] if batched else x).shape[-1])
+        head = int(_probe_forward(omega, x[0] if batched else x).shape[-1])
     except Exception:  # noqa: BLE001 - the explanation must never hide the original error
         return err
     for name, y in halves:

@@ -568,13 +568,18 @@ CASES = [
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``folder`` with its size and mtime (ns)."""
+    """Every path under ``folder``: a file with its size and mtime (ns), a folder by its name alone.
+
+    A folder's own mtime is left out: `meta_train` locks a checkpoint folder with a lock file
+    it removes again, which touches the folder but leaves every file in it as it was.
+    """
     out = {}
     for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root, name)
-            st = path.stat()
-            out[str(path.relative_to(folder))] = (st.st_size if path.is_file() else -1, st.st_mtime_ns)
+        for name in dirs:
+            out[str(Path(root, name).relative_to(folder))] = (-1, 0)
+        for name in files:
+            st = Path(root, name).stat()
+            out[str(Path(root, name).relative_to(folder))] = (st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -510,6 +510,7 @@ def test_the_default_mode_follows_the_umask(umask_027):
 def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):
     log = _JsonlLog(tmp_path / "log.jsonl")
     log.open(0)
+    log.write({"kind": "train", "step": 0})  # the file is opened by its first line
 
     class Full:
         def write(self, data):
@@ -518,7 +519,7 @@ def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):
     real = log._file
     log._file = Full()
     with pytest.raises(OSError, match="no space left on the device") as info:
-        log.write({"kind": "train", "step": 0})
+        log.write({"kind": "train", "step": 1})
     assert info.value.errno == errno.ENOSPC
     real.close()
 
