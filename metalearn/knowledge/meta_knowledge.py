@@ -147,14 +147,15 @@ def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
 class MetaKnowledge(nn.Module):
     """ω: everything learned across tasks. Its ``parameters()`` are exactly the meta-parameters.
 
-    ω owns the model (the architecture), its loss and three parts:
+    ω owns the model (the architecture), four parts and an optional inner loss:
 
     * ``init`` (`InitPart`) — where θ starts; `PointInit` (MAML) by default;
     * ``optimizer`` (`OptimizerPart`) — the inner update rule (`SGD`, `MetaSGD`, ...);
     * ``adapt`` (`AdaptPart`) — which parameters adapt; `AdaptAll` by default,
       ``AdaptOnly("head.*")`` for ANIL;
     * ``architecture`` (`ArchitecturePart`, found in the model) — meta-parameters of the
-      model's structure, e.g. the mixing logits of a searchable model.
+      model's structure, e.g. the mixing logits of a searchable model;
+    * ``loss`` — the inner loss (see Args).
 
     θ is a ``dict[str, Tensor]`` keyed by the model's parameter names (`theta_parameters`:
     all but an `ArchitecturePart`'s) and is run through ``torch.func.functional_call``; the
