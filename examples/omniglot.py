@@ -61,7 +61,8 @@ from metalearn import (
     meta_train,
     rotations,
 )
-from metalearn.knowledge import SEARCH_OPS, CellConvNet, SearchableConvNet, proto_maml, protonet
+from metalearn.knowledge import proto_maml, protonet
+from metalearn.models import SEARCH_OPS, CellConvNet, SearchableConvNet
 from metalearn.tasks import split_classes
 
 METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml", "darts")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["mixture_test_accuracy"], summary["mixture_ci95"] = mixed.mean, mixed.ci95
         summary["derived_ops"] = omega.architecture.fix()  # the derived network: argmax ops, trained weights
         summary["alpha_weights"] = [c.weights for c in choices]
-        torch.save(omega.network.derive().state_dict(), args.run_dir / "derived.pt")
+        torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
         print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
               f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
     test = evaluate(omega, target, steps=args.test_inner_steps, proximal=proximal)

@@ -2,7 +2,9 @@
 
 Learn the choices ordinary training fixes by hand — the inner optimizer, the architecture,
 the initial distribution of the weights — from many small tasks. The public API is
-re-exported here; see ``docs/architecture.md`` for the layers.
+re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
+`metalearn.tasks` that the docs name; the test ``tests/test_exports.py`` keeps it so); see
+``docs/architecture.md`` for the layers.
 """
 
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
@@ -12,23 +14,34 @@ from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
 from metalearn.inner import Adapted, adapt
 from metalearn.knowledge import (
     SGD,
+    Adam,
     AdaptAll,
     AdaptOnly,
     AdaptPart,
+    ArchitecturePart,
+    ArchitectureWeights,
+    GaussianInit,
     InitPart,
     MetaKnowledge,
     MetaSGD,
+    MomentumSGD,
+    OptimizerMixture,
     OptimizerPart,
     Params,
     PointInit,
     PrototypeInit,
+    ScaledInit,
+    SoftChoice,
     anil,
+    check_part,
     maml,
     meta_sgd,
+    param_key,
     proto_maml,
     protonet,
+    theta_parameters,
 )
-from metalearn.models import MLP, BatchNorm, Conv4
+from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, SearchableConvNet
 from metalearn.outer import meta_gradient, meta_loss, meta_step
 from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
@@ -55,11 +68,15 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP",
     "SGD",
+    "Adam",
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
     "Adapted",
+    "ArchitecturePart",
+    "ArchitectureWeights",
     "BatchNorm",
+    "CellConvNet",
     "CheckpointLoadError",
     "CheckpointMismatchError",
     "Checkpointed",
@@ -68,14 +85,17 @@ __all__ = [
     "Conv4",
     "EpisodicTaskSet",
     "Evaluation",
+    "GaussianInit",
     "ImageFolderDataset",
     "Implicit",
     "InitPart",
     "LabelledDataset",
     "MetaKnowledge",
     "MetaSGD",
+    "MomentumSGD",
     "NonFiniteError",
     "Omniglot",
+    "OptimizerMixture",
     "OptimizerPart",
     "Params",
     "PointInit",
@@ -84,7 +104,10 @@ __all__ = [
     "Reptile",
     "ResumeEnvironmentWarning",
     "RunFolderInUseError",
+    "ScaledInit",
+    "SearchableConvNet",
     "Sinusoid",
+    "SoftChoice",
     "Task",
     "TaskBatch",
     "TaskSet",
@@ -93,6 +116,7 @@ __all__ = [
     "Unrolled",
     "adapt",
     "anil",
+    "check_part",
     "evaluate",
     "fine_tune",
     "maml",
@@ -101,6 +125,7 @@ __all__ = [
     "meta_sgd",
     "meta_step",
     "meta_train",
+    "param_key",
     "load_checkpoint",
     "save_checkpoint",
     "proto_maml",
@@ -108,4 +133,5 @@ __all__ = [
     "rotations",
     "split_classes",
     "stack_tasks",
+    "theta_parameters",
 ]

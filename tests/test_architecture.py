@@ -25,10 +25,11 @@ from metalearn.knowledge import (
     SearchableConvNet,
     check_part,
     geometric_anneal,
+    theta_parameters,
     with_architecture,
 )
-from metalearn.knowledge.architecture import Zero
 from metalearn.models import Conv4
+from metalearn.models.searchable import Zero
 from metalearn.outer import meta_gradient, meta_loss
 from metalearn.tasks import EpisodicTaskSet, TensorDataset
 from metalearn.tasks.task import TaskBatch
@@ -149,10 +150,13 @@ def test_searchable_net_shapes_and_alpha_kept_out_of_theta():
     assert model(torch.randn(6, 1, 16, 16)).shape == (6, 5)
     assert model.feature_size == 4 * 2 * 2
     assert model.architecture.logits.shape == (3, len(DEFAULT_CANDIDATES))
-    names = [n for n, _ in model.named_parameters()]
+    # α are a registered submodule's parameters, and θ's filter leaves them out
+    assert "architecture.logits" in dict(model.named_parameters())
+    assert "architecture" in dict(model.named_children())
+    names = list(theta_parameters(model))
     assert not any("logits" in n or "architecture" in n for n in names)
     assert "cells.2.op.ops.conv5x5.weight" in names
-    assert all(p is not model.architecture.logits for p in model.parameters())
+    assert all(p is not model.architecture.logits for p in theta_parameters(model).values())
     # α follow the model's dtype
     model.to(F64)
     assert model.architecture.logits.dtype == F64
@@ -272,7 +276,7 @@ def test_meta_knowledge_registers_alpha_as_meta_parameters():
     model = _net()
     plain = MetaKnowledge(model, optimizer=SGD(0.3))
     assert any(p is model.architecture.logits for p in plain.parameters())  # registered on construction
-    assert all(p is not model.architecture.logits for p in model.parameters())  # but never θ
+    assert all(p is not model.architecture.logits for p in plain.model_params().values())  # but never θ
     omega = with_architecture(plain)
     assert omega is plain and omega.architecture is model.architecture
     names = dict(omega.named_parameters())
@@ -417,3 +421,55 @@ def test_architecture_weights_honour_the_part_contract():
     report = check_part(arch, call=call, inputs=(x,))
     assert report.gradchecked[0] == "logits" and "inputs[0]" in report.gradchecked
     assert isinstance(op.ops.zero, Zero)
+
+
+# ---------------------------------------------------------------- registered α: dtype, order, checkpoints
+
+
+@pytest.mark.parametrize("init", [None, "scaled"])
+def test_registered_alpha_keeps_omega_order_keys_and_loads(init):
+    """α are the model's registered submodule but ω lists them once, last, as ``architecture.*`` (as before)."""
+    kwargs = {"init": ScaledInit()} if init else {}
+    omega = _omega(_net(), **kwargs)
+    names = [n for n, _ in omega.named_parameters()]
+    assert names[-1] == "architecture.logits" and not any(n.startswith("model.architecture") for n in names)
+    keys = list(omega.state_dict())
+    assert not any(k.startswith("model.architecture") for k in keys)
+    assert {"architecture.logits", "architecture.fixed_index", "architecture.temperature_saved"} <= set(keys)
+    assert not any(n.startswith("model.architecture") for n, _ in omega.named_buffers())
+    with torch.no_grad():
+        omega.architecture.logits.normal_()
+    omega.architecture.fix()
+    other = _omega(_net(), **kwargs)
+    other.load_state_dict(omega.state_dict())  # strict
+    assert torch.equal(other.model.architecture.logits, omega.architecture.logits)
+    assert other.architecture.fixed == omega.architecture.fixed
+    omega.double()  # no _apply override needed: α are reached as a submodule
+    assert omega.architecture.logits.dtype == F64 and omega.model.architecture is omega.architecture
+
+
+def test_soft_choice_single_and_rows():
+    from metalearn.knowledge import SoftChoice
+
+    one = SoftChoice(["sgd", "adam"], temperature=2.0)
+    assert one.logits.shape == (2,) and one.fixed_index.shape == ()
+    torch.testing.assert_close(one.probabilities(), torch.full((2,), 0.5))
+    assert one.fix("adam") == "adam" and one.fixed == "adam"
+    assert one.weights().tolist() == [0.0, 1.0] and one.chosen().name == "adam"
+    state = one.state_dict()
+    fresh = SoftChoice(["sgd", "adam"])
+    fresh.load_state_dict(state)
+    assert fresh.fixed == "adam" and fresh.temperature == 2.0
+    one.unfix()
+    assert one.fixed is None
+    rows = SoftChoice(["a", "b", "zero"], rows=2, never_chosen=("zero",))
+    with torch.no_grad():
+        rows.logits[0] = torch.tensor([0.0, 1.0, 5.0])
+    assert rows.chosen_indices() == [1, 0]  # the argmax skips never_chosen
+    assert rows.fix() == ["b", "a"] and rows.fix(["zero", "a"]) == ["zero", "a"]
+    with pytest.raises(ValueError, match="one name per row"):
+        rows.fix(["a"])
+    with pytest.raises(ValueError, match="unknown candidates"):
+        one.fix("rmsprop")
+    with pytest.raises(ValueError, match="distinct"):
+        SoftChoice(["a", "a"])

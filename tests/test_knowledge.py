@@ -389,3 +389,80 @@ def test_native_norm_layers_are_found() -> None:
     assert native_norm_layers(Conv4(3, hidden=2)) == []
     omega = MetaKnowledge(model, SGD(0.1), adapt=AdaptOnly("0"))
     assert omega.native_norms_adapted() == []
+
+
+# ---------------------------------------------------------------- no hidden modules: structure by filter
+
+
+def _scaled_omega_with_dropout() -> MetaKnowledge:
+    from metalearn.knowledge import ScaledInit
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 1))
+    return MetaKnowledge(model, optimizer=SGD(0.1), init=ScaledInit())
+
+
+def test_template_model_is_registered_but_filtered_out_of_omega():
+    omega = _scaled_omega_with_dropout()
+    assert dict(omega.named_children())["model"] is omega.model and omega.network is omega.model
+    names = [n for n, _ in omega.named_parameters()]
+    assert names and not any(n.startswith("model.") for n in names)  # only the init's gains and shifts
+    assert not any(k.startswith("model.") for k in omega.state_dict())
+    held = {id(p) for p in torch.optim.Adam(omega.parameters(), lr=1e-3).param_groups[0]["params"]}
+    assert held == {id(p) for p in omega.parameters()}
+    assert not any(id(p) in held for p in omega.model.parameters())
+    omega.eval()  # reaches the model's dropout now that it is a submodule
+    assert not omega.model[1].training
+    omega.train()
+    assert omega.model[1].training
+    omega.double()  # and .double()/.to() convert the template
+    assert omega.model[0].weight.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in omega.parameters())
+
+
+def test_template_state_dict_round_trip_keeps_keys_and_template():
+    omega = _scaled_omega_with_dropout()
+    state = omega.state_dict()
+    other = _scaled_omega_with_dropout()
+    template = other.model[0].weight.detach().clone()
+    with torch.no_grad():
+        for p in omega.parameters():
+            p.add_(0.25)
+    other.load_state_dict(omega.state_dict())  # strict: the filtered keys are not missing
+    for (n, a), (_, b) in zip(omega.named_parameters(), other.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    assert torch.equal(other.model[0].weight, template)  # the template keeps its own values
+    assert list(state) == list(omega.state_dict())
+
+
+def test_point_init_lists_the_model_as_before():
+    omega = MetaKnowledge(MLP((1, 4, 1)), optimizer=SGD(0.1))
+    assert [n for n, _ in omega.named_parameters()] == [
+        "model.layers.0.weight", "model.layers.0.bias", "model.layers.2.weight", "model.layers.2.bias"
+    ]
+    assert list(omega.state_dict()) == [n for n, _ in omega.named_parameters()]
+
+
+def test_legacy_unregistered_architecture_part_still_found():
+    """A user model written before parts were registered (held in a list, read as ``architecture``)."""
+    from metalearn.knowledge import ArchitecturePart
+
+    class Gate(ArchitecturePart):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = torch.nn.Parameter(torch.zeros(()))
+
+    class Old(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+            self._parts = [Gate()]
+
+        @property
+        def architecture(self) -> Gate:
+            return self._parts[0]
+
+        def forward(self, x):
+            return self.lin(x) * self.architecture.g.exp()
+
+    omega = MetaKnowledge(Old(), optimizer=SGD(0.1))
+    assert [n for n, _ in omega.named_parameters()] == ["model.lin.weight", "model.lin.bias", "architecture.g"]

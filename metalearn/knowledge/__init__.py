@@ -1,22 +1,24 @@
 """ω: `MetaKnowledge` and the parts it is made of. Knows nothing of datasets."""
 
-from metalearn.knowledge.architecture import (
-    DEFAULT_CANDIDATES,
-    SEARCH_OPS,
-    ArchitectureWeights,
-    CellConvNet,
-    MixedOp,
-    SearchableConvNet,
-    with_architecture,
-)
+from metalearn.knowledge.architecture import ArchitectureWeights, with_architecture
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.heads import PrototypeInit, prototype_head
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
-from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
+from metalearn.knowledge.meta_knowledge import (
+    LossFn,
+    MetaKnowledge,
+    default_loss,
+    native_norm_layers,
+    theta_parameters,
+)
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
-from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State
+from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State, param_key
 from metalearn.knowledge.recipes import anil, maml, meta_sgd, proto_maml, protonet
+from metalearn.knowledge.soft_choice import SoftChoice
+
+# the searchable models live in metalearn.models; re-exported here, where they were first
+from metalearn.models.searchable import DEFAULT_CANDIDATES, SEARCH_OPS, CellConvNet, MixedOp, SearchableConvNet
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -46,6 +48,7 @@ __all__ = [
     "PrototypeInit",
     "ScaledInit",
     "SearchableConvNet",
+    "SoftChoice",
     "State",
     "anil",
     "check_part",
@@ -54,8 +57,10 @@ __all__ = [
     "maml",
     "meta_sgd",
     "native_norm_layers",
+    "param_key",
     "proto_maml",
     "protonet",
     "prototype_head",
+    "theta_parameters",
     "with_architecture",
 ]

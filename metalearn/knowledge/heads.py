@@ -92,7 +92,7 @@ class PrototypeInit(InitPart):
         self.head = head
         self.features = features
         self.batching = batching
-        self._body: list[nn.Module] = []  # the model's features module, unregistered (owned by MetaKnowledge)
+        self._model: nn.Module | None = None  # borrowed at bind (see `model`), never registered here
         self.num_classes = 0  # N and D, from the head at bind
         self.embedding_size = 0
 
@@ -110,11 +110,23 @@ class PrototypeInit(InitPart):
                 f"PrototypeInit needs model.{self.head} to be an nn.Linear with a bias (the prototype "
                 f"classifier's W and b), got {head!r}; build the model with a linear head of N outputs"
             )
+        del body  # looked up at bind only to give the error above early; `embed` reads it from the model
         for p in head.parameters():
             p.requires_grad_(False)  # replaced by the prototypes: never a meta-parameter
         self.num_classes = head.out_features
         self.embedding_size = head.in_features
-        self._body = [body]
+        object.__setattr__(self, "_model", model)  # a borrowed reference: not a submodule of the init
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this init is bound to, borrowed from its owner (``None`` before `bind`).
+
+        The init runs the model's body but does not own it: `MetaKnowledge` registers the model
+        (so ``omega.to()``, ``.double()`` and ``.eval()`` reach the body) and lists its parameters
+        once. Registering it here too would list the body's weights a second time, in the init's
+        ``parameters()`` and ``state_dict()``.
+        """
+        return self._model
 
     def _body_params(self, model_params: Mapping[str, Tensor]) -> Params:
         prefix = self.features + "."
@@ -122,9 +134,9 @@ class PrototypeInit(InitPart):
 
     def embed(self, model_params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Embeddings ``[tasks, shots, D]`` of ``x`` ``[tasks, shots, ...]``, each task's batch on its own."""
-        if not self._body:
+        if self._model is None:
             raise RuntimeError("PrototypeInit is not bound to a model; use it inside MetaKnowledge(...)")
-        body, params = self._body[0], self._body_params(model_params)
+        body, params = self._model.get_submodule(self.features), self._body_params(model_params)
 
         def one(xi: Tensor) -> Tensor:
             return functional_call(body, params, (xi,))

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from metalearn.knowledge.meta_knowledge import theta_parameters
 from metalearn.knowledge.parts import InitPart, Params, param_key
 
 __all__ = ["GaussianInit", "ScaledInit", "SCALED_INIT_SCHEMES"]
@@ -104,7 +105,7 @@ class GaussianInit(InitPart):
             self._mode = previous
 
     def bind(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
+        for name, p in theta_parameters(model).items():  # θ's parameters (not α of a searchable model)
             self.log_scale[param_key(name)] = nn.Parameter(torch.full_like(p.detach(), math.log(self.init_scale)))
 
     def scale(self, name: str) -> Tensor:
@@ -165,7 +166,8 @@ class ScaledInit(InitPart):
     * other 1-D or 0-D weights (e.g. a norm layer's scale) start at ``g_l`` (initially 1).
 
     The model's own weights are not used (``uses_model_parameters = False``: `MetaKnowledge`
-    keeps them out of ω); only their names, shapes, dtype and device. The meta-parameters
+    filters them out of ω's parameters and state dict, though the model stays its registered
+    submodule); only their names, shapes, dtype and device. The meta-parameters
     are two scalars per layer, independent of the layer's width, so a learned
     ``ScaledInit`` ("how to initialise") applies to any model with the same layer names
     whatever its sizes: call ``initial_params(other_model.named_parameters(), ...)`` or load
@@ -210,7 +212,7 @@ class ScaledInit(InitPart):
         return param_key(layer) if layer else self.ROOT
 
     def bind(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
+        for name, p in theta_parameters(model).items():  # θ's parameters (not α of a searchable model)
             key = self.group(name)
             if key not in self.log_gain:
                 log_gain = torch.tensor(math.log(self.init_gain), dtype=p.dtype, device=p.device)

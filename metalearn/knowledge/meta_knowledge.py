@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,15 @@ from torch.func import functional_call
 from metalearn.knowledge.builtins import AdaptAll, PointInit
 from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params
 
-__all__ = ["LossFn", "MetaKnowledge", "check_target_shape", "default_loss", "native_norm_layers"]
+__all__ = [
+    "LossFn",
+    "MetaKnowledge",
+    "architecture_paths",
+    "check_target_shape",
+    "default_loss",
+    "native_norm_layers",
+    "theta_parameters",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -107,30 +116,65 @@ def _refuse_running_statistics(model: nn.Module) -> None:
             )
 
 
+def architecture_paths(model: nn.Module) -> list[str]:
+    """Names (in ``model.named_modules()``) of the `ArchitecturePart`\\ s registered in ``model``."""
+    return [name for name, m in model.named_modules() if isinstance(m, ArchitecturePart) and name]
+
+
+def _under(name: str, paths: list[str]) -> bool:
+    return any(name.startswith(path + ".") for path in paths)
+
+
+def theta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The filter that says which of ``model``'s parameters θ holds: all but those of its
+    `ArchitecturePart`\\ s (e.g. DARTS's α), which are meta-parameters of ω and never adapted
+    or drawn by an init. The names are ``model.named_parameters()``'s, in its order."""
+    paths = architecture_paths(model)
+    return {n: p for n, p in model.named_parameters() if not _under(n, paths)}
+
+
 def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
-    """The distinct `ArchitecturePart`\\ s held by the model's modules as ``architecture``."""
+    """The distinct `ArchitecturePart`\\ s of the model: registered submodules, and (for models
+    written before parts were registered) parts held unregistered as an ``architecture`` attribute."""
     found: list[ArchitecturePart] = []
     for module in model.modules():
-        part = getattr(module, "architecture", None)
-        if isinstance(part, ArchitecturePart) and all(p is not part for p in found):
-            found.append(part)
+        for part in (module, getattr(module, "architecture", None)):
+            if isinstance(part, ArchitecturePart) and part is not model and all(p is not part for p in found):
+                found.append(part)
     return found
 
 
 class MetaKnowledge(nn.Module):
-    """ω: everything learned across tasks. Its ``nn.Parameter``\\ s are exactly the meta-parameters.
+    """ω: everything learned across tasks. Its ``parameters()`` are exactly the meta-parameters.
 
-    ω owns the model (the architecture) and three parts:
+    ω owns the model (the architecture), four parts and an optional inner loss:
 
     * ``init`` (`InitPart`) — where θ starts; `PointInit` (MAML) by default;
     * ``optimizer`` (`OptimizerPart`) — the inner update rule (`SGD`, `MetaSGD`, ...);
     * ``adapt`` (`AdaptPart`) — which parameters adapt; `AdaptAll` by default,
       ``AdaptOnly("head.*")`` for ANIL;
     * ``architecture`` (`ArchitecturePart`, found in the model) — meta-parameters of the
-      model's structure, e.g. the mixing logits of a searchable model.
+      model's structure, e.g. the mixing logits of a searchable model;
+    * ``loss`` — the inner loss (see Args).
 
-    θ is a ``dict[str, Tensor]`` keyed by the model's parameter names and is run through
-    ``torch.func.functional_call``; the model itself is never modified.
+    θ is a ``dict[str, Tensor]`` keyed by the model's parameter names (`theta_parameters`:
+    all but an `ArchitecturePart`'s) and is run through ``torch.func.functional_call``; the
+    model itself is never modified.
+
+    **Every module is registered; a filter says what ω's own tensors are.** The model is
+    always the submodule ``model``, so ``omega.to()``, ``.double()``, ``.eval()`` and
+    ``.train()`` reach it (its dropout too). ``parameters()`` / ``named_parameters()`` /
+    ``named_buffers()`` / ``state_dict()`` leave out (the equinox way: structure by filter):
+
+    * the whole model when the init does not use its weights (``init.uses_model_parameters``
+      ``False``, e.g. `ScaledInit`): they are a template (names, shapes, dtype, device) and
+      their ``requires_grad`` is turned off;
+    * the model's `ArchitecturePart`\\ s, listed once as ``architecture.*`` instead.
+
+    ``load_state_dict`` fills what the filter left out from ω itself (the template keeps its
+    values, α are loaded through ``architecture.*``), so checkpoints keep the keys they had.
+    A module that holds ω as a submodule lists all of ω's tensors (torch walks its children
+    itself): pass ``omega.parameters()``, not the holder's, to the outer optimizer.
 
     Args:
         model: any ``nn.Module``. Batch norm must not track running statistics (MAML-style
@@ -140,7 +184,8 @@ class MetaKnowledge(nn.Module):
         adapt: which parameters adapt.
         loss: the inner-loop loss ``loss(output, target)``; defaults to `default_loss`
             (cross-entropy for integer targets, MSE otherwise). A module with parameters
-            here makes the inner loss itself meta-learned.
+            here makes the inner loss itself meta-learned. The val loss that θ is scored
+            with (the meta-objective, and `evaluate`'s) is always `default_loss`.
 
     Example:
         >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=SGD(lr=0.4))  # MAML
@@ -158,41 +203,81 @@ class MetaKnowledge(nn.Module):
         _refuse_running_statistics(model)
         init = init if init is not None else PointInit()
         adapt = adapt if adapt is not None else AdaptAll()
-        if init.uses_model_parameters:
-            self.model = model
-        else:
-            # the model only gives structure and names: keep its weights out of ω
-            for p in model.parameters():
+        self.model = model
+        template = theta_parameters(model)
+        if not init.uses_model_parameters:
+            for p in template.values():  # a template: names and shapes only, never a meta-parameter
                 p.requires_grad_(False)
-            self._structure = [model]
         self.init = init
         self.optimizer = optimizer
         self.adapt = adapt
         self.loss = loss
-        names = [n for n, _ in model.named_parameters()]
-        self.adapted_names: list[str] = adapt.select(names)
-        self.static_names: list[str] = [n for n in names if n not in set(self.adapted_names)]
+        self.adapted_names: list[str] = adapt.select(list(template))
+        self.static_names: list[str] = [n for n in template if n not in set(self.adapted_names)]
         init.bind(model)
-        template = dict(model.named_parameters())
         optimizer.bind({n: template[n] for n in self.adapted_names})
         architectures = _architecture_parts(model)
         if architectures:
             self.architecture = architectures[0] if len(architectures) == 1 else nn.ModuleList(architectures)
+        self._register_state_dict_hook(MetaKnowledge._drop_filtered_state)
+        self.register_load_state_dict_pre_hook(MetaKnowledge._fill_filtered_state)
 
     @property
     def network(self) -> nn.Module:
-        """The model (architecture) that θ parameterises."""
-        return self.model if self.init.uses_model_parameters else self._structure[0]
+        """Deprecated alias of `model` (the one name for ω's model)."""
+        return self.model
 
-    def _apply(self, fn, recurse=True):  # keeps a structure-only model on ω's device/dtype
-        super()._apply(fn, recurse)
+    def _filtered_prefixes(self) -> tuple[str, ...]:
+        """Prefixes (relative to ω) of registered tensors that are not ω's own entries (see the class docs)."""
         if not self.init.uses_model_parameters:
-            self._structure[0]._apply(fn, recurse)
-        return self
+            return ("model.",)
+        return tuple(f"model.{path}." for path in architecture_paths(self.model))
+
+    def _filtered(self, names: Iterator[tuple[str, Any]], prefix: str, remove_duplicate: bool) -> Iterator[Any]:
+        hidden = tuple(prefix + (prefix and ".") + p for p in self._filtered_prefixes())
+        seen: set[int] = set()
+        for name, t in names:
+            if name.startswith(hidden) or (remove_duplicate and id(t) in seen):
+                continue
+            seen.add(id(t))
+            yield name, t
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """ω's meta-parameters by name: every registered parameter but the filtered ones (class docs)."""
+        names = super().named_parameters(prefix, recurse, remove_duplicate=False)
+        yield from self._filtered(names, prefix, remove_duplicate)
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
+        """ω's buffers by name, with the same filter as `named_parameters`."""
+        names = super().named_buffers(prefix, recurse, remove_duplicate=False)
+        yield from self._filtered(names, prefix, remove_duplicate)
+
+    @staticmethod
+    def _drop_filtered_state(module: MetaKnowledge, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        hidden = tuple(prefix + p for p in module._filtered_prefixes())
+        for key in [k for k in state if k.startswith(hidden)]:
+            del state[key]
+
+    @staticmethod
+    def _fill_filtered_state(
+        module: MetaKnowledge, state: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """Gives the filtered entries a value before loading: α's from ``architecture.*``, the
+        template's its own (a checkpoint never holds them)."""
+        listed = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
+        for key, t in module.model.state_dict(prefix=prefix + "model.", keep_vars=True).items():
+            if key in state or not key.startswith(tuple(prefix + p for p in module._filtered_prefixes())):
+                continue
+            alias = listed.get(id(t))
+            state[key] = state[prefix + alias] if alias is not None and prefix + alias in state else t.detach()
 
     def model_params(self) -> dict[str, Tensor]:
-        """The model's own parameters by name."""
-        return dict(self.network.named_parameters())
+        """The model's parameters that θ holds, by name (`theta_parameters`)."""
+        return dict(theta_parameters(self.model))
 
     def initial_params(
         self,
@@ -226,7 +311,7 @@ class MetaKnowledge(nn.Module):
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Runs the model with parameters ``params`` (θ) on ``x``."""
-        return functional_call(self.network, dict(params), (x,))
+        return functional_call(self.model, dict(params), (x,))
 
     def inner_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """The loss the inner loop descends (ω's ``loss`` if given)."""
@@ -234,7 +319,12 @@ class MetaKnowledge(nn.Module):
         return loss(self(params, x), y)
 
     def task_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """The plain task loss that θ is scored with on a task's val half (the meta-objective)."""
+        """`default_loss` of the model's output: the loss θ is scored with on a task's val half.
+
+        A convenience for scripts and tests. The library's meta-objective (`metalearn.outer`,
+        `metalearn.gradients`) and `metalearn.evaluate` compute this same expression in place,
+        whatever ω's inner ``loss``.
+        """
         return default_loss(self(params, x), y)
 
     def native_norms_adapted(self) -> list[str]:
@@ -242,6 +332,6 @@ class MetaKnowledge(nn.Module):
         the library's vmap path computes them exactly, see `metalearn.exact_norms`)."""
         adapted = set(self.adapted_names)
         return [
-            n for n in native_norm_layers(self.network)
+            n for n in native_norm_layers(self.model)
             if f"{n}.weight" in adapted or f"{n}.bias" in adapted or (n == "" and "weight" in adapted)
         ]
