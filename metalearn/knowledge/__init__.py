@@ -15,10 +15,37 @@ from metalearn.knowledge.heads import PrototypeInit, prototype_head
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
-from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State
+from metalearn.knowledge.parts import (
+    AdaptPart,
+    ArchitecturePart,
+    InitPart,
+    OptimizerPart,
+    Params,
+    State,
+    apply_updates,
+)
 from metalearn.knowledge.recipes import anil, maml, meta_sgd, proto_maml, protonet
+from metalearn.knowledge.rules import (
+    Chain,
+    Learned,
+    chain,
+    learned,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
 
 __all__ = [
+    "trace",
+    "scale_by_learning_rate",
+    "scale_by_adam",
+    "scale",
+    "learned",
+    "chain",
+    "apply_updates",
+    "Learned",
+    "Chain",
     "DEFAULT_CANDIDATES",
     "SEARCH_OPS",
     "SGD",
