@@ -12,6 +12,7 @@ from metalearn.knowledge.architecture import (
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.heads import PrototypeInit, prototype_head
+from metalearn.knowledge.higher_rule import higher_rule
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import LossFn, MetaKnowledge, default_loss, native_norm_layers
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
@@ -37,6 +38,7 @@ from metalearn.knowledge.rules import (
 )
 
 __all__ = [
+    "higher_rule",
     "trace",
     "scale_by_learning_rate",
     "scale_by_adam",
