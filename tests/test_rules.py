@@ -134,3 +134,15 @@ def test_a_mixture_candidate_that_overrides_only_step_contributes_its_step():
 def _bound_names(part, params):
     part.bind(params)
     return sorted(dict(part.named_parameters()))
+
+
+def test_check_part_reports_a_rule_that_is_not_vmap_safe():
+    from metalearn.knowledge import ContractError, check_part
+
+    class SignSwitch(OptimizerPart):  # data-dependent Python control flow: fine alone, fails under vmap
+        def update(self, grads, state, params, step):
+            return {n: -0.1 * g if float(g.sum()) > 0 else -0.2 * g for n, g in grads.items()}, state
+
+    with pytest.raises(ContractError, match=r"\[vmap-safe\].*data-dependent Python control flow"):
+        check_part(SignSwitch())
+    assert "vmap-safe" in check_part(chain(trace(0.5), scale(-0.1))).rules
