@@ -65,7 +65,19 @@ BUILTINS: dict[str, Callable[[], nn.Module]] = {
     "AdaptAll": AdaptAll,
     "AdaptOnly": lambda: AdaptOnly("head"),
     **{name: factory for name, factory in _MAYBE.items() if factory is not None},
+    # the composable rules (metalearn.knowledge.rules): chains, and learned hyper-parameters on any rule
+    "Chain": lambda: knowledge.chain(knowledge.scale_by_adam(0.8, 0.9, 1e-3), knowledge.scale_by_learning_rate(0.05)),
+    "NesterovTraceLearnedPerEntry": lambda: knowledge.chain(
+        knowledge.learned(knowledge.trace(0.5, nesterov=True), "momentum", per="entry"), knowledge.scale(-0.1)
+    ),
+    "AdamLearnedBeta2PerTensor": lambda: knowledge.learned(
+        knowledge.chain(knowledge.scale_by_adam(0.8, 0.9, 1e-3), knowledge.scale_by_learning_rate(0.05)),
+        "beta2", per="tensor",
+    ),
+    "ScaleLearnedShared": lambda: knowledge.learned(knowledge.scale(-0.1), "factor"),
 }
+#: Base classes: exported for subclassing, not parts one constructs.
+_BASES = {"InitPart", "OptimizerPart", "AdaptPart"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -97,7 +109,7 @@ def test_every_exported_part_class_is_checked() -> None:
     """A new built-in part must be added to BUILTINS above, so that the contract runs on it."""
     exported = [getattr(knowledge, n) for n in knowledge.__all__]
     parts = [c for c in exported if isinstance(c, type) and issubclass(c, InitPart | OptimizerPart | AdaptPart)]
-    concrete = {c.__name__ for c in parts if not getattr(c, "__abstractmethods__", None)}
+    concrete = {c.__name__ for c in parts if not getattr(c, "__abstractmethods__", None)} - _BASES
     assert concrete, "no part classes exported from metalearn.knowledge?"
     assert concrete <= set(BUILTINS), f"add {sorted(concrete - set(BUILTINS))} to BUILTINS in this file"
 

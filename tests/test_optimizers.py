@@ -10,7 +10,7 @@ from fd_check import fd_check
 from torch import nn
 from torch.func import functional_call
 
-import metalearn.knowledge.optimizers as optimizers_module
+import metalearn.knowledge.rules as rules_module
 from metalearn.knowledge import (
     SGD,
     Adam,
@@ -202,7 +202,7 @@ def test_meta_gradient_wrt_hyper_parameters_matches_finite_differences(make):
     omega = _omega(make())
     batch = _batch()
     names = _hyper_names(omega)
-    learned = {n.split(".")[1] for n in names}
+    learned = {n.split(".")[3] for n in names}  # optimizer.rules.<i>.<storage>.<key>
     assert learned == {f"log_{k}" if k in ("lr", "eps") else f"logit_{k}" for k in omega.optimizer.learned}
     fd_check(omega, lambda: meta_loss(omega, batch, 3, batching="loop"), names + ["model.layers.0.weight"])
 
@@ -222,7 +222,7 @@ def test_adam_meta_gradient_is_finite_when_an_inner_gradient_is_exactly_zero(mon
     grads = torch.autograd.grad(meta_loss(omega, batch, 3, batching="vmap"), list(omega.parameters()))
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     # the reference: the same update with a plain sqrt does give NaN here
-    monkeypatch.setattr(optimizers_module, "_safe_sqrt", torch.sqrt)
+    monkeypatch.setattr(rules_module, "_safe_sqrt", torch.sqrt)
     naive = torch.autograd.grad(meta_loss(omega, batch, 3, batching="vmap"), list(omega.parameters()))
     assert any(not bool(torch.isfinite(g).all()) for g in naive)
 
@@ -245,8 +245,8 @@ def test_mixture_step_is_the_softmax_weighted_sum_of_candidate_steps():
         mix.logits.copy_(torch.tensor([0.3, -0.4], dtype=F64))
     grads = torch.func.grad(loss)(params)
     state = mix.init_state(params)
-    assert set(state) == {f"sgd/{n}/momentum" for n in params} | {
-        f"adam/{n}/{b}" for n in params for b in ("exp_avg", "exp_avg_sq")
+    assert set(state) == {f"sgd/0/{n}/momentum" for n in params} | {
+        f"adam/0/{n}/{b}" for n in params for b in ("exp_avg", "exp_avg_sq")
     }
     new, new_state = mix.step(params, grads, state, 0)
     w = torch.softmax(torch.tensor([0.3, -0.4], dtype=F64) / 0.7, 0)
@@ -254,7 +254,7 @@ def test_mixture_step_is_the_softmax_weighted_sum_of_candidate_steps():
     adam_p, _ = mix.candidates["adam"].step(params, grads, mix.candidates["adam"].init_state(params), 0)
     for n in params:
         torch.testing.assert_close(new[n], w[0] * sgd_p[n] + w[1] * adam_p[n], rtol=0, atol=1e-14)
-        torch.testing.assert_close(new_state[f"sgd/{n}/momentum"], sgd_s[f"{n}/momentum"], rtol=0, atol=0)
+        torch.testing.assert_close(new_state[f"sgd/0/{n}/momentum"], sgd_s[f"0/{n}/momentum"], rtol=0, atol=0)
 
 
 def test_mixture_chosen_fix_and_unfix():
@@ -269,7 +269,7 @@ def test_mixture_chosen_fix_and_unfix():
     assert sum(choice.weights.values()) == pytest.approx(1.0)
     assert choice.weights["adam"] == pytest.approx(1 / (1 + math.exp(-3.0)))
     assert mix.fix() == "adam" and mix.fixed == "adam"
-    assert set(mix.init_state(params)) == {f"adam/{n}/{b}" for n in params for b in ("exp_avg", "exp_avg_sq")}
+    assert set(mix.init_state(params)) == {f"adam/0/{n}/{b}" for n in params for b in ("exp_avg", "exp_avg_sq")}
     # fixed: exactly the chosen rule, step for step
     adam = mix.candidates["adam"]
     fixed_traj = _our_trajectory(mix, params, loss, 4)
@@ -366,7 +366,7 @@ def test_hyper_parameter_validation():
 def test_learned_hyper_parameters_are_meta_parameters_of_omega():
     omega = _omega(Adam(0.01, learn=("lr", "eps")))
     names = _hyper_names(omega)
-    assert names == ["optimizer.log_lr.shared", "optimizer.log_eps.shared"]
+    assert names == ["optimizer.rules.0.log_eps.shared", "optimizer.rules.1.log_lr.shared"]
     assert all(p.dtype == F64 for p in omega.parameters())
 
 

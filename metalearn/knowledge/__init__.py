@@ -4,6 +4,7 @@ from metalearn.knowledge.architecture import ArchitectureWeights, with_architect
 from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.heads import PrototypeInit, prototype_head
+from metalearn.knowledge.higher_rule import higher_rule
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
 from metalearn.knowledge.meta_knowledge import (
     LossFn,
@@ -13,17 +14,33 @@ from metalearn.knowledge.meta_knowledge import (
     theta_parameters,
 )
 from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
-from metalearn.knowledge.parts import AdaptPart, ArchitecturePart, InitPart, OptimizerPart, Params, State, param_key
+from metalearn.knowledge.parts import (
+    AdaptPart,
+    ArchitecturePart,
+    InitPart,
+    OptimizerPart,
+    Params,
+    State,
+    apply_updates,
+    param_key,
+)
 from metalearn.knowledge.recipes import anil, maml, meta_sgd, proto_maml, protonet
+from metalearn.knowledge.rules import (
+    Chain,
+    Learned,
+    chain,
+    learned,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
 from metalearn.knowledge.soft_choice import SoftChoice
 
 # the searchable models live in metalearn.models; re-exported here, where they were first
 from metalearn.models.searchable import DEFAULT_CANDIDATES, SEARCH_OPS, CellConvNet, MixedOp, SearchableConvNet
 
 __all__ = [
-    "DEFAULT_CANDIDATES",
-    "SEARCH_OPS",
-    "SGD",
     "Adam",
     "AdaptAll",
     "AdaptOnly",
@@ -31,11 +48,14 @@ __all__ = [
     "ArchitecturePart",
     "ArchitectureWeights",
     "CellConvNet",
+    "Chain",
     "Choice",
     "ContractError",
     "ContractReport",
+    "DEFAULT_CANDIDATES",
     "GaussianInit",
     "InitPart",
+    "Learned",
     "LossFn",
     "MetaKnowledge",
     "MetaSGD",
@@ -46,14 +66,20 @@ __all__ = [
     "Params",
     "PointInit",
     "PrototypeInit",
+    "SEARCH_OPS",
+    "SGD",
     "ScaledInit",
     "SearchableConvNet",
     "SoftChoice",
     "State",
     "anil",
+    "apply_updates",
+    "chain",
     "check_part",
     "default_loss",
     "geometric_anneal",
+    "higher_rule",
+    "learned",
     "maml",
     "meta_sgd",
     "native_norm_layers",
@@ -61,6 +87,10 @@ __all__ = [
     "proto_maml",
     "protonet",
     "prototype_head",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
     "theta_parameters",
+    "trace",
     "with_architecture",
 ]

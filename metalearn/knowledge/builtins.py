@@ -6,9 +6,10 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from metalearn.knowledge.parts import AdaptPart, InitPart, OptimizerPart, Params, State, param_key
+from metalearn.knowledge.parts import AdaptPart, InitPart, Params
+from metalearn.knowledge.rules import Learned, _ScaleByLearningRate
 
 __all__ = ["AdaptAll", "AdaptOnly", "MetaSGD", "PointInit", "SGD"]
 
@@ -22,47 +23,44 @@ class PointInit(InitPart):
         return {name: p.expand(n_tasks, *p.shape) for name, p in model_params.items()}
 
 
-class SGD(OptimizerPart):
+class SGD(_ScaleByLearningRate):
     r"""Plain gradient descent with a fixed step size: :math:`\theta \leftarrow \theta - \alpha \nabla\theta`.
+
+    The rule ``scale_by_learning_rate(lr)``: its update is ``-lr * g``.
 
     Args:
         lr: the inner step size α (not learned).
     """
 
     def __init__(self, lr: float) -> None:
-        super().__init__()
         if not lr > 0:
             raise ValueError(f"the inner step size must be positive, got lr={lr}")
-        self.lr = float(lr)
+        super().__init__(lr=float(lr))
 
-    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
-        return {k: p - self.lr * grads[k] for k, p in params.items()}, state
+    @property
+    def lr(self) -> float:
+        """The step size α."""
+        return self.fixed_values["lr"]
 
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}"
 
-
-class MetaSGD(OptimizerPart):
+class MetaSGD(_ScaleByLearningRate):
     r"""Learned per-parameter step sizes (Meta-SGD; Li et al., 2017).
 
     :math:`\theta \leftarrow \theta - \alpha \odot \nabla\theta`, where α has the shape of θ and
-    is a meta-parameter. Step sizes are not constrained to be positive, as in the paper.
+    is a meta-parameter. Step sizes are not constrained to be positive, as in the paper. The
+    composition ``learned(scale_by_learning_rate(init_lr), "lr", per="entry", constraint="real")``;
+    α is stored in ``lrs`` (one entry per adapted parameter, keyed by `param_key`).
 
     Args:
-        init_lr: initial value of every entry of α.
+        init_lr: initial value of every entry of α (``lr=`` is accepted as well).
     """
 
-    def __init__(self, init_lr: float) -> None:
-        super().__init__()
-        self.init_lr = float(init_lr)
-        self.lrs = nn.ParameterDict()
-
-    def bind(self, adapted: Mapping[str, Tensor]) -> None:
-        for name, p in adapted.items():
-            self.lrs[param_key(name)] = nn.Parameter(torch.full_like(p, self.init_lr))
-
-    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
-        return {k: p - self.lrs[param_key(k)] * grads[k] for k, p in params.items()}, state
+    def __init__(self, init_lr: float | None = None, *, lr: float | None = None) -> None:
+        if (init_lr is None) == (lr is None):
+            raise TypeError(f"MetaSGD takes the initial step size once, as init_lr or lr; got {init_lr=}, {lr=}")
+        value = float(init_lr if init_lr is not None else lr)  # type: ignore[arg-type]
+        super().__init__(lr=Learned(value, per="entry", constraint="real"))
+        self.init_lr = value
 
     def extra_repr(self) -> str:
         return f"init_lr={self.init_lr}"

@@ -8,6 +8,8 @@ The rules (see `metalearn.knowledge.parts`):
 * **explicit randomness** — a part samples only from the ``torch.Generator`` it is given,
   never from torch's global generator;
 * **structure** — outputs have the keys, shapes and dtypes the library expects;
+* **vmap-safe** — an optimizer part run under ``torch.func.vmap`` over a small batch gives, for
+  each entry, what it gives alone (float64); the inner loop maps parts over tasks this way;
 * **differentiable** — the outputs are differentiable w.r.t. the part's meta-parameters,
   checked by a float64 finite-difference gradient check (``torch.autograd.gradcheck``). An
   optimizer part is also checked w.r.t. its ``params`` and ``grads`` inputs: second-order
@@ -392,8 +394,44 @@ def _check_optimizer(
 
     named = [(n, t) for n, t in zip(names, [*meta.values(), *params.values(), *grads.values()], strict=True)]
     checked = _gradcheck(part, fn, named, atol, rtol, gen, lambda n: n in meta)
-    rules = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable")
+    _check_vmap(part, run, (params, grads), gen)
+    rules = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable", "vmap-safe")
     return ContractReport(type(part).__name__, "optimizer", rules, tuple(meta_names), tuple(checked))
+
+
+def _check_vmap(part: nn.Module, run: Callable[..., Any], inputs: tuple[Params, ...], gen: torch.Generator) -> None:
+    """``run`` under ``torch.func.vmap`` over a batch of 3 perturbed inputs equals ``run`` on each (float64).
+
+    The inner loop maps every part over the tasks of a batch with vmap (``batching="vmap"``), so
+    a part must give per task what it gives alone.
+    """
+    n = 3
+    batched = tuple(
+        {k: v + 0.1 * torch.randn((n, *v.shape), dtype=v.dtype, generator=gen).to(v.device) for k, v in d.items()}
+        for d in inputs
+    )
+    try:
+        mapped = torch.func.vmap(run)(*batched)
+    except Exception as err:  # vmap raises RuntimeError / NotImplementedError for what it cannot batch
+        raise ContractError(
+            part, "vmap-safe",
+            f"it cannot run under torch.func.vmap ({type(err).__name__}: {err}). Use batched torch ops only: no "
+            "data-dependent Python control flow (if t > 0, .item(), float(t)), no in-place ops on inputs, no .data, "
+            "no random ops",
+        ) from err
+    for i in range(n):
+        alone = run(*({k: v[i] for k, v in d.items()} for d in batched))
+        one = [t for _, t in _tensors(mapped)]
+        ref = [t for _, t in _tensors(alone)]
+        if len(one) != len(ref) or not all(
+            torch.allclose(a[i], b, rtol=1e-10, atol=1e-12) for a, b in zip(one, ref, strict=True)
+        ):
+            raise ContractError(
+                part, "vmap-safe",
+                f"under torch.func.vmap its outputs for batch entry {i} differ from the same call alone: it mixes "
+                "entries of a batch (a reduction over a leading dimension, a shape-dependent branch) or samples "
+                "at random; compute per task, with batched torch ops",
+            )
 
 
 class _Runner(nn.Module):

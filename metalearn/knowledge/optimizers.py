@@ -1,163 +1,78 @@
 r"""Inner optimizers with learned hyper-parameters, and a learned choice among update rules.
 
-Each is an `OptimizerPart`: a pure, differentiable ``step(params, grads, state, k)`` with
-its state passed in and returned (a flat ``dict[str, Tensor]`` keyed ``"<param>/<buffer>"``).
-Hyper-parameters named in ``learn`` are meta-parameters, stored unconstrained so that any
-value the outer optimizer reaches is valid:
+Each is a composition of the rules in `metalearn.knowledge.rules` (an `OptimizerPart` whose
+`update` returns updates, applied by `apply_updates`):
 
-* positive ones (learning rate, Adam's ε) as their log: ``lr = exp(log_lr)``;
-* ones in (0, 1) (momentum, Adam's β1 and β2) as their logit: ``β = sigmoid(logit_β)``.
+* ``MomentumSGD(lr, momentum)`` is ``chain(trace(momentum), scale_by_learning_rate(lr))``;
+* ``Adam(lr, betas, eps)`` is ``chain(scale_by_adam(*betas, eps), scale_by_learning_rate(lr))``;
+* `OptimizerMixture` mixes its candidates' updates.
 
-Hyper-parameters not learned stay plain floats, so with nothing learned each rule is
-exactly its ``torch.optim`` counterpart.
+The hyper-parameters named in ``learn`` are `Learned` (meta-parameters, stored unconstrained:
+positive ones as their log, ones in (0, 1) as their logit); the others stay plain floats, so
+with nothing learned each rule is exactly its ``torch.optim`` counterpart.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from metalearn.knowledge.parts import OptimizerPart, Params, State, param_key
+from metalearn.knowledge.parts import OptimizerPart, Params, State
+from metalearn.knowledge.rules import (
+    HYPER_GROUPS,
+    Chain,
+    Learned,
+    hyper_of,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
 from metalearn.knowledge.temperature import AnnealedTemperature
 
 __all__ = [
     "HYPER_GROUPS",
     "Adam",
     "Choice",
-    "HyperOptimizer",
     "MomentumSGD",
     "OptimizerMixture",
     "geometric_anneal",
 ]
 
-#: How learned hyper-parameters are shared: one for all parameters, one per parameter
-#: tensor, or one per entry (like Meta-SGD's step sizes).
-HYPER_GROUPS = ("shared", "tensor", "element")
-_SHARED = "shared"
-_POSITIVE, _UNIT = "positive", "unit"
+
+def _learned_names(cls: str, learn: Iterable[str] | str, known: Sequence[str], aliases: Mapping[str, tuple[str, ...]]):
+    """``learn`` with aliases expanded, checked against the hyper-parameters ``known``, in order."""
+    learn = (learn,) if isinstance(learn, str) else tuple(learn)
+    names: list[str] = []
+    for name in learn:
+        for n in aliases.get(name, (name,)):
+            if n not in known:
+                raise ValueError(f"{cls} cannot learn {name!r}; learnable: {sorted({*known, *aliases})}")
+            if n not in names:
+                names.append(n)
+    return tuple(names)
 
 
-def _to_raw(value: float, constraint: str) -> float:
-    return math.log(value) if constraint == _POSITIVE else math.log(value / (1.0 - value))
+def _specs(values: Mapping[str, float], learned: tuple[str, ...], per: str) -> dict[str, float | Learned]:
+    if per not in HYPER_GROUPS:
+        raise ValueError(f"per must be one of {HYPER_GROUPS}, got {per!r}")
+    return {k: Learned(v, per) if k in learned else float(v) for k, v in values.items()}
 
 
-def _from_raw(raw: Tensor, constraint: str) -> Tensor:
-    return raw.exp() if constraint == _POSITIVE else torch.sigmoid(raw)
-
-
-def _safe_sqrt(v: Tensor) -> Tensor:
-    """``sqrt(v)`` for v >= 0 whose derivative at exactly 0 is 0 instead of inf.
-
-    Same forward value as ``v.sqrt()``. An entry of v is exactly 0 only when every inner
-    gradient of that entry so far was exactly 0 (e.g. a conv bias right before batch norm);
-    there ``sqrt``'s infinite derivative times a zero upstream gradient would make the
-    meta-gradient NaN. Written with the double-``where`` trick so every order of derivative
-    stays finite.
-    """
-    positive = v > 0
-    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
-
-
-class HyperOptimizer(OptimizerPart):
-    """Base of inner optimizers whose hyper-parameters may be meta-learned.
-
-    Subclasses declare ``HYPER = {name: "positive" | "unit"}`` and read hyper-parameters in
-    `step` with ``self.hyper(name, param_name)``. Learned ones live in ``nn.ParameterDict``\\ s
-    named ``log_<name>`` (positive) or ``logit_<name>`` (unit interval), created in `bind`
-    with the adapted parameters' dtype and device, keyed ``"shared"`` or by `param_key`.
-
-    Args:
-        values: initial value of every hyper-parameter.
-        learn: names of the hyper-parameters to meta-learn.
-        per: one of `HYPER_GROUPS`.
-    """
-
-    HYPER: dict[str, str] = {}
-    #: Names that ``learn`` accepts as shorthand for several hyper-parameters.
-    ALIASES: dict[str, tuple[str, ...]] = {}
-
-    def __init__(self, values: Mapping[str, float], learn: Iterable[str], per: str) -> None:
-        super().__init__()
-        if per not in HYPER_GROUPS:
-            raise ValueError(f"per must be one of {HYPER_GROUPS}, got {per!r}")
-        self.per = per
-        learn = (learn,) if isinstance(learn, str) else tuple(learn)
-        learned: list[str] = []
-        for name in learn:
-            for n in self.ALIASES.get(name, (name,)):
-                if n not in self.HYPER:
-                    known = sorted({*self.HYPER, *self.ALIASES})
-                    raise ValueError(f"{type(self).__name__} cannot learn {name!r}; learnable: {known}")
-                if n not in learned:
-                    learned.append(n)
-        self.learned: tuple[str, ...] = tuple(learned)
-        self.initial: dict[str, float] = {}
-        for name, constraint in self.HYPER.items():
-            value = float(values[name])
-            if constraint == _POSITIVE and not value > 0:
-                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
-            if constraint == _UNIT:
-                if name in self.learned and not 0 < value < 1:
-                    raise ValueError(
-                        f"{type(self).__name__}: a learned {name} must lie strictly inside (0, 1) (it is stored as "
-                        f"its logit), got {value}; start from e.g. 0.5, or leave {name!r} out of learn to keep it fixed"
-                    )
-                if not 0 <= value < 1:
-                    raise ValueError(f"{type(self).__name__}: {name} must lie in [0, 1), got {value}")
-            self.initial[name] = value
-        for name in self.learned:
-            setattr(self, self._raw_name(name), nn.ParameterDict())
-
-    def _raw_name(self, name: str) -> str:
-        return ("log_" if self.HYPER[name] == _POSITIVE else "logit_") + name
-
-    def bind(self, adapted: Mapping[str, Tensor]) -> None:
-        first = next(iter(adapted.values()), None)
-        like = {"dtype": first.dtype, "device": first.device} if first is not None else {}
-        for name in self.learned:
-            raw_value = _to_raw(self.initial[name], self.HYPER[name])
-            table: nn.ParameterDict = getattr(self, self._raw_name(name))
-            if self.per == _SHARED:
-                table[_SHARED] = nn.Parameter(torch.tensor(raw_value, **like))
-                continue
-            for pname, p in adapted.items():
-                shape = p.shape if self.per == "element" else ()
-                table[param_key(pname)] = nn.Parameter(torch.full(shape, raw_value, dtype=p.dtype, device=p.device))
+class _Preset(Chain):
+    """A named chain with a fixed set of hyper-parameters, readable by name with `hyper`."""
 
     def hyper(self, name: str, param_name: str | None = None) -> Tensor | float:
-        """The current value of hyper-parameter ``name`` used for parameter ``param_name``.
-
-        A plain float if it is not learned; otherwise a differentiable tensor (a scalar, or
-        θ's shape with ``per="element"``). ``param_name`` may be omitted with ``per="shared"``.
-        """
-        if name not in self.learned:
-            return self.initial[name]
-        table: nn.ParameterDict = getattr(self, self._raw_name(name))
-        if self.per == _SHARED:
-            key = _SHARED
-        elif param_name is None:
-            raise ValueError(
-                f"{name} is learned per {self.per}: name the parameter, e.g. hyper({name!r}, 'head.weight')"
-            )
-        else:
-            key = param_key(param_name)
-        if key not in table:
-            raise RuntimeError(
-                f"{type(self).__name__} has no learned {name} for {param_name!r}: it is not bound to that parameter "
-                "(build the MetaKnowledge with this optimizer, or call bind(adapted_params) first)"
-            )
-        return _from_raw(table[key], self.HYPER[name])
+        """The value of hyper-parameter ``name`` for ``param_name`` (a float if fixed, else a tensor)."""
+        return hyper_of(self, name).hyper(name, param_name)
 
     def extra_repr(self) -> str:
-        values = ", ".join(f"{k}={v}" for k, v in self.initial.items())
-        return f"{values}, learn={self.learned}, per={self.per!r}"
+        return f"learn={self.learned}, per={self.per!r}"
 
 
-class MomentumSGD(HyperOptimizer):
+class MomentumSGD(_Preset):
     r"""SGD with momentum (``torch.optim.SGD``'s convention) and learnable lr and momentum.
 
     .. math::
@@ -167,7 +82,8 @@ class MomentumSGD(HyperOptimizer):
 
     (Nesterov: :math:`\theta_{k+1} = \theta_k - \alpha (g_k + \mu b_k)`; Sutskever et al., 2013.)
     With nothing learned, a trajectory equals ``torch.optim.SGD(lr, momentum, nesterov)``'s
-    step for step. No weight decay or dampening. State: ``"<param>/momentum"``.
+    step for step. No weight decay or dampening. The chain
+    ``chain(trace(momentum, nesterov), scale_by_learning_rate(lr))``; state ``"0/<param>/momentum"``.
 
     Args:
         lr: initial step size α (> 0; learned as log α).
@@ -177,8 +93,6 @@ class MomentumSGD(HyperOptimizer):
         nesterov: Nesterov momentum.
     """
 
-    HYPER = {"lr": _POSITIVE, "momentum": _UNIT}
-
     def __init__(
         self,
         lr: float,
@@ -187,28 +101,14 @@ class MomentumSGD(HyperOptimizer):
         per: str = "shared",
         nesterov: bool = False,
     ) -> None:
-        super().__init__({"lr": lr, "momentum": momentum}, learn, per)
-        self.nesterov = bool(nesterov)
-
-    def init_state(self, params: Params) -> State:
-        return {f"{n}/momentum": torch.zeros_like(p) for n, p in params.items()}
-
-    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
-        new_params, new_state = {}, {}
-        for n, p in params.items():
-            lr, mu = self.hyper("lr", n), self.hyper("momentum", n)
-            buf = mu * state[f"{n}/momentum"] + grads[n]
-            update = grads[n] + mu * buf if self.nesterov else buf
-            new_params[n] = p - lr * update
-            new_state[f"{n}/momentum"] = buf
-        return new_params, new_state
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", nesterov=True" if self.nesterov else "")
+        learned = _learned_names("MomentumSGD", learn, ("lr", "momentum"), {})
+        spec = _specs({"lr": lr, "momentum": momentum}, learned, per)
+        super().__init__(trace(spec["momentum"], nesterov), scale_by_learning_rate(spec["lr"]))
+        self.learned, self.per, self.nesterov = learned, per, bool(nesterov)
 
 
-class Adam(HyperOptimizer):
-    r"""Adam (Kingma & Ba, 2015) with learnable lr, β1, β2 and ε; ``torch.optim.Adam``'s exact update.
+class Adam(_Preset):
+    r"""Adam (Kingma & Ba, 2015) with learnable lr, β1, β2 and ε; ``torch.optim.Adam``'s update.
 
     With :math:`t = k + 1` at inner step k:
 
@@ -223,7 +123,8 @@ class Adam(HyperOptimizer):
     except that its derivative at v = 0 (an entry whose inner gradients were all exactly 0)
     is taken as 0 rather than inf, which keeps the meta-gradient finite; elsewhere the
     meta-gradient is that of torch.optim's formula. No weight decay, amsgrad or maximize.
-    State: ``"<param>/exp_avg"``, ``"<param>/exp_avg_sq"``.
+    The chain ``chain(scale_by_adam(β1, β2, ε), scale_by_learning_rate(lr))``; state
+    ``"0/<param>/exp_avg"``, ``"0/<param>/exp_avg_sq"``.
 
     Args:
         lr: initial step size α.
@@ -233,9 +134,6 @@ class Adam(HyperOptimizer):
         per: one of `HYPER_GROUPS`.
     """
 
-    HYPER = {"lr": _POSITIVE, "beta1": _UNIT, "beta2": _UNIT, "eps": _POSITIVE}
-    ALIASES = {"betas": ("beta1", "beta2")}
-
     def __init__(
         self,
         lr: float,
@@ -244,31 +142,22 @@ class Adam(HyperOptimizer):
         learn: Iterable[str] = ("lr", "betas", "eps"),
         per: str = "shared",
     ) -> None:
+        known = ("lr", "beta1", "beta2", "eps")
+        learned = _learned_names("Adam", learn, known, {"betas": ("beta1", "beta2")})
         beta1, beta2 = betas
-        super().__init__({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}, learn, per)
+        spec = _specs({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}, learned, per)
+        super().__init__(
+            scale_by_adam(spec["beta1"], spec["beta2"], spec["eps"]), scale_by_learning_rate(spec["lr"])
+        )
+        self.learned, self.per = learned, per
 
-    def init_state(self, params: Params) -> State:
-        state = {}
-        for n, p in params.items():
-            state[f"{n}/exp_avg"] = torch.zeros_like(p)
-            state[f"{n}/exp_avg_sq"] = torch.zeros_like(p)
-        return state
 
-    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
-        t = step + 1
-        new_params, new_state = {}, {}
-        for n, p in params.items():
-            lr, eps = self.hyper("lr", n), self.hyper("eps", n)
-            beta1, beta2 = self.hyper("beta1", n), self.hyper("beta2", n)
-            g = grads[n]
-            m = beta1 * state[f"{n}/exp_avg"] + (1 - beta1) * g
-            v = beta2 * state[f"{n}/exp_avg_sq"] + (1 - beta2) * (g * g)
-            step_size = lr / (1 - beta1**t)
-            denom = _safe_sqrt(v) / (1 - beta2**t) ** 0.5 + eps
-            new_params[n] = p - step_size * (m / denom)
-            new_state[f"{n}/exp_avg"] = m
-            new_state[f"{n}/exp_avg_sq"] = v
-        return new_params, new_state
+def _updates_of(part: OptimizerPart, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
+    """A candidate's updates: its `update`, or θ_{k+1} - θ_k for a part that overrides only `step`."""
+    if type(part).update is not OptimizerPart.update:
+        return part.update(grads, state, params, step)
+    new_params, state = part.step(params, grads, state, step)
+    return {n: new_params[n] - p for n, p in params.items()}, state
 
 
 class Choice(NamedTuple):
@@ -300,10 +189,11 @@ class OptimizerMixture(AnnealedTemperature, OptimizerPart):
 
     .. math::
 
-        \theta_{k+1} = \sum_i w_i\, \mathrm{step}_i(\theta_k, g_k, s^{(i)}_k), \qquad
+        \theta_{k+1} = \theta_k + \sum_i w_i\, u_i(g_k, s^{(i)}_k, \theta_k), \qquad
         w = \mathrm{softmax}(\ell / T)
 
-    Every candidate steps from the same (mixed) θ_k with its own state, kept in one flat
+    (the softmax-weighted mixture of the candidates' steps, written with their updates u_i).
+    Every candidate updates from the same (mixed) θ_k with its own state, kept in one flat
     state dict under ``"<candidate>/<key>"``. The logits ℓ are meta-parameters (and so is
     anything the candidates learn). This is the continuous relaxation used for choices in
     DARTS (Liu et al., 2019), applied to the inner update rule.
@@ -416,19 +306,19 @@ class OptimizerMixture(AnnealedTemperature, OptimizerPart):
                 state[f"{name}/{key}"] = value
         return state
 
-    def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
+    def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
         new_state: State = {}
-        steps = []
+        updates = []
         for name in self._active():
             prefix = f"{name}/"
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            new_params, own = self.candidates[name].step(params, grads, own, step)
+            candidate_updates, own = _updates_of(self.candidates[name], grads, own, params, step)
             new_state.update({prefix + k: v for k, v in own.items()})
-            steps.append(new_params)
+            updates.append(candidate_updates)
         if self._fixed is not None:
-            return steps[0], new_state
+            return updates[0], new_state
         w = self.weights()
-        mixed = {n: sum(w[i] * s[n] for i, s in enumerate(steps)) for n in params}
+        mixed = {n: sum(w[i] * u[n] for i, u in enumerate(updates)) for n in params}
         return mixed, new_state
 
     def extra_repr(self) -> str:

@@ -20,7 +20,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AdaptPart", "ArchitecturePart", "InitPart", "OptimizerPart", "Params", "State", "param_key"]
+__all__ = [
+    "AdaptPart", "ArchitecturePart", "InitPart", "OptimizerPart", "Params", "State", "apply_updates", "param_key",
+]
 
 Params = dict[str, Tensor]
 State = dict[str, Tensor]
@@ -68,8 +70,21 @@ class InitPart(nn.Module, ABC):
         """
 
 
-class OptimizerPart(nn.Module, ABC):
-    """The inner update rule, a pure function (params, grads, state) -> (params, state).
+def apply_updates(params: Params, updates: Params) -> Params:
+    """θ + u for every parameter: the one place the inner loop's updates are applied.
+
+    Every `OptimizerPart.step` goes through here (the seam where fused kernels plug in).
+    """
+    return {n: p + updates[n] for n, p in params.items()}
+
+
+class OptimizerPart(nn.Module):
+    """The inner update rule, a pure ``(init_state, update)`` pair, optax-style.
+
+    `update` turns gradients into *updates* (with the state passed in and returned);
+    `step`, the one entry point the inner loop calls, applies them with `apply_updates`.
+    A part defines `update` (and so composes, see `metalearn.knowledge.rules.chain`), or, for
+    a rule that is not a sum θ + u, overrides `step` itself.
 
     ``params`` and ``grads`` hold only the adapted parameters. `bind` receives their
     template (names and shapes) once, so per-parameter meta-parameters (Meta-SGD's step
@@ -83,9 +98,22 @@ class OptimizerPart(nn.Module, ABC):
         """Returns the optimizer state before the first step (empty for plain SGD)."""
         return {}
 
-    @abstractmethod
+    def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
+        """Returns the updates u (θ_{k+1} = θ_k + u) and the new state; must not modify its inputs.
+
+        Args:
+            grads: ∇θ of the inner loss at θ_k (adapted parameters only).
+            state: as returned by `init_state` or the previous call.
+            params: current θ_k.
+            step: the inner step index k (0-based).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must define update(grads, state, params, step) -> (updates, state) "
+            "(or override step(params, grads, state, step) -> (params, state))"
+        )
+
     def step(self, params: Params, grads: Params, state: State, step: int) -> tuple[Params, State]:
-        """Returns the updated parameters and state; must not modify its inputs.
+        """Returns the updated parameters and state (`update`, then `apply_updates`); must not modify its inputs.
 
         Args:
             params: current θ_k (adapted parameters only).
@@ -93,6 +121,8 @@ class OptimizerPart(nn.Module, ABC):
             state: as returned by `init_state` or the previous `step`.
             step: the inner step index k (0-based).
         """
+        updates, state = self.update(grads, state, params, step)
+        return apply_updates(params, updates), state
 
 
 class AdaptPart(nn.Module, ABC):
