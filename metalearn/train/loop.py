@@ -66,8 +66,10 @@ def _config(run: TrainConfig | None, settings: Mapping[str, Any]) -> TrainConfig
         except TypeError as err:
             if "TrainConfig.__init__()" not in str(err):
                 raise  # a bad value, already named with its fix
-            raise TypeError(f"meta_train: {str(err).replace('TrainConfig.__init__()', '')}; the settings are the "
-                            "fields of metalearn.train.TrainConfig") from None
+            raise TypeError(
+                f"meta_train: {str(err).replace('TrainConfig.__init__()', '')}; the settings are the "
+                "fields of metalearn.train.TrainConfig"
+            ) from None
     if not isinstance(run, TrainConfig):
         raise TypeError(f"run must be a metalearn.train.TrainConfig, got {type(run).__name__}")
     if settings:
@@ -141,7 +143,9 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     cfg = run.config
     device = omega_device(run.omega)
     run.log.open(start)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="meta-train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, desc="meta-train", unit="step", dynamic_ncols=True
+    )
     try:
         for step in range(start, cfg.steps):
             row = _one_step(run, source, step, device)

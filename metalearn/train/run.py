@@ -163,7 +163,9 @@ class Run:
         proximal = cfg.gradient_mode.lam if isinstance(cfg.gradient_mode, Implicit) else None
         inner_steps = cfg.validation_inner_steps
         try:
-            ev = evaluate(self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, proximal=proximal)
+            ev = evaluate(
+                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, proximal=proximal
+            )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
         row: Row = {

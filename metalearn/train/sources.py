@@ -122,7 +122,9 @@ def check_task_collection(name: str, tasks: object, optional: bool = False, iter
     if iterable and not isinstance(tasks, (Sequence, TaskBatch)) and isinstance(tasks, Iterable):
         return
     if isinstance(tasks, TaskBatch) or not isinstance(tasks, Sequence):
-        kinds = "a TaskSet, a list of Task or an iterable of task batches" if iterable else "a TaskSet or a list of Task"
+        kinds = (
+            "a TaskSet, a list of Task or an iterable of task batches" if iterable else "a TaskSet or a list of Task"
+        )
         raise TypeError(
             f"{name} must be {kinds}, got {type(tasks).__name__}"
             + ("; pass list(batch) for a TaskBatch" if isinstance(tasks, TaskBatch) else "")
