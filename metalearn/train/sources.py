@@ -219,8 +219,10 @@ class IterableSource:
             return item, None
         if isinstance(item, Task):
             tasks = [item] + [self._next(step) for _ in range(self.batch_size - 1)]
-        else:
+        elif isinstance(item, (list, tuple)):
             tasks = list(item)
+        else:
+            tasks = [item]
         bad = next((t for t in tasks if not isinstance(t, Task)), None)
         if bad is not None:
             raise TypeError(
