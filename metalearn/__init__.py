@@ -48,7 +48,7 @@ from metalearn.tasks import (
     split_classes,
     stack_tasks,
 )
-from metalearn.train import TrainResult, meta_train
+from metalearn.train import TaskSetWrapWarning, TrainConfig, TrainResult, meta_train
 
 __version__ = "0.1.0"
 
@@ -88,7 +88,9 @@ __all__ = [
     "Task",
     "TaskBatch",
     "TaskSet",
+    "TaskSetWrapWarning",
     "TensorDataset",
+    "TrainConfig",
     "TrainResult",
     "Unrolled",
     "adapt",
