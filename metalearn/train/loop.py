@@ -67,7 +67,7 @@ def _config(run: TrainConfig | None, settings: Mapping[str, Any]) -> TrainConfig
             if "TrainConfig.__init__()" not in str(err):
                 raise  # a bad value, already named with its fix
             raise TypeError(
-                f"meta_train: {str(err).replace('TrainConfig.__init__()', '')}; the settings are the "
+                f"meta_train: {str(err).replace('TrainConfig.__init__() ', '')}; the settings are the "
                 "fields of metalearn.train.TrainConfig"
             ) from None
     if not isinstance(run, TrainConfig):
