@@ -234,7 +234,7 @@ def describe(omega: MetaKnowledge, inner_steps: int) -> list[str]:
 
 
 def run(method: str, args: argparse.Namespace) -> tuple[MetaKnowledge, dict]:
-    omega = build(method, args)
+    omega = build(method, args).to(args.device)
     source = Sinusoid(args.shots, args.shots, seed=args.seed, length=None)  # endless meta-training stream
     target = Sinusoid(args.shots, args.eval_queries, seed=10_000 + args.seed, length=args.eval_tasks)
     start = time.perf_counter()
@@ -278,6 +278,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     p.add_argument("--smoke", action="store_true", help="tiny settings (CI): 20 iterations, 50 target tasks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where ω and the tasks live (default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own, e.g. from OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     if args.smoke:
         args.iterations, args.eval_tasks = 20, 50
@@ -286,14 +290,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print("== 3. the part contract")
     check_parts(torch.Generator().manual_seed(args.seed))
 
     print("\n== 4. loop and vmap")
     omega = build("both", args)
     tasks = Sinusoid(args.shots, args.shots, seed=args.seed, length=None)
-    print(f"batching='auto' picks {choose_batching(omega, torch.device('cpu'))!r} for this MLP on CPU")
+    device = torch.device(args.device)
+    print(f"batching='auto' picks {choose_batching(omega, device)!r} for this MLP on {device.type}")
     gap = check_batching(omega, tasks)
     print(f"loop vs vmap meta-gradient (float64, both parts): max difference {gap:.1e} of the largest entry")
     if not gap < 1e-10:

@@ -133,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--imaml-damping", type=float, default=None,
                    help="δ in iMAML's (I + H/(λ + δ)) v = g system (default λ + 20, the reference code's)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where ω and the tasks live (default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own, e.g. from OMP_NUM_THREADS)")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     args = p.parse_args(argv)
     args.run_dir = args.run_dir or Path(f"runs/omniglot-{args.method}")
@@ -205,11 +209,12 @@ def plot_curve(log_path: Path, out: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     source, val, target = build_tasks(args)
     torch.manual_seed(args.seed)
-    omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr, args.architecture)
+    omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr, args.architecture).to(args.device)
     imaml = Implicit(args.imaml_lambda, args.imaml_cg_steps, args.imaml_damping) if args.method == "imaml" else None
     if args.method == "darts":  # α get their own (larger) step size: a short search must still move them
         alphas = {id(p) for p in omega.architecture.parameters()}
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
               if k not in ("budget_minutes", "no_progress", "run_dir", "root", "cache_dir", "iterations",
-                           "test_tasks")}
+                           "test_tasks", "device", "threads")}  # device/threads: a resume warns instead
     start = time.monotonic()
     result = meta_train(
         omega, source, outer,

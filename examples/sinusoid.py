@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("outputs/sinusoid"))
     p.add_argument("--smoke", action="store_true", help="tiny settings (CI): 20 iterations, 20 target tasks")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where ω and the tasks live (default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own, e.g. from OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     if args.smoke:
         args.iterations, args.eval_tasks, args.shots = 20, 20, [5]
@@ -84,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKnowledge, dict]:
     torch.manual_seed(args.seed)  # the model's initial weights
-    omega = METHODS[method](MLP((1, 40, 40, 1)), lr=args.inner_lr)
+    omega = METHODS[method](MLP((1, 40, 40, 1)), lr=args.inner_lr).to(args.device)
     source = Sinusoid(shots, shots, seed=args.seed, length=None)  # endless meta-training stream
     target = Sinusoid(shots, args.eval_queries, seed=10_000 + args.seed, length=args.eval_tasks)
     start = time.perf_counter()
@@ -128,19 +132,19 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
         print("matplotlib is not installed (pip install 'torch-metalearn[examples]'): no plot")
         return False
     family = Sinusoid(shots, args.eval_queries, seed=10_000 + args.seed, length=args.eval_tasks)
-    xs = torch.linspace(-5, 5, 200).unsqueeze(1)
+    xs = torch.linspace(-5, 5, 200).unsqueeze(1).to(args.device)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
     for col, ax in enumerate(axes):
         task = family[col]
-        ax.plot(xs, family.function(family.function_of(col), xs), "k", lw=2, label="true")
+        ax.plot(xs.cpu(), family.function(family.function_of(col), xs.cpu()), "k", lw=2, label="true")
         ax.scatter(task.train[0], task.train[1], c="k", marker="^", zorder=5, label=f"{shots} train points")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for (name, omega), color in zip(models.items(), colors, strict=False):
             with torch.no_grad():
-                before = omega(omega.model_params(), xs)
-            after = omega(fine_tune(omega, task.train, steps=args.inner_steps), xs)
-            ax.plot(xs, before, "--", color=color, alpha=0.6, label=f"{name}, before")
-            ax.plot(xs, after.detach(), color=color, label=f"{name}, after {args.inner_steps} step")
+                before = omega(omega.model_params(), xs).cpu()
+            after = omega(fine_tune(omega, task.train, steps=args.inner_steps), xs).detach().cpu()
+            ax.plot(xs.cpu(), before, "--", color=color, alpha=0.6, label=f"{name}, before")
+            ax.plot(xs.cpu(), after, color=color, label=f"{name}, after {args.inner_steps} step")
         ax.set_title(f"target task {col}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -150,7 +154,8 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, plotted = [], None
     for shots in args.shots:

@@ -67,7 +67,7 @@ from metalearn.tasks import (
     split_classes,
     stack_tasks,
 )
-from metalearn.train import TrainResult, meta_train
+from metalearn.train import TaskSetWrapWarning, TrainConfig, TrainResult, meta_train
 
 __version__ = "0.1.0"
 
@@ -119,7 +119,9 @@ __all__ = [
     "Task",
     "TaskBatch",
     "TaskSet",
+    "TaskSetWrapWarning",
     "TensorDataset",
+    "TrainConfig",
     "TrainResult",
     "Unrolled",
     "adapt",

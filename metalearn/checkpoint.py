@@ -100,6 +100,7 @@ class CheckpointInfo:
         torch_version: the torch version that wrote it.
         num_threads: ``torch.get_num_threads()`` of the writer (``None`` in older checkpoints).
         device: the device ω was on when written, e.g. ``"cpu"`` (``None`` in older checkpoints).
+        scheduler_state: the outer learning-rate scheduler's ``state_dict`` (``None`` if the run had none).
     """
 
     path: Path
@@ -110,6 +111,7 @@ class CheckpointInfo:
     torch_version: str = ""
     num_threads: int | None = None
     device: str | None = None
+    scheduler_state: dict[str, Any] | None = field(default=None, repr=False)
 
 
 # -- file names -------------------------------------------------------------------------------
@@ -426,6 +428,7 @@ def save_checkpoint(
     rng_state: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes a checkpoint atomically: either the whole new file is at ``path`` or nothing changed.
 
@@ -439,6 +442,7 @@ def save_checkpoint(
         rng_state: from `capture_rng_state` (captured now if ``None``).
         config: the run configuration (JSON-serialisable); part of the run identity.
         extra: anything else to keep (tensors, numbers, strings and containers of them).
+        scheduler_state: the outer learning-rate scheduler's ``state_dict``, or ``None`` (not stored).
 
     Returns:
         The path written.
@@ -466,6 +470,8 @@ def save_checkpoint(
         "rng_state": dict(rng_state) if rng_state is not None else capture_rng_state(),
         "extra": dict(extra or {}),
     }
+    if scheduler_state is not None:  # only runs with a scheduler store one: other files stay as they were
+        payload["scheduler"] = dict(scheduler_state)
     _check_safe(payload, "checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_payload(payload, path)
@@ -755,4 +761,5 @@ def load_checkpoint(
         torch_version=str(payload.get("torch_version", "")),
         num_threads=threads if isinstance(threads, int) and not isinstance(threads, bool) else None,
         device=device if isinstance(device, str) else None,
+        scheduler_state=payload.get("scheduler"),
     )

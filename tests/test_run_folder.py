@@ -456,7 +456,7 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(run):
 
 def test_the_temporary_names_the_writers_really_use_are_the_ones_removed(run, monkeypatch):
     """Spies on the real writers' temporary names, leaves them behind as a kill would, and starts again."""
-    import metalearn.train as train_module
+    import metalearn.train.log as train_module
 
     names: list[str] = []
     real = ckpt.tempfile.mkstemp

@@ -1,0 +1,266 @@
+"""`meta_train`: the checks, the run identity, and the short loop over outer steps."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from metalearn.checks import check_grad_mode, check_outer_optimizer
+from metalearn.errors import NonFiniteError
+from metalearn.evaluate import omega_device
+from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.outer import meta_step
+from metalearn.run_folder import open_run_folder
+from metalearn.train.config import TrainConfig
+from metalearn.train.log import Row
+from metalearn.train.run import Run, TrainResult, reraise_with_step
+from metalearn.train.schedule import check_scheduler, scheduler_identity, step_scheduler
+from metalearn.train.sources import (
+    IndexedSource,
+    IterableSource,
+    check_task_collection,
+    describe_tasks,
+    open_source,
+    step_generator,
+    warn_if_wrapping,
+)
+
+__all__ = ["meta_train", "set_outer_step"]
+
+
+def set_outer_step(omega: MetaKnowledge, step: int) -> None:
+    """Tells every part of ω with a schedule (e.g. an annealed temperature) the outer step.
+
+    Parts opt in by defining ``set_outer_step(step)``; it is called before each meta-step,
+    so the schedule is a pure function of the step and a resumed run follows it exactly.
+    """
+    for module in omega.modules():
+        hook = getattr(module, "set_outer_step", None)
+        if callable(hook):
+            hook(step)
+
+
+def _check_omega_finite(omega: MetaKnowledge, step: int) -> None:
+    params = list(omega.parameters())
+    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    raise NonFiniteError(
+        f"outer step {step}: ω parameter(s) {bad} became NaN/Inf in the outer optimizer step although the "
+        f"meta-gradient was finite; no checkpoint was written after step {step}. Lower the outer learning rate "
+        "or pass clip_grad_norm, and resume from the last checkpoint",
+        step=step,
+    )
+
+
+def _config(run: TrainConfig | None, settings: Mapping[str, Any]) -> TrainConfig:
+    """The run's `TrainConfig`: ``run`` itself, or one built from the keyword settings (not both)."""
+    if run is None:
+        try:
+            return TrainConfig(**settings)
+        except TypeError as err:
+            if "TrainConfig.__init__()" not in str(err):
+                raise  # a bad value, already named with its fix
+            raise TypeError(
+                f"meta_train: {str(err).replace('TrainConfig.__init__() ', '')}; the settings are the "
+                "fields of metalearn.train.TrainConfig"
+            ) from None
+    if not isinstance(run, TrainConfig):
+        raise TypeError(f"run must be a metalearn.train.TrainConfig, got {type(run).__name__}")
+    if settings:
+        raise TypeError(
+            f"meta_train got run=TrainConfig(...) and the settings {sorted(settings)}: pass them in the config, "
+            "e.g. dataclasses.replace(run, steps=...)"
+        )
+    return run
+
+
+def _run_identity(cfg: TrainConfig, tasks: Any, user: Mapping[str, Any] | None, scheduler: Any) -> dict[str, Any]:
+    """The identity stored in every checkpoint: the user's config, the config's identity fields, the source."""
+    train = {**cfg.identity(), "tasks": describe_tasks(tasks)}
+    if scheduler is not None:  # runs without a scheduler keep the identity they always had
+        train["scheduler"] = scheduler_identity(scheduler)
+    identity = {"user": dict(user or {}), "train": train}
+    if cfg.checkpoint_dir is not None:  # stored in every checkpoint: refuse it now, not at the first save
+        try:
+            json.dumps(identity, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"config must be JSON-serialisable (str/int/float/bool/None, lists, dicts with str keys): {err}"
+            ) from None
+    return identity
+
+
+def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> Row:
+    """Meta-step ``step`` (data, schedule, meta_step, checks, scheduler); returns its log row."""
+    cfg, omega = run.config, run.omega
+    began = time.perf_counter()
+    batch, indices = source.batch(step)
+    set_outer_step(omega, step)
+    try:
+        stats = meta_step(
+            omega,
+            run.outer_optimizer,
+            batch.to(device),
+            cfg.inner_steps,
+            first_order=cfg.first_order,
+            batching=cfg.batching,
+            clip_grad_norm=cfg.clip_grad_norm,
+            generator=step_generator(cfg.seed, step),
+            mode=cfg.gradient_mode,
+        )
+    except NonFiniteError as err:
+        raise reraise_with_step(err, step, indices, "meta-training") from err
+    _check_omega_finite(omega, step)
+    step_scheduler(run.scheduler, stats)
+    row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
+    run.log.write(row)
+    run.result.history.append(row)
+    run.result.steps = step + 1
+    return row
+
+
+def _after_step(run: Run, step: int, row: Row, callback: Any) -> tuple[Row | None, bool]:
+    """Validation when due, the callback, and the checkpoint; returns the val row and whether to stop."""
+    completed, cfg = step + 1, run.config
+    due = run.val_tasks is not None and (completed % cfg.val_every == 0 or completed == cfg.steps)
+    val_row = run.validate(step) if due else None
+    stop = bool(callback(step, row, val_row)) if callback is not None else False
+    if stop and val_row is None and run.val_tasks is not None:
+        run.validate(step)  # the run ends here: its last state is validated too
+    if run.checkpoint_due(completed, stop):
+        run.checkpoint(completed, row)
+    return val_row, stop
+
+
+def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback: Any) -> None:
+    """Outer steps ``start .. steps - 1`` under a progress bar; closes the log at the end."""
+    cfg = run.config
+    device = omega_device(run.omega)
+    run.log.open(start)
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, desc="meta-train", unit="step", dynamic_ncols=True
+    )
+    try:
+        for step in range(start, cfg.steps):
+            row = _one_step(run, source, step, device)
+            val_row, stop = _after_step(run, step, row, callback)
+            postfix = {"meta_loss": f"{row['meta_loss']:.4g}"}
+            if val_row is not None:
+                postfix[f"val_{val_row['metric']}"] = f"{val_row['mean']:.4g}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if stop:
+                break
+    finally:
+        bar.close()
+        run.log.close()
+
+
+def meta_train(
+    omega: MetaKnowledge,
+    tasks: Any,
+    outer_optimizer: torch.optim.Optimizer,
+    *,
+    run: TrainConfig | None = None,
+    config: Mapping[str, Any] | None = None,
+    val_tasks: Any = None,
+    callback: Any = None,
+    scheduler: Any = None,
+    **settings: Any,
+) -> TrainResult:
+    """Meta-trains ω for ``steps`` outer steps in total (resuming from ``checkpoint_dir`` if it holds any).
+
+    Call it with the run's settings as keywords (``meta_train(omega, tasks, opt, steps=1000,
+    inner_steps=1, meta_batch_size=4, checkpoint_dir=...)``) or as one frozen config
+    (``meta_train(omega, tasks, opt, run=TrainConfig(steps=1000, inner_steps=1, meta_batch_size=4))``);
+    the settings are the fields of `TrainConfig`, documented there.
+
+    Each step runs `metalearn.outer.meta_step` on the step's meta-batch (see
+    `metalearn.train.sources`: a `TaskSet` or list gives tasks ``s*B .. s*B+B-1`` of step ``s``,
+    any other iterable is consumed in order); every ``val_every`` steps (and after the last) ω
+    is meta-tested on ``val_tasks`` with `metalearn.evaluate.evaluate` (with an `Implicit` mode,
+    on its proximal objective); every ``checkpoint_every`` steps (and after the last) a
+    checkpoint is written atomically.
+
+    Args:
+        omega: ω, trained in place.
+        tasks: the source: an endless `TaskSet`, a finite one or a list of tasks (cycled through
+            in order; a finite `TaskSet` that wraps around is warned about once,
+            `TaskSetWrapWarning`), or any iterable of task batches, e.g. a DataLoader.
+        outer_optimizer: any ``torch.optim`` optimizer over ω's parameters.
+        run: the run's `TrainConfig` (instead of the keyword settings).
+        config: your own run configuration (JSON-serialisable, e.g. dataset and model settings);
+            stored in every checkpoint with the config's identity fields, the source's
+            description and the scheduler's, and a checkpoint written with another one is refused.
+        val_tasks: fixed held-out tasks to validate on, or ``None``.
+        callback: called as ``callback(step, train_row, val_row_or_None)`` after each step;
+            returning ``True`` stops the run after that step (a checkpoint is written, and the
+            validation tasks are scored if that step was not a validation step).
+        scheduler: a ``torch.optim.lr_scheduler`` of ``outer_optimizer``, stepped once after each
+            outer step (``ReduceLROnPlateau`` with the step's meta-loss) and saved in every checkpoint.
+        **settings: the fields of `TrainConfig` (``steps``, ``inner_steps``, ``meta_batch_size``, ...).
+
+    Interrupting a run loses at most the steps since its last checkpoint: run the same call
+    again to resume; it says ``resumed from step N of M (path)`` (or that there is nothing to do)
+    as an INFO record of the ``metalearn.train`` logger and, with ``progress=True``, on stderr.
+    The resumed run ends with exactly the ω of an uninterrupted one on the same device, thread
+    count and torch version (otherwise `ResumeEnvironmentWarning`) and, for an iterable source,
+    when it yields the same items again (see `metalearn.train.sources`).
+
+    The ``checkpoint_dir`` is opened before step 0 (`metalearn.run_folder`): a file or an
+    unwritable folder is refused, the folder is locked for this run (a second run on it is
+    refused with `metalearn.run_folder.RunFolderInUseError` naming the first; the lock of a
+    killed run is taken over), and temporary files of killed writes are removed. The lock is
+    released when the call returns or raises.
+
+    Returns:
+        A `TrainResult`.
+
+    Raises:
+        NonFiniteError: NaN/Inf in an inner loss, val loss, meta-gradient or the updated ω;
+            ``step`` is the outer step, ``task`` the task-set index of the task (if known).
+            No checkpoint is written of a poisoned ω.
+        CheckpointMismatchError: ``checkpoint_dir`` holds a checkpoint of another configuration.
+        CheckpointLoadError: its newest checkpoint is corrupt.
+        FileExistsError: the run would overwrite checkpoints or a log of another run.
+        RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+        TypeError, ValueError: a bad argument (an empty task list, a ``clip_grad_norm`` that is not
+            positive and finite, an outer optimizer without ω's parameters, a scheduler of another
+            optimizer, a ``seed`` that is not an int, ...): all checked before any file is written;
+            ValueError also when a one-shot iterator source runs out.
+        IsADirectoryError: ``log_path`` is a folder.
+        NotADirectoryError: ``checkpoint_dir`` is a file (or lies under one).
+        PermissionError: nothing can be created in ``checkpoint_dir``.
+        RunFolderInUseError: another process is running on ``checkpoint_dir``.
+        OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint (the message
+            names the last good checkpoint, which is intact) or the log.
+    """
+    check_grad_mode("meta_train")
+    if not isinstance(omega, MetaKnowledge):
+        raise TypeError(
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+        )
+    check_task_collection("tasks", tasks, iterable=True)
+    check_task_collection("val_tasks", val_tasks, optional=True)
+    check_outer_optimizer(omega, outer_optimizer)
+    cfg = _config(run, settings)
+    check_scheduler(scheduler, outer_optimizer)
+    state = Run(omega, outer_optimizer, cfg, _run_identity(cfg, tasks, config, scheduler), val_tasks, scheduler)
+    warn_if_wrapping(tasks, cfg.steps, cfg.meta_batch_size)
+    source = open_source(tasks, cfg.meta_batch_size)
+    # the folder is checked, locked and tidied before anything else: a second run on it, or a folder
+    # that cannot be written, is refused here rather than after checkpoint_every steps
+    with open_run_folder(state.ckpt_dir, log_path=state.log.path):
+        start = state.resume()
+        if start >= cfg.steps:
+            return state.result
+        source.start(start)
+        state.restore_rng()
+        _loop(state, source, start, callback)
+        return state.result
