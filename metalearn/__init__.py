@@ -8,8 +8,7 @@ re-exported here; see ``docs/architecture.md`` for the layers.
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
-from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
-from metalearn.inner import Adapted, adapt
+from metalearn.inner import Adapted, InnerProblem, adapt
 from metalearn.knowledge import (
     SGD,
     AdaptAll,
@@ -29,6 +28,7 @@ from metalearn.knowledge import (
     protonet,
 )
 from metalearn.models import MLP, BatchNorm, Conv4
+from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, Reptile, Truncated, Unrolled
 from metalearn.outer import meta_gradient, meta_loss, meta_step
 from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
@@ -70,8 +70,10 @@ __all__ = [
     "Evaluation",
     "ImageFolderDataset",
     "Implicit",
+    "InnerProblem",
     "InitPart",
     "LabelledDataset",
+    "MetaGradientMode",
     "MetaKnowledge",
     "MetaSGD",
     "NonFiniteError",
@@ -90,6 +92,7 @@ __all__ = [
     "TaskSet",
     "TensorDataset",
     "TrainResult",
+    "Truncated",
     "Unrolled",
     "adapt",
     "anil",

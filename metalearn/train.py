@@ -49,7 +49,7 @@ from metalearn.checkpoint import (
 from metalearn.checks import check_clip_grad_norm, check_grad_mode, check_log_path, check_outer_optimizer, check_seed
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate, omega_device
-from metalearn.gradients import Implicit, MetaGradientMode, Unrolled, resolve_mode
+from metalearn.gradients import MetaGradientMode, Unrolled, resolve_mode
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.outer import BATCHING_MODES, meta_step
 from metalearn.run_folder import open_run_folder
@@ -459,13 +459,12 @@ def meta_train(
 
         device = omega_device(omega)
         val_steps = inner_steps if val_inner_steps is None else val_inner_steps
-        # iMAML's inner problem is the proximal one: validate on it too
-        val_proximal = gradient_mode.lam if isinstance(gradient_mode, Implicit) else None
+        # validate on the inner problem the mode trains for (iMAML's is the proximal one)
 
         def validate(step: int) -> Row:
             began = time.perf_counter()
             try:
-                ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, proximal=val_proximal)
+                ev = evaluate(omega, val_tasks, val_steps, batching=batching, seed=seed, mode=gradient_mode)
             except NonFiniteError as err:
                 raise _reraise_with_step(err, step, None, "validation") from err
             val_row: Row = {
