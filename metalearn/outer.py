@@ -5,10 +5,12 @@ r"""The outer loop: the meta-objective over a batch of tasks and one step on ω.
     \mathcal{L}_{meta}(\omega) = \frac{1}{B} \sum_{i=1}^{B}
         \mathcal{L}\big(D^{val}_i;\ \theta_K(\omega, D^{train}_i)\big)
 
-A batch of same-shaped tasks runs either as a Python loop over tasks (each task's
-meta-gradient is backpropagated as soon as its val loss exists, so only one task's graph is
-alive at a time) or as one batched computation under ``torch.func.vmap`` (`run_vmapped`,
-which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
+How the meta-gradient is obtained is the mode's job (`metalearn.modes`: ``mode.accumulate``);
+this module checks the inputs, calls the mode, checks the gradient and steps the outer optimizer.
+A batch of same-shaped tasks runs, through `metalearn.mapping.map_tasks`, either as a Python loop
+over tasks (each task's meta-gradient is backpropagated as soon as its val loss exists, so only
+one task's graph is alive at a time) or as one batched computation under ``torch.func.vmap``
+(`run_vmapped`, which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
 same meta-gradient, for any model; ``batching="auto"`` picks the faster for the model and device:
 measured on 2 CPU cores, vmap is ~6x faster than the loop for a 1-40-40-1 MLP but ~2x
 slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
@@ -125,12 +127,13 @@ def meta_gradient(
         batch: same-shaped tasks with a leading task dimension.
         steps: inner steps per task.
         first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
-        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`). The modes
-            ``"checkpointed"``, ``"implicit"`` and ``"reptile"`` always run the loop.
+        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`), among the mode's
+            ``batchings`` (``"checkpointed"``, ``"implicit"`` and ``"reptile"`` run only the loop).
         generator: randomness for a stochastic init.
         mode: how the meta-gradient is obtained: ``"unrolled"`` (default), ``"first_order"``,
-            ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a mode object from
-            `metalearn.gradients` (e.g. ``Implicit(lam=2.0, cg_steps=10)``) to set its options.
+            ``"truncated"``, ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a
+            `metalearn.modes.MetaGradientMode` (e.g. ``Implicit(lam=2.0, cg_steps=10)``,
+            ``Truncated(k=2)`` or one of your own); its ``accumulate`` does the work.
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).

@@ -4,8 +4,8 @@
 
 * `Unrolled` (``"unrolled"``; ``"first_order"`` is ``Unrolled(first_order=True)``): backpropagation
   through the K inner steps (MAML; Finn et al., 2017). Memory grows with K. Loop or vmap.
-* `Truncated` (``"truncated"``): backpropagation through the last ``k`` inner steps, the earlier
-  ones first order. Loop or vmap.
+* `Truncated` (``"truncated"`` is ``Truncated(k=1)``): backpropagation through the last ``k`` inner
+  steps, the earlier ones first order. Loop or vmap.
 * `Checkpointed` (``"checkpointed"``): the same exact second-order meta-gradient as `Unrolled`,
   with ``torch.utils.checkpoint`` around every ``segment`` inner steps. Loop.
 * `Implicit` (``"implicit"``): iMAML's implicit meta-gradient by conjugate gradient; meta-test
@@ -43,7 +43,7 @@ __all__ = [
     "resolve_mode",
 ]
 
-MODE_NAMES = ("unrolled", "first_order", "checkpointed", "implicit", "reptile")
+MODE_NAMES = ("unrolled", "first_order", "truncated", "checkpointed", "implicit", "reptile")
 
 
 def resolve_mode(mode: str | MetaGradientMode, first_order: bool = False) -> MetaGradientMode:
@@ -58,6 +58,7 @@ def resolve_mode(mode: str | MetaGradientMode, first_order: bool = False) -> Met
         mode = {
             "unrolled": Unrolled(),
             "first_order": Unrolled(first_order=True),
+            "truncated": Truncated(),
             "checkpointed": Checkpointed(),
             "implicit": Implicit(),
             "reptile": Reptile(),
