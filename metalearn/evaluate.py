@@ -197,6 +197,11 @@ def _batched_theta0(theta0s: list[Params]) -> tuple[Params, dict[str, int | None
     return theta0, dims
 
 
+def _stacked_theta0(theta0s: list[Params]) -> tuple[dict[str, list[Tensor]], dict[str, int | None]]:
+    """Per-task θ0 for the loop of `map_tasks`: each task's own tensors, indexed by task (no copy)."""
+    return {name: [t[name] for t in theta0s] for name in theta0s[0]}, dict.fromkeys(theta0s[0], 0)
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     return (
         a.data_ptr() == b.data_ptr()
@@ -313,12 +318,12 @@ def _evaluate_chunks(
             )
             for j, task in enumerate(chunk)
         ]
-        if batching == "vmap" and len(chunk) > 1 and _same_shapes(chunk):
+        if len(chunk) > 1 and _same_shapes(chunk):
             batch = stack_tasks(chunk).to(device)
-            theta0, theta0_dims = _batched_theta0(theta0s)
+            theta0, theta0_dims = (_batched_theta0 if batching == "vmap" else _stacked_theta0)(theta0s)
             val_loss, met, inner = map_tasks(
                 objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
-                omega, theta0, *batch.train, *batch.val, steps, True, batching="vmap",
+                omega, theta0, *batch.train, *batch.val, steps, True, batching=batching,
             )
             check_finite_losses(inner, task_offset=offset)
             check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
