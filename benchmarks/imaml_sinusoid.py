@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metalearn import MLP, Sinusoid, evaluate, maml, meta_train  # noqa: E402
-from metalearn.gradients import Implicit  # noqa: E402
+from metalearn.modes import Implicit  # noqa: E402
 
 
 def run(mode: str, args: argparse.Namespace, damping: float = 0.0) -> dict:
@@ -37,12 +37,12 @@ def run(mode: str, args: argparse.Namespace, damping: float = 0.0) -> dict:
     target = Sinusoid(10, 100, seed=1, length=200)
     proximal = args.lam if mode.startswith("imaml") else None
     gradient = Implicit(args.lam, args.cg_steps, damping) if proximal else "first_order"
-    before = evaluate(omega, target, args.inner_steps, proximal=proximal)
+    before = evaluate(omega, target, args.inner_steps, mode=gradient)
     began = time.perf_counter()
     meta_train(omega, tasks, torch.optim.Adam(omega.parameters(), 1e-3), steps=args.steps,
                inner_steps=args.inner_steps, meta_batch_size=25, mode=gradient, progress=False)
     seconds = time.perf_counter() - began
-    after = evaluate(omega, target, args.inner_steps, proximal=proximal)
+    after = evaluate(omega, target, args.inner_steps, mode=gradient)
     print(f"{mode:>14}: target MSE {before.mean:.3f} -> {after.mean:.3f} ± {after.ci95:.3f} "
           f"after {args.steps} outer steps ({seconds:.0f} s)", flush=True)
     return {"mse_before": before.mean, "mse_after": after.mean, "ci95": after.ci95, "seconds": seconds}

@@ -6,7 +6,7 @@ Usage::
 
 Workload: `metalearn.models.Conv4` (its `BatchNorm`) on Omniglot-shaped 5-way 1-shot
 15-query tasks (random tensors), inner SGD α=0.4, one outer Adam step per meta-iteration, the
-loop over tasks. Modes (`metalearn.gradients`):
+loop over tasks. Modes (`metalearn.modes`):
 
 - ``unrolled``: exact second order, the graph of all K steps kept (memory grows with K);
 - ``checkpointed``: the same meta-gradient, one inner step per checkpointed segment;
@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from meta_iteration import TUNED_MALLOC, MemoryPeaks  # noqa: E402
 
-from metalearn.gradients import Checkpointed, Implicit, Unrolled  # noqa: E402
+from metalearn.modes import Checkpointed, Implicit, Unrolled  # noqa: E402
 from metalearn.knowledge.recipes import maml  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
 from metalearn.outer import meta_step  # noqa: E402

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
         print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
               f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
-    test = evaluate(omega, target, steps=args.test_inner_steps, proximal=proximal)
+    test = evaluate(omega, target, steps=args.test_inner_steps, mode=imaml)  # its proximal problem (or plain)
     summary.update(test_accuracy=test.mean, ci95=test.ci95, test_tasks=test.n)
     (args.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plotted = plot_curve(args.run_dir / "log.jsonl", args.run_dir / "curve.png")

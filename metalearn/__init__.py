@@ -10,8 +10,7 @@ re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
-from metalearn.gradients import Checkpointed, Implicit, Reptile, Unrolled
-from metalearn.inner import Adapted, adapt
+from metalearn.inner import Adapted, InnerProblem, adapt
 from metalearn.knowledge import (
     SGD,
     Adam,
@@ -48,6 +47,7 @@ from metalearn.knowledge import (
     theta_parameters,
 )
 from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, SearchableConvNet
+from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, Reptile, Truncated, Unrolled
 from metalearn.outer import meta_gradient, meta_loss, meta_step
 from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
@@ -93,10 +93,12 @@ __all__ = [
     "GaussianInit",
     "ImageFolderDataset",
     "Implicit",
+    "InnerProblem",
     "InitPart",
     "LabelledDataset",
     "Learned",
     "MLP",
+    "MetaGradientMode",
     "MetaKnowledge",
     "MetaSGD",
     "MomentumSGD",
@@ -123,6 +125,7 @@ __all__ = [
     "TensorDataset",
     "TrainConfig",
     "TrainResult",
+    "Truncated",
     "Unrolled",
     "adapt",
     "anil",

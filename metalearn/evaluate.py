@@ -8,8 +8,10 @@ r"""Meta-testing: fine-tune θ on a target task's train half with ω fixed, scor
 reported as the mean of :math:`m_i` over a fixed set of target tasks (600 by convention,
 following Finn et al., 2017 and Snell et al., 2017) with a 95% confidence interval. The
 metric is accuracy for classification (integer targets) and mean squared error for
-regression (floating targets). Fine-tuning uses the same inner loop (`adapt_params`) as
-meta-training, and may run more steps than training did.
+regression (floating targets). Fine-tuning solves the inner problem the meta-gradient mode
+trained θ0 for (``mode.meta_test_problem()``, a `metalearn.inner.InnerProblem`: the plain
+inner loop, or iMAML's proximal one) with the same inner loop as meta-training
+(`metalearn.inner.inner_loop`), and may run more steps than training did.
 
 Nothing here builds a graph for ω: θ0 is detached and everything runs under
 ``torch.no_grad`` (``torch.func.grad`` inside still takes the inner gradients, since a
@@ -19,22 +21,24 @@ function transform ignores an outer ``no_grad``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from metalearn.checks import check_labels, check_seed, check_steps
-from metalearn.gradients import proximal_adapt
-from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
-from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
+from metalearn.inner import InnerProblem, check_finite_losses, check_finite_task_losses
+from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
-from metalearn.outer import BATCHING_MODES, choose_batching, metric, run_vmapped, task_objective
+from metalearn.mapping import map_tasks, resolve_batching, task_objective
+from metalearn.modes import MetaGradientMode, resolve_mode
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import task_seed
 
-__all__ = ["Evaluation", "confidence_interval95", "evaluate", "fine_tune", "omega_device"]
+__all__ = ["Evaluation", "confidence_interval95", "evaluate", "fine_tune", "meta_test_problem", "omega_device"]
 
 #: z-value of a two-sided 95% interval of the normal distribution.
 Z95 = 1.96
@@ -67,6 +71,7 @@ def fine_tune(
     steps: int,
     *,
     generator: torch.Generator | None = None,
+    mode: str | MetaGradientMode | None = None,
     proximal: float | None = None,
 ) -> Params:
     r"""θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
@@ -79,54 +84,51 @@ def fine_tune(
         train: the task's ``(x, y)`` train half, no task dimension; moved to ω's device.
         steps: number of inner steps (may exceed the number used in meta-training).
         generator: randomness for a stochastic init.
-        proximal: λ > 0 to descend iMAML's proximal objective
-            :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` instead of
-            the train loss (the inner problem `metalearn.gradients.Implicit` meta-trains for;
-            Rajeswaran et al., 2019); None: the plain inner loop.
+        mode: the meta-gradient mode ω was trained with (a name or a `metalearn.modes` object);
+            fine-tuning solves its ``meta_test_problem()``: e.g. ``Implicit(lam=λ)`` descends
+            iMAML's proximal objective
+            :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` (Rajeswaran et
+            al., 2019). None: the plain inner loop.
+        proximal: deprecated, the same as ``mode=Implicit(lam=proximal)``.
 
     Returns:
         θ*, every parameter of the model by name.
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
-        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label.
+        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label, a
+            non-positive ``proximal``, both ``mode`` and ``proximal``.
     """
     check_steps("steps (inner steps)", steps)
+    problem = meta_test_problem(mode, proximal, "fine_tune")
     check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
         theta0 = _detached_theta0(omega, generator, (x, y))
-        params, losses = _adapt_detached(omega, theta0, x, y, steps, proximal)
+        params, losses = problem.solve(omega, theta0, x, y, steps)
     check_finite_losses(losses)
     return params
 
 
-def _check_proximal(proximal: float) -> None:
-    if not proximal > 0:
-        raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {proximal}")
-
-
-def _adapt_detached(
-    omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, steps: int, proximal: float | None
-) -> tuple[Params, Tensor]:
-    """The meta-test inner loop of one task, without a graph: plain, or proximal with λ = ``proximal``."""
+def meta_test_problem(
+    mode: str | MetaGradientMode | None, proximal: float | None, caller: str = "evaluate"
+) -> InnerProblem:
+    """The inner problem meta-test solves: the mode's ``meta_test_problem()`` (plain for None), or
+    the deprecated ``proximal=λ`` (with a `DeprecationWarning`); checked before any work."""
     if proximal is None:
-        return adapt_params(omega, theta0, x, y, steps, first_order=True)
-    _check_proximal(proximal)
-    anchor = {n: theta0[n] for n in omega.adapted_names}
-    static = {n: theta0[n] for n in omega.static_names}
-    return proximal_adapt(omega, anchor, x, y, steps, proximal, static=static)
-
-
-def _proximal_objective(
-    omega: MetaKnowledge, theta0: Params, task: Task, steps: int, lam: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`task_objective` with the proximal inner loop (no graph): (val loss, val metric, inner objectives)."""
-    params, losses = _adapt_detached(omega, theta0, *task.train, steps, lam)
-    x_val, y_val = task.val
-    output = omega(params, x_val)
-    return default_loss(output, y_val), metric(output, y_val), losses
+        return InnerProblem() if mode is None else resolve_mode(mode).meta_test_problem()
+    if mode is not None:
+        raise ValueError(
+            f"{caller}: pass mode= or the deprecated proximal=, not both (proximal=λ is mode=Implicit(lam=λ))"
+        )
+    problem = InnerProblem(proximal=proximal)
+    warnings.warn(
+        f"{caller}(..., proximal=λ) is deprecated: pass mode=Implicit(lam=λ) (the mode ω was meta-trained with)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return problem
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,11 @@ def _batched_theta0(theta0s: list[Params]) -> tuple[Params, dict[str, int | None
     return theta0, dims
 
 
+def _stacked_theta0(theta0s: list[Params]) -> tuple[dict[str, list[Tensor]], dict[str, int | None]]:
+    """Per-task θ0 for the loop of `map_tasks`: each task's own tensors, indexed by task (no copy)."""
+    return {name: [t[name] for t in theta0s] for name in theta0s[0]}, dict.fromkeys(theta0s[0], 0)
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     return (
         a.data_ptr() == b.data_ptr()
@@ -205,13 +212,6 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _resolve(omega: MetaKnowledge, batching: str, device: torch.device) -> str:
-    if batching not in BATCHING_MODES:
-        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
-    # fine-tuning never differentiates through the inner loop, so vmap is always exact here
-    return choose_batching(omega, device, first_order=True) if batching == "auto" else batching
-
-
 def evaluate(
     omega: MetaKnowledge,
     tasks: Iterable[Task] | TaskBatch,
@@ -220,6 +220,7 @@ def evaluate(
     batch_size: int = 32,
     batching: str = "auto",
     seed: int = 0,
+    mode: str | MetaGradientMode | None = None,
     proximal: float | None = None,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
@@ -239,15 +240,17 @@ def evaluate(
         batch_size: tasks fine-tuned together.
         batching: ``"auto"``, ``"loop"`` or ``"vmap"``.
         seed: seeds the per-task generators of a stochastic init.
-        proximal: λ to fine-tune on iMAML's proximal objective (see `fine_tune`; tasks then
-            run one by one); None: the plain inner loop.
+        mode: the meta-gradient mode ω was trained with; tasks are fine-tuned on its
+            ``meta_test_problem()`` (see `fine_tune`; iMAML's proximal problem runs task by task).
+            None: the plain inner loop.
+        proximal: deprecated, the same as ``mode=Implicit(lam=proximal)``.
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
 
     Raises:
         ValueError: no tasks, an unknown ``batching``, a negative ``steps`` or class label (names
-            the task), targets that do not fit the model's output.
+            the task), targets that do not fit the model's output, a non-positive ``proximal``.
         TypeError: ``steps``, ``batch_size`` or ``seed`` not an int.
         NonFiniteError: a NaN/Inf inner or val loss; ``task`` is the index among ``tasks``.
     """
@@ -259,60 +262,16 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
-    if proximal is not None:
-        _check_proximal(proximal)
-    device = omega_device(omega)
-    metrics: list[Tensor] = []
-    losses: list[Tensor] = []
-    kind: str | None = None
-    offset = 0
+    problem = meta_test_problem(mode, proximal)
     was_training = omega.training
     omega.eval()
     try:
         # chosen for ω as it runs here, in eval mode (dropout off); a bad value leaves ω's mode restored
-        mode = _resolve(omega, batching, device) if proximal is None else "loop"
+        how = resolve_batching(omega, batching, omega_device(omega))
+        if not problem.vmappable:
+            how = "loop"  # the proximal problem takes plain autograd gradients: task by task
         with torch.no_grad():
-            for chunk in _chunks(tasks, batch_size):
-                for j, task in enumerate(chunk):
-                    check_labels(
-                        omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,
-                        task_offset=offset + j,
-                    )
-                theta0s = [
-                    _detached_theta0(
-                        omega,
-                        torch.Generator().manual_seed(task_seed(seed, offset + j)),
-                        tuple(t.to(device) for t in task.train),
-                    )
-                    for j, task in enumerate(chunk)
-                ]
-                if mode == "vmap" and len(chunk) > 1 and _same_shapes(chunk):
-                    batch = stack_tasks(chunk).to(device)
-                    theta0, theta0_dims = _batched_theta0(theta0s)
-                    val_loss, met, inner = run_vmapped(
-                        task_objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
-                        omega, theta0, *batch.train, *batch.val, steps, True,
-                    )
-                    check_finite_losses(inner, task_offset=offset)
-                    check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
-                    losses.extend(val_loss.unbind())
-                    metrics.extend(met.unbind())
-                else:
-                    for j, (task, theta0) in enumerate(zip(chunk, theta0s, strict=True)):
-                        task = task.to(device)
-                        if proximal is None:
-                            val_loss, met, inner = task_objective(omega, theta0, *task.train, *task.val, steps, True)
-                        else:
-                            val_loss, met, inner = _proximal_objective(omega, theta0, task, steps, proximal)
-                        check_finite_losses(inner, task_offset=offset + j)
-                        check_finite_task_losses(
-                            val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j
-                        )
-                        losses.append(val_loss)
-                        metrics.append(met)
-                if kind is None:
-                    kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
-                offset += len(chunk)
+            losses, metrics, kind = _evaluate_chunks(omega, tasks, steps, batch_size, how, seed, problem)
     finally:
         omega.train(was_training)
     if not metrics:
@@ -327,3 +286,58 @@ def evaluate(
         per_task=per_task,
         per_task_loss=torch.stack(losses).to("cpu", torch.float64),
     )
+
+
+def _evaluate_chunks(
+    omega: MetaKnowledge,
+    tasks: Iterable[Task] | TaskBatch,
+    steps: int,
+    batch_size: int,
+    batching: str,
+    seed: int,
+    problem: InnerProblem,
+) -> tuple[list[Tensor], list[Tensor], str | None]:
+    """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind)."""
+    device = omega_device(omega)
+    metrics: list[Tensor] = []
+    losses: list[Tensor] = []
+    kind: str | None = None
+    offset = 0
+    objective = partial(task_objective, adapt_fn=problem.solve)
+    for chunk in _chunks(tasks, batch_size):
+        for j, task in enumerate(chunk):
+            check_labels(
+                omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,
+                task_offset=offset + j,
+            )
+        theta0s = [
+            _detached_theta0(
+                omega,
+                torch.Generator().manual_seed(task_seed(seed, offset + j)),
+                tuple(t.to(device) for t in task.train),
+            )
+            for j, task in enumerate(chunk)
+        ]
+        if len(chunk) > 1 and _same_shapes(chunk):
+            batch = stack_tasks(chunk).to(device)
+            theta0, theta0_dims = (_batched_theta0 if batching == "vmap" else _stacked_theta0)(theta0s)
+            val_loss, met, inner = map_tasks(
+                objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
+                omega, theta0, *batch.train, *batch.val, steps, True, batching=batching,
+            )
+            check_finite_losses(inner, task_offset=offset)
+            check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
+            losses.extend(val_loss.unbind())
+            metrics.extend(met.unbind())
+        else:  # tasks of different shapes cannot be stacked: one by one
+            for j, (task, theta0) in enumerate(zip(chunk, theta0s, strict=True)):
+                task = task.to(device)
+                val_loss, met, inner = objective(omega, theta0, *task.train, *task.val, steps, True)
+                check_finite_losses(inner, task_offset=offset + j)
+                check_finite_task_losses(val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j)
+                losses.append(val_loss)
+                metrics.append(met)
+        if kind is None:
+            kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
+        offset += len(chunk)
+    return losses, metrics, kind

@@ -1,34 +1,53 @@
 r"""The inner loop: θ0 ~ ω, then K update steps on a task's train half.
 
-One function, `adapt_params`, is the inner loop for meta-training and meta-testing alike;
-`adapt` applies it to one task, and `metalearn.outer` runs it over a batch of tasks either
-as a Python loop or under ``torch.func.vmap``.
+One loop, `inner_loop`, serves meta-training and meta-testing alike; `adapt_params` (the
+differentiable loop), `adapt` (one task) and `InnerProblem.solve` (meta-test) call it, and
+every meta-gradient mode in `metalearn.modes` picks its options:
 
 .. math::
 
-    \theta_{k+1} = \mathrm{step}_\omega\big(\theta_k,\ \nabla_\theta \mathcal{L}(D^{train}; \theta_k),\ s_k\big)
+    \theta_{k+1} = \mathrm{step}_\omega\big(\theta_k,\ \nabla_\theta \big[\mathcal{L}(D^{train}; \theta_k)
+        + R(\theta_k)\big],\ s_k\big)
 
-Second order (default) differentiates through every step, so the meta-gradient sees how
-θK depends on ω (Finn et al., 2017). First order treats each inner gradient as a constant
-(FOMAML): θ_k is detached before its gradient is taken, so no graph of the inner gradient
-is built at all.
+* ``graph`` — how gradients flow through the loop: ``"full"`` differentiates through every step,
+  so the meta-gradient sees how θK depends on ω (Finn et al., 2017); ``"first_order"`` treats
+  each inner gradient as a constant (FOMAML: θ_k is detached before its gradient is taken, so no
+  graph of the inner gradient is built, but θK still depends on θ0 and ω's step sizes through the
+  updates); ``"none"`` keeps no graph at all (φ detached: iMAML's inner loop, Reptile, meta-test).
+  ``first_order_steps`` makes the first steps of a ``"full"`` loop first order (truncated backprop).
+* ``regulariser`` — an optional R(θ) added to the inner loss, e.g. `Proximal` (iMAML's
+  λ/2 ‖θ − θ0‖²).
+* ``segment`` — with ``"full"``, wrap every ``segment`` steps in ``torch.utils.checkpoint``: the
+  same θK and meta-gradient, with each segment's graph recomputed in the backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
+from torch.utils.checkpoint import checkpoint
 
 from metalearn.checks import check_labels, check_steps, explain_label_error
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params, State
 
-__all__ = ["Adapted", "adapt", "adapt_params", "check_finite_losses", "check_finite_task_losses"]
+__all__ = [
+    "GRAPHS",
+    "Adapted",
+    "InnerProblem",
+    "Proximal",
+    "adapt",
+    "adapt_params",
+    "check_finite_losses",
+    "check_finite_task_losses",
+    "inner_loop",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,64 @@ class Adapted:
     losses: Tensor
 
 
+GRAPHS = ("full", "first_order", "none")
+#: a term added to the inner loss of the adapted parameters, e.g. `Proximal`
+Regulariser = Callable[[Params], Tensor]
+
+
+@dataclass(frozen=True)
+class Proximal:
+    r"""iMAML's proximal term :math:`\frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` over the adapted parameters.
+
+    Attributes:
+        lam: λ > 0.
+        anchor: θ0 of the adapted parameters (detached), by name.
+    """
+
+    lam: float
+    anchor: Mapping[str, Tensor]
+
+    def __call__(self, fast: Params) -> Tensor:
+        prox = sum((fast[n] - self.anchor[n]).square().sum() for n in fast)
+        return 0.5 * self.lam * prox  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class InnerProblem:
+    r"""The inner problem meta-test solves (what a meta-gradient mode trained θ0 for).
+
+    ``proximal=None`` is the plain inner loop; ``proximal=λ`` descends iMAML's
+    :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` (Rajeswaran et al., 2019).
+    Read by `metalearn.evaluate.fine_tune`, `metalearn.evaluate.evaluate` and `meta_train`'s
+    validation from ``mode.meta_test_problem()``.
+    """
+
+    proximal: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.proximal is not None and not self.proximal > 0:
+            raise ValueError(f"proximal=λ must be positive (or None for the plain inner loop), got {self.proximal}")
+
+    @property
+    def vmappable(self) -> bool:
+        """Whether `solve` may run under ``torch.func.vmap`` (the proximal loop takes plain autograd gradients)."""
+        return self.proximal is None
+
+    def solve(
+        self, omega: MetaKnowledge, theta0: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int,
+        first_order: bool = True,
+    ) -> tuple[Params, Tensor]:
+        """θ* of one task from ``theta0`` (every parameter), no graph to ω kept by the caller's ``no_grad``.
+
+        Same signature as `adapt_params` (``first_order`` is accepted and ignored: meta-test never
+        differentiates through the loop), so it can stand in for it in `metalearn.mapping.task_objective`.
+        """
+        if self.proximal is None:
+            return adapt_params(omega, theta0, x, y, steps, first_order=True)
+        anchor = {n: theta0[n].detach() for n in omega.adapted_names}
+        return inner_loop(omega, theta0, x, y, steps, graph="none", regulariser=Proximal(self.proximal, anchor))
+
+
 def adapt_params(
     omega: MetaKnowledge,
     theta0: Mapping[str, Tensor],
@@ -52,7 +129,9 @@ def adapt_params(
     steps: int,
     first_order: bool = False,
 ) -> tuple[Params, Tensor]:
-    """The inner loop for one task, as a pure function (safe under ``torch.func.vmap``).
+    """The differentiable inner loop for one task, as a pure function (safe under ``torch.func.vmap``).
+
+    `inner_loop` with ``graph="full"`` (or ``"first_order"``).
 
     Args:
         omega: the meta-knowledge (its optimizer, adapted names and inner loss are used).
@@ -69,7 +148,69 @@ def adapt_params(
         TypeError, ValueError: ``steps`` is not an int of at least 0.
     """
     check_steps("steps (inner steps)", steps)
-    return _adapt_params(omega, theta0, x, y, steps, first_order, _use_plain_autograd(omega, theta0, first_order))
+    return inner_loop(omega, theta0, x, y, steps, graph="first_order" if first_order else "full")
+
+
+def inner_loop(
+    omega: MetaKnowledge,
+    theta0: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    *,
+    graph: str = "full",
+    regulariser: Regulariser | None = None,
+    segment: int | None = None,
+    first_order_steps: int = 0,
+) -> tuple[Params, Tensor]:
+    """The one inner loop: ``steps`` updates of ω's optimizer on the inner loss (+ ``regulariser``).
+
+    Args:
+        omega: the meta-knowledge.
+        theta0: θ0 of this task, every parameter of the model (no task dimension).
+        x, y: the task's train half.
+        steps: inner steps K.
+        graph: ``"full"``, ``"first_order"`` or ``"none"`` (see the module docstring).
+        regulariser: R(θ_adapted) added to the inner loss (its value is in the returned losses).
+        segment: with ``graph="full"``, checkpoint every ``segment`` steps (not under ``torch.func``).
+        first_order_steps: with ``graph="full"``, steps ``k < first_order_steps`` are first order.
+
+    Returns:
+        θK (every parameter: static ones as given, detached for ``"none"``) and the inner objective
+        before each step ``[steps]``.
+    """
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    static = {n: theta0[n] for n in omega.static_names}
+    fast = {n: theta0[n] for n in omega.adapted_names}
+    objective = _inner_objective(omega, x, y, regulariser)
+    if graph == "none":
+        return _detached_loop(omega, {n: t.detach() for n, t in static.items()}, fast, objective, steps, x)
+    if graph == "first_order":
+        first_order_steps = steps
+    plain = _use_plain_autograd(omega, theta0, first_order_steps >= steps)
+    if segment is not None and first_order_steps < steps and plain:
+        return _segmented_loop(omega, static, fast, objective, steps, x, segment, first_order_steps)
+    state = omega.optimizer.init_state(fast)
+    losses = []
+    for k in range(steps):
+        fo = k < first_order_steps
+        fast, state, loss = _step(omega, static, fast, state, objective, k, fo, plain and not fo)
+        losses.append(loss)
+    losses_t = torch.stack(losses) if losses else x.new_zeros(0)
+    return {**static, **fast}, losses_t
+
+
+def _inner_objective(
+    omega: MetaKnowledge, x: Tensor, y: Tensor, regulariser: Regulariser | None
+) -> Callable[[Params, Params], Tensor]:
+    """The function of (static, adapted) parameters the loop descends: ω's inner loss (+ R of the adapted)."""
+
+    def objective(static: Params, fast: Params) -> Tensor:
+        loss = omega.inner_loss({**static, **fast}, x, y)
+        return loss if regulariser is None else loss + regulariser(fast)
+
+    return objective
 
 
 def _use_plain_autograd(omega: MetaKnowledge, theta0: Mapping[str, Tensor], first_order: bool) -> bool:
@@ -91,23 +232,96 @@ def _use_plain_autograd(omega: MetaKnowledge, theta0: Mapping[str, Tensor], firs
     return all(theta0[n].requires_grad for n in omega.adapted_names)
 
 
-def _adapt_params(
+def _step(
     omega: MetaKnowledge,
-    theta0: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    steps: int,
+    static: Params,
+    fast: Params,
+    state: State,
+    objective: Callable[[Params, Params], Tensor],
+    k: int,
     first_order: bool,
     plain_autograd: bool,
+) -> tuple[Params, State, Tensor]:
+    """One differentiable inner step k: the objective at θ_k, its gradient, ω's update.
+
+    ``plain_autograd`` takes the gradient with ``torch.autograd.grad(create_graph=True)`` (second
+    order, outside torch.func transforms); otherwise ``torch.func.grad_and_value`` (first order
+    detaches θ_k first). Returns θ_{k+1}, the new optimizer state and the objective at θ_k.
+    """
+    if plain_autograd:
+        loss = objective(static, fast)
+        if loss.requires_grad:
+            grad_list = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
+            grads = dict(zip(fast, grad_list, strict=True))
+        else:  # the loss does not depend on the adapted parameters
+            grads = {n: torch.zeros_like(t) for n, t in fast.items()}
+    else:
+        at = {n: t.detach() for n, t in fast.items()} if first_order else fast
+        grads, loss = grad_and_value(partial(objective, static))(at)
+    fast, state = omega.optimizer.step(fast, grads, state, k)
+    return fast, state, loss
+
+
+def _detached_loop(
+    omega: MetaKnowledge,
+    static: Params,
+    fast: Params,
+    objective: Callable[[Params, Params], Tensor],
+    steps: int,
+    x: Tensor,
 ) -> tuple[Params, Tensor]:
-    static = {n: theta0[n] for n in omega.static_names}
-    fast = {n: theta0[n] for n in omega.adapted_names}
+    """``graph="none"``: each step's gradient from fresh detached leaves, the update under ``no_grad``;
+    no graph outlives a step (memory independent of ``steps``)."""
     state = omega.optimizer.init_state(fast)
     losses = []
     for k in range(steps):
-        fast, state, loss = inner_step(omega, static, fast, state, x, y, k, first_order, plain_autograd)
-        losses.append(loss)
+        with torch.enable_grad():
+            leaves = {n: t.detach().requires_grad_() for n, t in fast.items()}
+            loss = objective(static, leaves)
+            grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+        with torch.no_grad():
+            fast, state = omega.optimizer.step(
+                {n: t.detach() for n, t in leaves.items()}, dict(zip(leaves, grads, strict=True)), state, k
+            )
+        losses.append(loss.detach())
     losses_t = torch.stack(losses) if losses else x.new_zeros(0)
+    return {**static, **{n: t.detach() for n, t in fast.items()}}, losses_t
+
+
+def _segmented_loop(
+    omega: MetaKnowledge,
+    static: Params,
+    fast: Params,
+    objective: Callable[[Params, Params], Tensor],
+    steps: int,
+    x: Tensor,
+    segment: int,
+    first_order_steps: int,
+) -> tuple[Params, Tensor]:
+    """``graph="full"`` with every ``segment`` steps under ``torch.utils.checkpoint`` (non-reentrant):
+    only θ_k and the optimizer state at segment boundaries are kept between forward and backward."""
+    names = list(fast)
+    state = omega.optimizer.init_state(fast)
+    state_keys = list(state)
+
+    def run_segment(k0: int, k1: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        f = dict(zip(names, tensors[: len(names)], strict=True))
+        s = dict(zip(state_keys, tensors[len(names) :], strict=True))
+        seg_losses = []
+        for k in range(k0, k1):
+            fo = k < first_order_steps
+            f, s, loss = _step(omega, static, f, s, objective, k, fo, not fo)
+            seg_losses.append(loss)
+        return (*(f[n] for n in names), *(s[k] for k in state_keys), torch.stack(seg_losses))
+
+    losses = []
+    flat = (*fast.values(), *state.values())
+    for k0 in range(0, steps, segment):
+        out = checkpoint(run_segment, k0, min(k0 + segment, steps), *flat, use_reentrant=False)
+        flat, seg = out[:-1], out[-1]
+        losses.append(seg)
+    fast = dict(zip(names, flat[: len(names)], strict=True))
+    losses_t = torch.cat(losses) if losses else x.new_zeros(0)
     return {**static, **fast}, losses_t
 
 
@@ -122,28 +336,8 @@ def inner_step(
     first_order: bool = False,
     plain_autograd: bool = False,
 ) -> tuple[Params, State, Tensor]:
-    """One inner step k: the inner loss at θ_k (``fast`` adapted, ``static`` fixed), its gradient, ω's update.
-
-    ``plain_autograd`` takes the gradient with ``torch.autograd.grad(create_graph=True)`` (second
-    order, outside torch.func transforms); otherwise ``torch.func.grad_and_value`` (first order
-    detaches θ_k first). Returns θ_{k+1}, the new optimizer state and the loss at θ_k.
-    """
-
-    def inner_loss(fast_params: Params) -> Tensor:
-        return omega.inner_loss({**static, **fast_params}, x, y)
-
-    if plain_autograd:
-        loss = inner_loss(fast)
-        if loss.requires_grad:
-            grad_list = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
-            grads = dict(zip(fast, grad_list, strict=True))
-        else:  # the loss does not depend on the adapted parameters
-            grads = {n: torch.zeros_like(t) for n, t in fast.items()}
-    else:
-        at = {n: t.detach() for n, t in fast.items()} if first_order else fast
-        grads, loss = grad_and_value(inner_loss)(at)
-    fast, state = omega.optimizer.step(fast, grads, state, k)
-    return fast, state, loss
+    """One inner step k on ω's inner loss (kept for callers of the older API; `inner_loop` runs the steps)."""
+    return _step(omega, static, fast, state, _inner_objective(omega, x, y, None), k, first_order, plain_autograd)
 
 
 def check_finite_losses(losses: Tensor, what: str = "inner loss", task_offset: int = 0) -> None:

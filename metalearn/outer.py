@@ -5,10 +5,12 @@ r"""The outer loop: the meta-objective over a batch of tasks and one step on ω.
     \mathcal{L}_{meta}(\omega) = \frac{1}{B} \sum_{i=1}^{B}
         \mathcal{L}\big(D^{val}_i;\ \theta_K(\omega, D^{train}_i)\big)
 
-A batch of same-shaped tasks runs either as a Python loop over tasks (each task's
-meta-gradient is backpropagated as soon as its val loss exists, so only one task's graph is
-alive at a time) or as one batched computation under ``torch.func.vmap`` (`run_vmapped`,
-which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
+How the meta-gradient is obtained is the mode's job (`metalearn.modes`: ``mode.accumulate``);
+this module checks the inputs, calls the mode, checks the gradient and steps the outer optimizer.
+A batch of same-shaped tasks runs, through `metalearn.mapping.map_tasks`, either as a Python loop
+over tasks (each task's meta-gradient is backpropagated as soon as its val loss exists, so only
+one task's graph is alive at a time) or as one batched computation under ``torch.func.vmap``
+(`run_vmapped`, which computes every norm from primitives there: `metalearn.exact_norms`). Both give the
 same meta-gradient, for any model; ``batching="auto"`` picks the faster for the model and device:
 measured on 2 CPU cores, vmap is ~6x faster than the loop for a 1-40-40-1 MLP but ~2x
 slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
@@ -16,13 +18,10 @@ slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-from torch import Tensor, nn
-from torch.func import vmap
+from torch import Tensor
 
 from metalearn.checks import (
     check_clip_grad_norm,
@@ -33,20 +32,21 @@ from metalearn.checks import (
     explain_label_error,
 )
 from metalearn.errors import NonFiniteError
-from metalearn.exact_norms import exact_norms
-from metalearn.gradients import (
-    Checkpointed,
-    Implicit,
-    MetaGradientMode,
-    Reptile,
-    Unrolled,
-    checkpointed_adapt_params,
-    resolve_mode,
+from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.mapping import (  # re-exported: they lived here before metalearn.mapping
+    BATCHING_MODES,
+    check_losses,
+    choose_batching,
+    map_tasks,
+    metric,
+    random_layers,
+    resolve_batching,
+    run_vmapped,
+    task_in_dims,
+    task_objective,
+    vmap_theta0,
 )
-from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
-from metalearn.knowledge.builtins import PointInit
-from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape, default_loss
-from metalearn.knowledge.parts import Params
+from metalearn.modes import MetaGradientMode, resolve_mode
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
@@ -60,118 +60,6 @@ __all__ = [
     "random_layers",
     "run_vmapped",
 ]
-
-BATCHING_MODES = ("auto", "loop", "vmap")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_DROPOUTS = nn.modules.dropout._DropoutNd
-
-
-def _task_in_dims(theta0_dims: dict[str, int | None]) -> tuple:
-    """vmap's ``in_dims`` for `task_objective`: ω shared, θ0 as given, the task halves mapped, steps/order shared."""
-    return (None, theta0_dims, 0, 0, 0, 0, None, None)
-
-
-def metric(output: Tensor, target: Tensor) -> Tensor:
-    """Accuracy for integer class targets, mean squared error otherwise (no gradient)."""
-    check_target_shape(output, target)
-    output = output.detach()
-    if target.is_floating_point():
-        return (output - target).square().mean()
-    return (output.argmax(-1) == target).to(output.dtype).mean()
-
-
-def random_layers(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that draw random numbers in their forward as it is now
-    (dropout with ``p > 0`` and ``RReLU``, in training mode): vmap refuses random operations."""
-    return [
-        name for name, m in model.named_modules()
-        if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0) or isinstance(m, nn.RReLU))
-    ]
-
-
-def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: bool = False) -> str:
-    """The faster batching for ω's model on ``device``: ``"loop"`` or ``"vmap"``.
-
-    Both paths give the same meta-gradient for every model: under vmap every norm is computed
-    from primitives (`metalearn.exact_norms`), so native ``nn.*Norm`` layers and a model's own
-    ``F.batch_norm``/``F.layer_norm``/... calls no longer force the loop. The choice is speed:
-
-    * a model with random layers in training mode (`random_layers`, e.g. ``nn.Dropout``):
-      ``"loop"`` (vmap cannot draw per-task random numbers from torch's global generator);
-    * on CUDA: ``"vmap"`` (one batched kernel per op instead of one per task);
-    * on CPU: ``"loop"`` for convolutional models (compute-bound; vmap's batched
-      convolutions were ~2x slower with ~10x the memory on the Conv-4, and 2.6x slower on a
-      Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8), ``"vmap"``
-      otherwise (small models are bound by per-op overhead, which batching removes: 6-7x
-      faster than the loop for 1-40-40-1 MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``,
-      interception included). Measured by ``benchmarks/vmap_norms.py`` (figures in
-      docs/architecture.md, "The vmap + batch norm trap").
-
-    ``first_order`` is accepted for callers that know it; the choice no longer depends on it.
-    """
-    if random_layers(omega.network):
-        return "loop"
-    if device.type == "cuda":
-        return "vmap"
-    if any(isinstance(m, _CONVS) for m in omega.network.modules()):
-        return "loop"
-    return "vmap"
-
-
-def _resolve_batching(omega: MetaKnowledge, batching: str, device: torch.device, first_order: bool) -> str:
-    if batching not in BATCHING_MODES:
-        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
-    if batching == "auto":
-        return choose_batching(omega, device, first_order)
-    if batching == "vmap" and random_layers(omega.network):
-        raise ValueError(_random_under_vmap(f"layers {random_layers(omega.network)} draw random numbers"))
-    return batching
-
-
-def _random_under_vmap(what: str) -> str:
-    return (
-        f"ω's model: {what} in training mode, and torch.func.vmap cannot draw per-task random numbers "
-        "from torch's global generator. Use batching='loop' (or 'auto', which picks it for dropout "
-        "layers), or put those layers in eval mode (omega.eval(), no dropout) for the vmap path"
-    )
-
-
-def run_vmapped(fn: Callable, in_dims: tuple, *args):
-    """``vmap(fn, in_dims)(*args)`` with every norm computed exactly (`metalearn.exact_norms`).
-
-    The one way the library maps a function over a batch's tasks: torch's fused norms give
-    wrong second-order meta-gradients under vmap, so the calls are routed to primitives
-    while it runs (the backward afterwards needs nothing: its graph holds only primitives).
-    A random operation inside (e.g. ``F.dropout`` in a model's own forward) is refused with
-    an error naming the fix, instead of torch's raw randomness error.
-
-    Raises:
-        ValueError: ``fn`` called a random operation.
-    """
-    try:
-        with exact_norms():
-            return vmap(fn, in_dims=in_dims)(*args)
-    except RuntimeError as err:
-        if "randomness" not in str(err):
-            raise
-        raise ValueError(_random_under_vmap("a random operation (e.g. F.dropout) was called")) from err
-
-
-def task_objective(
-    omega: MetaKnowledge,
-    theta0: Params,
-    x_train: Tensor,
-    y_train: Tensor,
-    x_val: Tensor,
-    y_val: Tensor,
-    steps: int,
-    first_order: bool,
-    adapt_fn=adapt_params,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One task: adapt on train (with ``adapt_fn``), then (val loss, val metric, inner losses). Pure; vmap-safe."""
-    params, losses = adapt_fn(omega, theta0, x_train, y_train, steps, first_order)
-    output = omega(params, x_val)
-    return default_loss(output, y_val), metric(output, y_val), losses
 
 
 @dataclass(frozen=True)
@@ -191,64 +79,6 @@ class MetaStats:
     inner_loss_first: float
     inner_loss_last: float
     batching: str
-
-
-def _theta0_task(theta0: Params, i: int) -> Params:
-    return {n: t[i] for n, t in theta0.items()}
-
-
-def _shared_over_tasks(t: Tensor) -> bool:
-    """Whether every task's slice of ``t`` is the same memory (an ``expand`` over the task dim)."""
-    return t.ndim > 0 and t.shape[0] > 0 and t.stride(0) == 0
-
-
-def _vmap_theta0(
-    omega: MetaKnowledge, n: int, generator: torch.Generator | None, train: tuple[Tensor, Tensor]
-) -> tuple[Params, dict[str, int | None]]:
-    """θ0 and its ``in_dims`` for vmap. A tensor shared by every task goes in once, unbatched
-    (``in_dims=None``), the rest is mapped over its task dimension.
-
-    Shared: all of `PointInit`'s θ0 (the model's own parameters, taken directly), and any
-    tensor with stride 0 over tasks (an ``expand``). Same gradient (the sum over tasks
-    happens in vmap's backward instead of ``expand``'s), but the first inner step's forward
-    runs as one batched op over every task's examples. ``train`` is the batch's train half,
-    for an init that reads it (``uses_train_data``).
-    """
-    if type(omega.init) is PointInit and not omega.init.uses_train_data:
-        params = omega.model_params()
-        return params, dict.fromkeys(params)
-    theta0 = omega.initial_params(n, generator, train=train)
-    shared = {k: _shared_over_tasks(t) for k, t in theta0.items()}
-    return (
-        {k: (t[0] if shared[k] else t) for k, t in theta0.items()},
-        {k: (None if shared[k] else 0) for k in theta0},
-    )
-
-
-def _all_finite(*tensors: Tensor) -> bool:
-    """One sync for many tensors: whether every element of every tensor is finite."""
-    ok = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        ok = ok & torch.isfinite(t).all()
-    return bool(ok)
-
-
-def _check_losses(inner: Tensor, val_losses: Tensor, by_task: bool) -> None:
-    """Raises `NonFiniteError` for the first non-finite inner loss ``[tasks, steps]`` or val loss ``[tasks]``.
-
-    One fused check when everything is finite (the common case). ``by_task`` reports the
-    first task with any bad value (inner before val, the order the loop runs them);
-    otherwise every inner loss is checked before any val loss.
-    """
-    if _all_finite(inner, val_losses):
-        return
-    if by_task:
-        bad = ~(torch.isfinite(inner).all(dim=1) & torch.isfinite(val_losses))
-        i = int(bad.nonzero()[0, 0])
-        check_finite_losses(inner[i], task_offset=i)
-        check_finite_task_losses(val_losses[i, None], what="val loss (after adaptation)", task_offset=i)
-    check_finite_losses(inner)
-    check_finite_task_losses(val_losses, what="val loss (after adaptation)")
 
 
 def _grad_norm(grads: list[Tensor]) -> Tensor:
@@ -297,12 +127,13 @@ def meta_gradient(
         batch: same-shaped tasks with a leading task dimension.
         steps: inner steps per task.
         first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
-        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`). The modes
-            ``"checkpointed"``, ``"implicit"`` and ``"reptile"`` always run the loop.
+        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`), among the mode's
+            ``batchings`` (``"checkpointed"``, ``"implicit"`` and ``"reptile"`` run only the loop).
         generator: randomness for a stochastic init.
         mode: how the meta-gradient is obtained: ``"unrolled"`` (default), ``"first_order"``,
-            ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a mode object from
-            `metalearn.gradients` (e.g. ``Implicit(lam=2.0, cg_steps=10)``) to set its options.
+            ``"truncated"``, ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a
+            `metalearn.modes.MetaGradientMode` (e.g. ``Implicit(lam=2.0, cg_steps=10)``,
+            ``Truncated(k=2)`` or one of your own); its ``accumulate`` does the work.
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
@@ -368,34 +199,9 @@ def _meta_gradient(
 ) -> tuple[MetaStats, Tensor]:
     """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
     finiteness check and for `meta_step`'s report and clipping)."""
-    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
-    n = len(batch)
     how = resolve_mode(gradient_mode, first_order)
-    first_order = bool(getattr(how, "first_order", False))
-    if not isinstance(how, Unrolled):  # every other mode runs the loop
-        if batching not in BATCHING_MODES:
-            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
-        if batching == "vmap":
-            raise ValueError(f"mode={how.name!r} runs as a loop over tasks; pass batching='loop' or 'auto'")
-        mode = "loop"
-    else:
-        mode = _resolve_batching(omega, batching, x_tr.device, first_order)
-    if isinstance(how, (Implicit, Reptile)):
-        val_losses, metrics, inner = how.accumulate(omega, batch, steps, metric)
-        _check_losses(inner, val_losses, by_task=True)
-    elif isinstance(how, Checkpointed):
-        val_losses, metrics, inner = _loop_backward(
-            omega, batch, steps, False, generator, adapt_fn=partial(checkpointed_adapt_params, segment=how.segment)
-        )
-    elif mode == "vmap":
-        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
-        val_losses, metrics, inner = run_vmapped(
-            task_objective, _task_in_dims(theta0_dims), omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order
-        )
-        _check_losses(inner.detach(), val_losses.detach(), by_task=False)
-        val_losses.mean().backward()
-    else:
-        val_losses, metrics, inner = _loop_backward(omega, batch, steps, first_order, generator)
+    batching = how.resolve_batching(omega, batching, batch.train[0].device)
+    val_losses, metrics, inner = how.accumulate(omega, batch, steps, batching, generator)
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)
     inner = inner.detach()
@@ -410,63 +216,10 @@ def _meta_gradient(
             val_metric=values[1],
             inner_loss_first=values[2],
             inner_loss_last=values[3],
-            batching=mode,
+            batching=batching,
         ),
         grad_norm,
     )
-
-
-def _loop_backward(
-    omega: MetaKnowledge,
-    batch: TaskBatch,
-    steps: int,
-    first_order: bool,
-    generator: torch.Generator | None,
-    adapt_fn=adapt_params,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The loop path: backpropagates task by task, so only one task's graph is alive at a time.
-
-    With `PointInit`, θ0 of every task is the model's parameters themselves, and each task's
-    backward accumulates straight into their ``.grad`` (no extra memory). Any other init is
-    sampled once for the batch; each task starts from its own detached leaf copy of its θ0,
-    whose gradient is stored in a ``[tasks, ...]`` cotangent, and one final backward carries
-    all of them through the init: exact for any init, shared or sampled. The cotangents are
-    allocated before the first task, so these long-lived buffers do not land between the
-    short-lived graph tensors of a task (which fragments the heap and raises the peak RSS).
-
-    Returns:
-        (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, steps]``).
-    """
-    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
-    n = len(batch)
-    point = type(omega.init) is PointInit and not omega.init.uses_train_data
-    shared = omega.model_params() if point else {}
-    theta0 = {} if point else omega.initial_params(n, generator, train=batch.train)
-    cotangents = {k: v.new_zeros(v.shape) for k, v in theta0.items() if v.requires_grad}
-    got_grad: set[str] = set()
-    vals, mets, inners = [], [], []
-    for i in range(n):
-        leaves = {k: v[i].detach().requires_grad_(v.requires_grad) for k, v in theta0.items()}
-        val_loss, met, inner_i = task_objective(
-            omega, shared if point else leaves, x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order, adapt_fn
-        )
-        if val_loss.requires_grad:
-            (val_loss / n).backward()
-        for k, leaf in leaves.items():
-            if leaf.grad is not None:
-                cotangents[k][i] = leaf.grad
-                got_grad.add(k)
-        vals.append(val_loss.detach())
-        mets.append(met)
-        inners.append(inner_i.detach())
-        del leaves, val_loss, inner_i  # this task's graph and grads go before the next task's forward
-    val_losses, metrics, inner = torch.stack(vals), torch.stack(mets), torch.stack(inners)
-    # checked once after the loop (not once per task): reports the same first task and step
-    _check_losses(inner, val_losses, by_task=True)
-    keys = [k for k in cotangents if k in got_grad]
-    if keys:
-        torch.autograd.backward([theta0[k] for k in keys], [cotangents[k] for k in keys])
-    return val_losses, metrics, inner
 
 
 def meta_loss(
@@ -486,24 +239,16 @@ def meta_loss(
     check_batch("meta_loss", omega, batch, steps, need_grad=False)  # its value alone may be wanted
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
-    mode = _resolve_batching(omega, batching, x_tr.device, first_order)
+    mode = resolve_batching(omega, batching, x_tr.device)
     if mode == "vmap":
-        theta0_in, theta0_dims = _vmap_theta0(omega, n, generator, batch.train)
-        val_losses, _, inner = run_vmapped(
-            task_objective, _task_in_dims(theta0_dims), omega, theta0_in, x_tr, y_tr, x_val, y_val, steps, first_order
-        )
-        _check_losses(inner.detach(), val_losses.detach(), by_task=False)
-        return val_losses.mean()
-    theta0 = omega.initial_params(n, generator, train=batch.train)
-    vals, inners = [], []
-    for i in range(n):
-        val_loss, _, inner_i = task_objective(
-            omega, _theta0_task(theta0, i), x_tr[i], y_tr[i], x_val[i], y_val[i], steps, first_order
-        )
-        vals.append(val_loss)
-        inners.append(inner_i.detach())
-    val_losses = torch.stack(vals)
-    _check_losses(torch.stack(inners), val_losses.detach(), by_task=True)
+        theta0, dims = vmap_theta0(omega, n, generator, batch.train)
+    else:
+        theta0 = omega.initial_params(n, generator, train=batch.train)
+        dims = dict.fromkeys(theta0, 0)
+    val_losses, _, inner = map_tasks(
+        task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, steps, first_order, batching=mode
+    )
+    check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()
 
 

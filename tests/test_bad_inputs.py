@@ -23,7 +23,7 @@ from torch import nn
 
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import evaluate, fine_tune
-from metalearn.gradients import Checkpointed
+from metalearn.modes import Checkpointed
 from metalearn.inner import adapt
 from metalearn.knowledge import SGD, MetaKnowledge
 from metalearn.models import MLP

@@ -14,6 +14,7 @@ from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.knowledge import InitPart, MetaKnowledge, maml
 from metalearn.knowledge.builtins import SGD
 from metalearn.models import MLP
+from metalearn.modes import Implicit
 from metalearn.outer import metric
 from metalearn.tasks import Sinusoid, Task
 
@@ -181,7 +182,7 @@ def test_proximal_fine_tune_equals_hand_written_proximal_descent():
     omega = _omega(lr=0.05).double()
     task = Sinusoid(10, 20, seed=4, length=1)[0]
     x, y = (t.double() for t in task.train)
-    got = fine_tune(omega, (x, y), 7, proximal=2.0)
+    got = fine_tune(omega, (x, y), 7, mode=Implicit(lam=2.0))
     want = _hand_proximal_gd(omega, x, y, 7, lr=0.05, lam=2.0)
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=0, atol=1e-12), n
@@ -192,16 +193,17 @@ def test_proximal_fine_tune_equals_hand_written_proximal_descent():
 def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
     omega = _omega(lr=0.05)
     tasks = list(Sinusoid(5, 10, seed=6, length=6))
-    ev = evaluate(omega, tasks, 5, proximal=1.5, batching="vmap")  # proximal runs task by task
+    ev = evaluate(omega, tasks, 5, mode=Implicit(lam=1.5), batching="vmap")  # proximal runs task by task
     want = []
     for task in tasks:
-        theta = fine_tune(omega, task.train, 5, proximal=1.5)
+        theta = fine_tune(omega, task.train, 5, mode=Implicit(lam=1.5))
         want.append(float(omega.task_loss(theta, *task.val)))
     assert ev.per_task_loss.tolist() == pytest.approx(want, rel=1e-6)
     assert ev.mean == pytest.approx(statistics.fmean(want), rel=1e-6)  # regression: the metric is the MSE
     # a vanishing λ is the plain inner loop
-    assert evaluate(omega, tasks, 5, proximal=1e-12).mean == pytest.approx(evaluate(omega, tasks, 5).mean, rel=1e-6)
-    for bad in (0.0, -1.0, float("nan")):
+    vanishing = evaluate(omega, tasks, 5, mode=Implicit(lam=1e-12))
+    assert vanishing.mean == pytest.approx(evaluate(omega, tasks, 5).mean, rel=1e-6)
+    for bad in (0.0, -1.0, float("nan")):  # the deprecated proximal= is checked before any work too
         with pytest.raises(ValueError, match="proximal"):
             evaluate(omega, tasks, 5, proximal=bad)
         with pytest.raises(ValueError, match="proximal"):

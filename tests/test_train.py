@@ -319,7 +319,7 @@ def test_an_annealed_mixture_resumes_bit_identically(tmp_path):
 
 def test_implicit_mode_validates_on_the_proximal_objective(tmp_path):
     """iMAML meta-trains for the proximal inner problem, so its validation fine-tunes on it too."""
-    from metalearn.gradients import Implicit
+    from metalearn.modes import Implicit
 
     torch.manual_seed(0)
     omega = maml(MLP((1, 8, 8, 1)), lr=0.05)
@@ -328,7 +328,7 @@ def test_implicit_mode_validates_on_the_proximal_objective(tmp_path):
     kw = _kwargs(inner_steps=4, checkpoint_every=100, log_path=log)
     meta_train(omega, TASKS, outer, steps=2, mode=Implicit(lam=3.0), **kw)
     (val,) = _rows(log, "val")
-    proximal = evaluate(omega, VAL, 4, seed=5, proximal=3.0)
+    proximal = evaluate(omega, VAL, 4, seed=5, mode=Implicit(lam=3.0))
     plain = evaluate(omega, VAL, 4, seed=5)
     assert val["mean"] == pytest.approx(proximal.mean, rel=1e-9)
     assert val["mean"] != pytest.approx(plain.mean, rel=1e-6)

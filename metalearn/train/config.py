@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
-from metalearn.gradients import MetaGradientMode, Unrolled, resolve_mode
+from metalearn.modes import MetaGradientMode, resolve_mode
 from metalearn.outer import BATCHING_MODES
 
 __all__ = ["TrainConfig"]
@@ -32,8 +32,8 @@ def _resolved_first_order(config: TrainConfig, value: Any) -> bool:
 
 
 def _mode_identity(config: TrainConfig, value: Any) -> Any:
-    # unrolled runs keep the identity they had before modes existed
-    return _OMIT if isinstance(config.gradient_mode, Unrolled) else config.gradient_mode.config()
+    identity = config.gradient_mode.run_identity()
+    return _OMIT if identity is None else identity
 
 
 def _identity(to_json: Any = _plain) -> dict[str, Any]:
@@ -58,7 +58,7 @@ class TrainConfig:
         clip_grad_norm: clip the meta-gradient to this total norm (``None``: no clipping).
         seed: seeds the per-step generators (`metalearn.train.step_generator`) and validation.
         mode: the meta-gradient mode (``"unrolled"``, ``"first_order"``, ``"checkpointed"``,
-            ``"implicit"``, ``"reptile"`` or a `metalearn.gradients` mode object).
+            ``"implicit"``, ``"reptile"`` or a `metalearn.modes` mode object).
         val_every: validate after every this many steps.
         val_inner_steps: inner steps for validation (default ``inner_steps``).
         log_path: JSONL metrics file, or ``None``.

@@ -32,7 +32,6 @@ from metalearn.checkpoint import (
 )
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate
-from metalearn.gradients import Implicit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import JsonlLog, Row
@@ -159,12 +158,10 @@ class Run:
         """Meta-tests ω on the validation tasks; logs and returns the row."""
         began = time.perf_counter()
         cfg = self.config
-        # iMAML's inner problem is the proximal one: validate on it too
-        proximal = cfg.gradient_mode.lam if isinstance(cfg.gradient_mode, Implicit) else None
         inner_steps = cfg.validation_inner_steps
-        try:
+        try:  # the mode names the inner problem meta-test solves (iMAML's: the proximal one)
             ev = evaluate(
-                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, proximal=proximal
+                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode
             )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
