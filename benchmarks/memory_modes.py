@@ -40,9 +40,9 @@ sys.path.insert(0, str(HERE))
 
 from meta_iteration import TUNED_MALLOC, MemoryPeaks  # noqa: E402
 
-from metalearn.modes import Checkpointed, Implicit, Unrolled  # noqa: E402
 from metalearn.knowledge.recipes import maml  # noqa: E402
 from metalearn.models import Conv4  # noqa: E402
+from metalearn.modes import Checkpointed, Implicit, Unrolled  # noqa: E402
 from metalearn.outer import meta_step  # noqa: E402
 from metalearn.tasks.task import TaskBatch  # noqa: E402
 

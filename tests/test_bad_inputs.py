@@ -23,10 +23,10 @@ from torch import nn
 
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import evaluate, fine_tune
-from metalearn.modes import Checkpointed
 from metalearn.inner import adapt
 from metalearn.knowledge import SGD, MetaKnowledge
 from metalearn.models import MLP
+from metalearn.modes import Checkpointed
 from metalearn.outer import meta_gradient, meta_loss, meta_step
 from metalearn.tasks import (
     ClassAugmentation,
