@@ -327,6 +327,20 @@ def test_mixture_names_and_validation():
         OptimizerMixture({"a/b": SGD(0.1)})
 
 
+def test_mixture_is_the_shared_soft_choice_with_its_state_dict_keys():
+    from metalearn.knowledge import Choice, SoftChoice, soft_choice
+
+    assert Choice is soft_choice.Choice  # one Choice class in the library
+    omega = _omega(_mixture())
+    mix = omega.optimizer
+    assert isinstance(mix, SoftChoice) and mix.names == ["sgd", "adam"]
+    keys = set(omega.state_dict())
+    assert {"optimizer.logits", "optimizer.fixed_index", "optimizer.temperature_saved"} <= keys
+    assert any(k.startswith("optimizer.candidates.adam.") for k in keys)
+    mix.fix("sgd")
+    assert mix.weights().tolist() == [1.0, 0.0] and mix.chosen().name == "sgd"
+
+
 def test_mixture_meta_gradient_wrt_logits_and_hypers_matches_finite_differences():
     omega = _omega(_mixture(temperature=0.8))
     with torch.no_grad():

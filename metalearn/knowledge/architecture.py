@@ -73,6 +73,7 @@ class ArchitectureWeights(SoftChoice, ArchitecturePart):
         if never_chosen is None and not isinstance(candidates, str):
             never_chosen = [n for n in ("zero",) if n in candidates]
         super().__init__(candidates, edges, temperature, anneal, () if never_chosen is None else never_chosen)
+        self.candidates: tuple[str, ...] = self._names
 
     @property
     def edges(self) -> int:

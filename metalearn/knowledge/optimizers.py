@@ -5,7 +5,7 @@ Each is a composition of the rules in `metalearn.knowledge.rules` (an `Optimizer
 
 * ``MomentumSGD(lr, momentum)`` is ``chain(trace(momentum), scale_by_learning_rate(lr))``;
 * ``Adam(lr, betas, eps)`` is ``chain(scale_by_adam(*betas, eps), scale_by_learning_rate(lr))``;
-* `OptimizerMixture` mixes its candidates' updates.
+* `OptimizerMixture` mixes its candidates' updates (the choice is a `SoftChoice`).
 
 The hyper-parameters named in ``learn`` are `Learned` (meta-parameters, stored unconstrained:
 positive ones as their log, ones in (0, 1) as their logit); the others stay plain floats, so
@@ -15,9 +15,7 @@ with nothing learned each rule is exactly its ``torch.optim`` counterpart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from metalearn.knowledge.parts import OptimizerPart, Params, State
@@ -30,7 +28,7 @@ from metalearn.knowledge.rules import (
     scale_by_learning_rate,
     trace,
 )
-from metalearn.knowledge.temperature import AnnealedTemperature
+from metalearn.knowledge.soft_choice import Choice, SoftChoice
 
 __all__ = [
     "HYPER_GROUPS",
@@ -160,11 +158,31 @@ def _updates_of(part: OptimizerPart, grads: Params, state: State, params: Params
     return {n: new_params[n] - p for n, p in params.items()}, state
 
 
-class Choice(NamedTuple):
-    """Which rule an `OptimizerMixture` uses: the name and every candidate's weight."""
+def _name_rules(parts: Sequence[OptimizerPart]) -> dict[str, OptimizerPart]:
+    """Rules named after their classes, lower-case, with ``_1``, ``_2``... on repeats."""
+    named: dict[str, OptimizerPart] = {}
+    for part in parts:
+        base = type(part).__name__.lower()
+        name, i = base, 0
+        while name in named:
+            i += 1
+            name = f"{base}_{i}"
+        named[name] = part
+    return named
 
-    name: str
-    weights: dict[str, float]
+
+def _checked_rules(candidates: Mapping[str, OptimizerPart] | Sequence[OptimizerPart]) -> dict[str, OptimizerPart]:
+    """An `OptimizerMixture`'s candidates by name, checked: at least one, parts, names usable as keys."""
+    named = dict(candidates) if isinstance(candidates, Mapping) else _name_rules(candidates)
+    if not named:
+        raise ValueError("OptimizerMixture needs at least one candidate update rule")
+    for name, part in named.items():
+        if not isinstance(part, OptimizerPart):
+            raise TypeError(f"candidate {name!r} is a {type(part).__name__}, not an OptimizerPart")
+        if not isinstance(name, str) or "/" in name or "." in name or not name:
+            # '/' separates a candidate's state keys, '.' its parameters' names
+            raise ValueError(f"candidate names must be non-empty strings without '/' or '.', got {name!r}")
+    return named
 
 
 def geometric_anneal(start: float, end: float, steps: int) -> Callable[[int], float]:
@@ -184,7 +202,7 @@ def geometric_anneal(start: float, end: float, steps: int) -> Callable[[int], fl
     return temperature
 
 
-class OptimizerMixture(AnnealedTemperature, OptimizerPart):
+class OptimizerMixture(SoftChoice, OptimizerPart):
     r"""A learned choice among update rules: a softmax-weighted mixture of candidate steps.
 
     .. math::
@@ -198,11 +216,13 @@ class OptimizerMixture(AnnealedTemperature, OptimizerPart):
     anything the candidates learn). This is the continuous relaxation used for choices in
     DARTS (Liu et al., 2019), applied to the inner update rule.
 
-    Temperature T is plain configuration, never a global: set it with `set_temperature`,
-    or give ``anneal`` (a function of the outer step, e.g. `geometric_anneal`) and have the
-    training loop call `set_outer_step` before each meta-step; a low T pushes the weights
-    towards one rule. T and a fixed choice are saved in the state dict (buffers ``temperature_saved``,
-    ``fixed_index``).
+    The choice itself (logits, temperature, fixing, `chosen`, `weights`) is the shared
+    `SoftChoice` with one row, as for `ArchitectureWeights`; this class adds the rules
+    (``candidates``, a `torch.nn.ModuleDict` by name) and mixes their updates. Temperature T
+    is plain configuration, never a global: set it with `set_temperature`, or give ``anneal``
+    (a function of the outer step, e.g. `geometric_anneal`) and have the training loop call
+    `set_outer_step` before each meta-step; a low T pushes the weights towards one rule. T and
+    a fixed choice are saved in the state dict (buffers ``temperature_saved``, ``fixed_index``).
 
     For meta-test, `fix` keeps only the argmax rule (only it runs; its state only) and
     `chosen` reports the rule and the weights.
@@ -220,84 +240,19 @@ class OptimizerMixture(AnnealedTemperature, OptimizerPart):
         temperature: float = 1.0,
         anneal: Callable[[int], float] | None = None,
     ) -> None:
-        super().__init__(temperature, anneal)
-        named = dict(candidates) if isinstance(candidates, Mapping) else self._name(candidates)
-        if not named:
-            raise ValueError("OptimizerMixture needs at least one candidate update rule")
-        for name, part in named.items():
-            if not isinstance(part, OptimizerPart):
-                raise TypeError(f"candidate {name!r} is a {type(part).__name__}, not an OptimizerPart")
-            if "/" in name or "." in name or not name:
-                raise ValueError(f"candidate names must be non-empty without '/' or '.', got {name!r}")
+        named = _checked_rules(candidates)
+        super().__init__(list(named), None, temperature, anneal)
         self.candidates = nn.ModuleDict(named)
-        self.logits = nn.Parameter(torch.zeros(len(named)))
-        # Saved in the state dict as a buffer; the Python mirror is what `step` reads (no
-        # device sync per inner step) and is refreshed after load_state_dict.
-        self.register_buffer("fixed_index", torch.tensor(-1))
-        self._fixed: str | None = None
-        self.register_load_state_dict_post_hook(OptimizerMixture._after_load)
-
-    @staticmethod
-    def _name(parts: Sequence[OptimizerPart]) -> dict[str, OptimizerPart]:
-        named: dict[str, OptimizerPart] = {}
-        for part in parts:
-            base = type(part).__name__.lower()
-            name, i = base, 0
-            while name in named:
-                i += 1
-                name = f"{base}_{i}"
-            named[name] = part
-        return named
-
-    @property
-    def names(self) -> list[str]:
-        """The candidates' names, in the order of the logits."""
-        return list(self.candidates)
-
-    @staticmethod
-    def _after_load(module: OptimizerMixture, incompatible_keys: Any) -> None:
-        index = int(module.fixed_index)
-        module._fixed = module.names[index] if index >= 0 else None
-
-    def weights(self) -> Tensor:
-        """softmax(ℓ / T), differentiable w.r.t. the logits."""
-        return torch.softmax(self.logits / self._temperature, dim=0)
-
-    def chosen(self) -> Choice:
-        """The rule in use (the fixed one, or else the argmax of the logits) and all weights."""
-        w = self.weights().detach()
-        name = self._fixed if self._fixed is not None else self.names[int(w.argmax())]
-        return Choice(name, {n: float(x) for n, x in zip(self.names, w, strict=True)})
-
-    def fix(self, name: str | None = None) -> str:
-        """From now on use only one rule: ``name``, or the argmax of the logits. Returns its name."""
-        name = name if name is not None else self.chosen().name
-        if name not in self.candidates:
-            raise ValueError(f"unknown candidate {name!r}; candidates: {self.names}")
-        self._fixed = name
-        self.fixed_index.fill_(self.names.index(name))
-        return name
-
-    def unfix(self) -> None:
-        """Back to the soft mixture."""
-        self._fixed = None
-        self.fixed_index.fill_(-1)
-
-    @property
-    def fixed(self) -> str | None:
-        """The name of the fixed rule, or ``None`` while mixing."""
-        return self._fixed
 
     def bind(self, adapted: Mapping[str, Tensor]) -> None:
         first = next(iter(adapted.values()), None)
-        if first is not None and (self.logits.dtype, self.logits.device) != (first.dtype, first.device):
-            # follow θ's dtype and device, as the candidates' hyper-parameters do
-            self.logits = nn.Parameter(self.logits.detach().to(dtype=first.dtype, device=first.device))
+        if first is not None:
+            self.follow(first)  # the logits follow θ's dtype and device, as the candidates' hyper-parameters do
         for part in self.candidates.values():
             part.bind(adapted)
 
     def _active(self) -> list[str]:
-        return [self._fixed] if self._fixed is not None else self.names
+        return self.names if self.fixed is None else [self._names[self.fixed_indices[0]]]
 
     def init_state(self, params: Params) -> State:
         state = {}
@@ -315,9 +270,9 @@ class OptimizerMixture(AnnealedTemperature, OptimizerPart):
             candidate_updates, own = _updates_of(self.candidates[name], grads, own, params, step)
             new_state.update({prefix + k: v for k, v in own.items()})
             updates.append(candidate_updates)
-        if self._fixed is not None:
-            return updates[0], new_state
-        w = self.weights()
+        if self.fixed is not None:
+            return updates[0], new_state  # only the fixed rule ran: its updates, unweighted
+        w = self.probabilities()
         mixed = {n: sum(w[i] * u[n] for i, u in enumerate(updates)) for n in params}
         return mixed, new_state
 

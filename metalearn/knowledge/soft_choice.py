@@ -89,7 +89,8 @@ class SoftChoice(AnnealedTemperature):
                 f"{never_chosen!r} for candidates {names}"
             )
         super().__init__(temperature, anneal)
-        self.candidates: tuple[str, ...] = names
+        # private so that a subclass may name its own things `candidates` (OptimizerMixture: its rules)
+        self._names: tuple[str, ...] = names
         self.rows = rows
         self.never_chosen = tuple(never_chosen)
         shape = (len(names),) if rows is None else (rows, len(names))
@@ -102,6 +103,11 @@ class SoftChoice(AnnealedTemperature):
     def _after_load(module: SoftChoice, incompatible_keys: Any) -> None:
         index = module.fixed_index.reshape(-1).tolist()
         module._fixed = tuple(index) if all(i >= 0 for i in index) else None
+
+    @property
+    def names(self) -> list[str]:
+        """The candidates' names, in the order of the logits' last dimension."""
+        return list(self._names)
 
     def follow(self, like: Tensor) -> None:
         """Moves the logits to ``like``'s dtype and device (a part that follows θ's, e.g. at ``bind``)."""
@@ -117,7 +123,7 @@ class SoftChoice(AnnealedTemperature):
         if self._fixed is None:
             return self.probabilities()
         index = torch.tensor(self._fixed, device=self.logits.device).reshape(self.fixed_index.shape)
-        return F.one_hot(index, len(self.candidates)).to(self.logits.dtype)
+        return F.one_hot(index, len(self._names)).to(self.logits.dtype)
 
     @property
     def fixed_indices(self) -> tuple[int, ...] | None:
@@ -128,15 +134,15 @@ class SoftChoice(AnnealedTemperature):
         """Per row: the fixed index, or else the argmax of ℓ over the candidates not in ``never_chosen``."""
         if self._fixed is not None:
             return list(self._fixed)
-        w = self.probabilities().detach().reshape(-1, len(self.candidates))
-        allowed = torch.tensor([n not in self.never_chosen for n in self.candidates], device=w.device)
+        w = self.probabilities().detach().reshape(-1, len(self._names))
+        allowed = torch.tensor([n not in self.never_chosen for n in self._names], device=w.device)
         return w.masked_fill(~allowed, -1.0).argmax(dim=-1).tolist()
 
     def chosen(self) -> Choice | list[Choice]:
         """The candidate in use and every candidate's weight (softmax): one `Choice`, or one per row."""
-        w = self.probabilities().detach().reshape(-1, len(self.candidates))
+        w = self.probabilities().detach().reshape(-1, len(self._names))
         choices = [
-            Choice(self.candidates[i], {n: float(x) for n, x in zip(self.candidates, row, strict=True)})
+            Choice(self._names[i], {n: float(x) for n, x in zip(self._names, row, strict=True)})
             for i, row in zip(self.chosen_indices(), w, strict=True)
         ]
         return choices[0] if self.rows is None else choices
@@ -145,15 +151,15 @@ class SoftChoice(AnnealedTemperature):
         """From now on use only one candidate per row: ``choices`` (a name, or one name per row),
         or else `chosen`'s. Returns the names (a name for a single choice)."""
         if choices is None:
-            names = [self.candidates[i] for i in self.chosen_indices()]
+            names = [self._names[i] for i in self.chosen_indices()]
         else:
             names = [choices] if self.rows is None and isinstance(choices, str) else list(choices)
         if len(names) != (self.rows or 1) or (self.rows is not None and isinstance(choices, str)):
             raise ValueError(f"fix needs one name per row ({self.rows or 1}), got {choices!r}")
-        unknown = [n for n in names if n not in self.candidates]
+        unknown = [n for n in names if n not in self._names]
         if unknown:
-            raise ValueError(f"unknown candidates {unknown}; candidates: {list(self.candidates)}")
-        self._fixed = tuple(self.candidates.index(n) for n in names)
+            raise ValueError(f"unknown candidates {unknown}; candidates: {list(self._names)}")
+        self._fixed = tuple(self._names.index(n) for n in names)
         self.fixed_index.copy_(torch.tensor(self._fixed).reshape(self.fixed_index.shape))
         return names[0] if self.rows is None else names
 
@@ -167,11 +173,11 @@ class SoftChoice(AnnealedTemperature):
         """The fixed name (one per row), or ``None`` while mixing."""
         if self._fixed is None:
             return None
-        names = [self.candidates[i] for i in self._fixed]
+        names = [self._names[i] for i in self._fixed]
         return names[0] if self.rows is None else names
 
     def extra_repr(self) -> str:
         # configuration only: T and the fixed choice are buffers that change during a run, and a run's
         # identity must not change with them (never_chosen neither: it changes what is derived, not trained)
         rows = "" if self.rows is None else f"rows={self.rows}, "
-        return f"{rows}candidates={self.candidates}, anneal={self.anneal is not None}"
+        return f"{rows}candidates={self._names}, anneal={self.anneal is not None}"
