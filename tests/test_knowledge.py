@@ -286,7 +286,7 @@ class PoppingAdapt(AdaptPart):
         (NoTaskDimInit(), "structure", "leading task dimension"),
         (DetachedGainInit(), "differentiable", "'gain'"),
         (ReversedAdapt(), "structure", "order"),
-        (AlternatingAdapt(), "no hidden state", "same names"),
+        (AlternatingAdapt(), "no hidden state", "'flip'"),  # names the attribute select flips
         (PoppingAdapt(), "pure", "modified"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
@@ -478,3 +478,49 @@ def test_legacy_unregistered_architecture_part_still_found():
 
     omega = MetaKnowledge(Old(), optimizer=SGD(0.1))
     assert [n for n, _ in omega.named_parameters()] == ["model.lin.weight", "model.lin.bias", "architecture.g"]
+
+
+# ---------------------------------------------------------------- vmap-safety of module parts (a loss)
+
+
+class BranchingLoss(nn.Module):
+    """A learned loss that picks its form from a tensor's value: fine alone, refused under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        diff = output - target
+        if float(diff.mean()) > 0:  # data-dependent Python control flow
+            return self.scale * diff.pow(2).mean()
+        return self.scale * diff.abs().mean()
+
+
+class StdNormalisedLoss(nn.Module):
+    """Normalises by a statistic of its input: under vmap that is still one task's (vmap hides the
+    batch dimension), so this loss is vmap-safe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.scale * ((output - target) / (target.std() + 1.0)).pow(2).mean()
+
+
+def _loss_inputs() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(6, 1, generator=g, dtype=DT), torch.randn(6, 1, generator=g, dtype=DT)
+
+
+def test_check_part_refuses_a_loss_that_branches_on_a_tensor_value() -> None:
+    with pytest.raises(ContractError, match=r"\[vmap-safe\].*data-dependent Python control flow") as info:
+        check_part(BranchingLoss(), inputs=_loss_inputs(), call=lambda part, xs, gen: part(*xs))
+    assert info.value.rule == "vmap-safe" and "BranchingLoss" in str(info.value)
+
+
+def test_check_part_passes_a_vmap_safe_loss_and_says_so() -> None:
+    report = check_part(StdNormalisedLoss(), inputs=_loss_inputs(), call=lambda part, xs, gen: part(*xs))
+    assert report.kind == "module" and report.rules[-1] == "vmap-safe"
+    assert report.gradchecked[0] == "scale"

@@ -8,8 +8,15 @@ The rules (see `metalearn.knowledge.parts`):
 * **explicit randomness** — a part samples only from the ``torch.Generator`` it is given,
   never from torch's global generator;
 * **structure** — outputs have the keys, shapes and dtypes the library expects;
-* **vmap-safe** — an optimizer part run under ``torch.func.vmap`` over a small batch gives, for
-  each entry, what it gives alone (float64); the inner loop maps parts over tasks this way;
+* **vmap-safe** — a part that runs inside the inner loop (an optimizer; a loss, an architecture
+  part or a model's forward, checked as a module with ``call=`` and ``inputs``) run under
+  ``torch.func.vmap`` over a small batch gives, for each entry, what it gives alone (float64);
+  the inner loop maps them over tasks this way. An init's ``initial_params`` runs outside vmap
+  (once per batch, with the number of tasks), so init parts are not vmap-checked;
+
+Every kind's checker runs the part's calls through one probe (`_probe`: global RNG untouched,
+inputs and the part's own state unchanged, equal inputs give equal outputs), then its typed
+structure checks, the gradient check and, where the part runs inside vmap, the vmap check.
 * **differentiable** — the outputs are differentiable w.r.t. the part's meta-parameters,
   checked by a float64 finite-difference gradient check (``torch.autograd.gradcheck``). An
   optimizer part is also checked w.r.t. its ``params`` and ``grads`` inputs: second-order
@@ -306,112 +313,86 @@ def _small_model(dtype: torch.dtype, generator: torch.Generator) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------- per kind
+# ---------------------------------------------------------------- the probe
 
 
-def _check_optimizer(
-    part: OptimizerPart, inputs: Any, dtype: torch.dtype, atol: float, rtol: float, gen: torch.Generator, steps: int
-) -> ContractReport:
-    if inputs is None:
-        params, grads = _random_params(gen, dtype)
-    else:
-        params, grads = inputs
-        params = {k: v.detach().to(dtype) for k, v in params.items()}
-        grads = {k: v.detach().to(dtype) for k, v in grads.items()}
-        if set(params) != set(grads):
-            raise ValueError(f"inputs=(params, grads) must have the same keys, got {list(params)} and {list(grads)}")
-    part = _prepared(part, dtype)
-    part.bind({k: v.clone() for k, v in params.items()})
-    meta = _meta_parameters(part)
+def _probe(
+    part: nn.Module, what: str, call: Callable[..., Any], args: tuple[Any, ...],
+    repeat_rule: str = "no hidden state",
+    repeat_hint: str = "A part keeps no state between calls (counters, caches, global randomness): pass it in "
+    "`state` and return it",
+) -> Any:
+    """``call(*args)``, run the way the contract wants every call of a part run; returns its output.
 
-    def run(p: Params, g: Params) -> tuple[Params, State]:
-        state = part.init_state(p)
-        for k in range(steps):
-            p, state = part.step(p, g, state, k)
-        return p, state
-
-    # purity, structure and determinism, step by step
-    p: Params = params
-    with _GlobalRngGuard(part, "init_state"):
-        before = _snapshot(part)
-        saved = _clone(p)
-        state = part.init_state(p)
-        _check_inputs_unchanged(part, saved, p, "init_state")
-        _check_snapshot(part, before, "init_state")
-    if not isinstance(state, Mapping):
-        raise ContractError(part, "structure", f"init_state must return a dict of tensors, got {type(state)}")
-    for k in range(steps):
-        what = f"step(..., step={k})"
-        snapshot = _snapshot(part)
-        saved_in = _clone((p, grads, state))
-        with _GlobalRngGuard(part, what):
-            result = part.step(p, grads, state, k)
-        _check_inputs_unchanged(part, saved_in, (p, grads, state), what)
-        _check_snapshot(part, snapshot, what)
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
-            raise ContractError(part, "structure", f"{what} must return (params, state), got {type(result)}")
-        new_p, new_state = result
-        if list(new_p) != list(p):
-            raise ContractError(
-                part, "structure",
-                f"{what} returned parameters {list(new_p)} but was given {list(p)}: return every given "
-                "parameter, under the same name, in the same order",
-            )
-        for name, t in new_p.items():
-            if not isinstance(t, Tensor) or t.shape != p[name].shape or t.dtype != p[name].dtype:
-                got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
-                raise ContractError(
-                    part, "structure",
-                    f"{what} returned {name!r} as {got}, expected shape {tuple(p[name].shape)} and "
-                    f"dtype {p[name].dtype}",
-                )
-        if not isinstance(new_state, Mapping):
-            raise ContractError(part, "structure", f"{what} must return the state as a dict, got {type(new_state)}")
-        again = part.step(_clone(saved_in[0]), _clone(saved_in[1]), _clone(saved_in[2]), k)
-        if not _same(result, again):
-            raise ContractError(
-                part, "no hidden state",
-                f"{what} gave different outputs when called twice with the same inputs. A part keeps no state "
-                "between calls (counters, caches, global randomness): pass it in `state` and return it",
-            )
-        p, state = new_p, new_state
-    if not _same(run(_clone(params), _clone(grads)), run(_clone(params), _clone(grads))):
+    The one probe of every kind's checker: the call may draw only from its generator (no
+    global RNG), must leave its inputs and the part's own parameters, buffers and plain
+    attributes as they were, and a second call with equal inputs must give equal outputs
+    (``repeat_rule`` and ``repeat_hint`` say what a difference means for this kind).
+    """
+    before = _snapshot(part)
+    saved = _clone(args)
+    with _GlobalRngGuard(part, what):
+        out = call(*args)
+    _check_inputs_unchanged(part, saved, args, what)
+    _check_snapshot(part, before, what)
+    with _GlobalRngGuard(part, what):
+        again = call(*_clone(saved))
+    if not _same(out, again):
         raise ContractError(
-            part, "no hidden state", "two identical runs of init_state + step gave different results"
+            part, repeat_rule, f"{what} gave different outputs when called twice with the same inputs. {repeat_hint}"
         )
+    return out
 
-    # differentiability
+
+def _gradchecked(
+    part: nn.Module, call: Callable[..., Any], named_inputs: list[tuple[str, Tensor]], atol: float, rtol: float,
+    gen: torch.Generator, is_meta: Callable[[str], bool],
+) -> list[str]:
+    """`_gradcheck` of ``call(*inputs)`` w.r.t. the part's meta-parameters (swapped in by
+    ``functional_call``) and then each of ``named_inputs``."""
+    meta = _meta_parameters(part)
     meta_names = list(meta)
-    names = meta_names + [f"params.{k}" for k in params] + [f"grads.{k}" for k in grads]
-    runner = _Runner(part, run)
+    runner = _Runner(part, call)
 
     def fn(*tensors: Tensor) -> Any:
-        m = dict(zip(meta_names, tensors[: len(meta_names)], strict=True))
-        rest = tensors[len(meta_names):]
-        p = dict(zip(params, rest[: len(params)], strict=True))
-        g = dict(zip(grads, rest[len(params):], strict=True))
-        return functional_call(runner, {f"part.{k}": v for k, v in m.items()}, (p, g))
+        swapped = {f"part.{k}": v for k, v in zip(meta_names, tensors[: len(meta_names)], strict=True)}
+        return functional_call(runner, swapped, tuple(tensors[len(meta_names):]))
 
-    named = [(n, t) for n, t in zip(names, [*meta.values(), *params.values(), *grads.values()], strict=True)]
-    checked = _gradcheck(part, fn, named, atol, rtol, gen, lambda n: n in meta)
-    _check_vmap(part, run, (params, grads), gen)
-    rules = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable", "vmap-safe")
-    return ContractReport(type(part).__name__, "optimizer", rules, tuple(meta_names), tuple(checked))
+    named = [(n, meta[n]) for n in meta_names] + named_inputs
+    return _gradcheck(part, fn, named, atol, rtol, gen, lambda n: n in meta or is_meta(n))
 
 
-def _check_vmap(part: nn.Module, run: Callable[..., Any], inputs: tuple[Params, ...], gen: torch.Generator) -> None:
+def _batched(x: Any, n: int, gen: torch.Generator) -> Any:
+    """``n`` entries of ``x`` stacked on a new leading dimension: floating tensors perturbed, others repeated."""
+    if isinstance(x, Mapping):
+        return {k: _batched(v, n, gen) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_batched(v, n, gen) for v in x)
+    if not x.is_floating_point():
+        return x.expand(n, *x.shape).clone()
+    return x + 0.1 * torch.randn((n, *x.shape), dtype=x.dtype, generator=gen).to(x.device)
+
+
+def _entry(x: Any, i: int) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _entry(v, i) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_entry(v, i) for v in x)
+    return x[i]
+
+
+def _check_vmap(part: nn.Module, run: Callable[..., Any], inputs: tuple[Any, ...], gen: torch.Generator) -> None:
     """``run`` under ``torch.func.vmap`` over a batch of 3 perturbed inputs equals ``run`` on each (float64).
 
-    The inner loop maps every part over the tasks of a batch with vmap (``batching="vmap"``), so
-    a part must give per task what it gives alone.
+    The inner loop maps the optimizer, the loss and the model's forward (with any architecture
+    part inside it) over the tasks of a batch with vmap (``batching="vmap"``), so each must give
+    per task what it gives alone. (An init's ``initial_params`` is called once per batch, outside
+    vmap, with the number of tasks: it needs no such check.)
     """
     n = 3
-    batched = tuple(
-        {k: v + 0.1 * torch.randn((n, *v.shape), dtype=v.dtype, generator=gen).to(v.device) for k, v in d.items()}
-        for d in inputs
-    )
+    batched = tuple(_batched(x, n, gen) for x in inputs)
     try:
-        mapped = torch.func.vmap(run)(*batched)
+        mapped = [t for _, t in _tensors(torch.func.vmap(run)(*batched))]
     except Exception as err:  # vmap raises RuntimeError / NotImplementedError for what it cannot batch
         raise ContractError(
             part, "vmap-safe",
@@ -420,11 +401,9 @@ def _check_vmap(part: nn.Module, run: Callable[..., Any], inputs: tuple[Params, 
             "no random ops",
         ) from err
     for i in range(n):
-        alone = run(*({k: v[i] for k, v in d.items()} for d in batched))
-        one = [t for _, t in _tensors(mapped)]
-        ref = [t for _, t in _tensors(alone)]
-        if len(one) != len(ref) or not all(
-            torch.allclose(a[i], b, rtol=1e-10, atol=1e-12) for a, b in zip(one, ref, strict=True)
+        alone = [t for _, t in _tensors(run(*(_entry(x, i) for x in batched)))]
+        if len(mapped) != len(alone) or not all(
+            torch.allclose(a[i], b, rtol=1e-10, atol=1e-12, equal_nan=True) for a, b in zip(mapped, alone, strict=True)
         ):
             raise ContractError(
                 part, "vmap-safe",
@@ -446,10 +425,80 @@ class _Runner(nn.Module):
         return self._call(*args)
 
 
-def _check_init(
-    part: InitPart, model: nn.Module | None, dtype: torch.dtype, atol: float, rtol: float, gen: torch.Generator,
-    n_tasks: int, inputs: Any = None,
+# ---------------------------------------------------------------- optimizer parts
+
+
+def _optimizer_inputs(inputs: Any, dtype: torch.dtype, gen: torch.Generator) -> tuple[Params, Params]:
+    if inputs is None:
+        return _random_params(gen, dtype)
+    params, grads = inputs
+    if set(params) != set(grads):
+        raise ValueError(f"inputs=(params, grads) must have the same keys, got {list(params)} and {list(grads)}")
+    return {k: v.detach().to(dtype) for k, v in params.items()}, {k: v.detach().to(dtype) for k, v in grads.items()}
+
+
+def _check_step_result(part: nn.Module, what: str, result: Any, p: Params) -> None:
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
+        raise ContractError(part, "structure", f"{what} must return (params, state), got {type(result)}")
+    new_p, new_state = result
+    if list(new_p) != list(p):
+        raise ContractError(
+            part, "structure",
+            f"{what} returned parameters {list(new_p)} but was given {list(p)}: return every given "
+            "parameter, under the same name, in the same order",
+        )
+    for name, t in new_p.items():
+        if not isinstance(t, Tensor) or t.shape != p[name].shape or t.dtype != p[name].dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
+            raise ContractError(
+                part, "structure",
+                f"{what} returned {name!r} as {got}, expected shape {tuple(p[name].shape)} and dtype {p[name].dtype}",
+            )
+    if not isinstance(new_state, Mapping):
+        raise ContractError(part, "structure", f"{what} must return the state as a dict, got {type(new_state)}")
+
+
+def _check_optimizer(
+    part: OptimizerPart, inputs: Any, dtype: torch.dtype, atol: float, rtol: float, gen: torch.Generator, steps: int
 ) -> ContractReport:
+    params, grads = _optimizer_inputs(inputs, dtype, gen)
+    part = _prepared(part, dtype)
+    part.bind({k: v.clone() for k, v in params.items()})
+
+    def run(p: Params, g: Params) -> tuple[Params, State]:
+        state = part.init_state(p)
+        for k in range(steps):
+            p, state = part.step(p, g, state, k)
+        return p, state
+
+    p, state = params, _probe(part, "init_state", part.init_state, (params,))
+    if not isinstance(state, Mapping):
+        raise ContractError(part, "structure", f"init_state must return a dict of tensors, got {type(state)}")
+    for k in range(steps):
+        what = f"step(..., step={k})"
+        result = _probe(part, what, lambda p, g, s, k=k: part.step(p, g, s, k), (p, grads, state))
+        _check_step_result(part, what, result, p)
+        p, state = result
+    if not _same(run(_clone(params), _clone(grads)), run(_clone(params), _clone(grads))):
+        raise ContractError(part, "no hidden state", "two identical runs of init_state + step gave different results")
+
+    def flat(*ts: Tensor) -> Any:
+        return run(dict(zip(params, ts[: len(params)], strict=True)), dict(zip(grads, ts[len(params):], strict=True)))
+
+    named = [(f"params.{k}", v) for k, v in params.items()] + [(f"grads.{k}", v) for k, v in grads.items()]
+    checked = _gradchecked(part, flat, named, atol, rtol, gen, lambda n: False)
+    _check_vmap(part, run, (params, grads), gen)
+    rules = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable", "vmap-safe")
+    return ContractReport(type(part).__name__, "optimizer", rules, tuple(_meta_parameters(part)), tuple(checked))
+
+
+# ---------------------------------------------------------------- init parts
+
+
+def _init_setting(
+    part: InitPart, model: nn.Module | None, dtype: torch.dtype, gen: torch.Generator, n_tasks: int, inputs: Any
+) -> tuple[nn.Module, tuple[Tensor, Tensor] | None]:
+    """The model an init binds to (a float64 copy) and, for one that uses train data, the train halves."""
     train: tuple[Tensor, Tensor] | None = None
     if part.uses_train_data:
         if model is None:
@@ -464,32 +513,18 @@ def _check_init(
             x, y = inputs
             train = (x.to(dtype) if x.is_floating_point() else x, y)
     model = copy.deepcopy(model).to(dtype) if model is not None else _small_model(dtype, gen)
-    part = _prepared(part, dtype)
-    part.bind(model)
-    model_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    meta = _meta_parameters(part)
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return model, train
 
-    def call(mp: Mapping[str, Tensor]) -> Params:
-        if train is not None:
-            return part.initial_params(mp, n_tasks, torch.Generator().manual_seed(seed), train=train)
-        return part.initial_params(mp, n_tasks, torch.Generator().manual_seed(seed))
 
-    what = "initial_params"
-    before = _snapshot(part)
-    saved = _clone(model_params)
-    with _GlobalRngGuard(part, what):
-        first = call(model_params)
-    _check_inputs_unchanged(part, saved, model_params, what)
-    _check_snapshot(part, before, what)
-    if not isinstance(first, Mapping) or list(first) != list(model_params):
-        got = list(first) if isinstance(first, Mapping) else type(first)
+def _check_theta0(part: nn.Module, what: str, theta0: Any, model_params: Params, n_tasks: int) -> None:
+    if not isinstance(theta0, Mapping) or list(theta0) != list(model_params):
+        got = list(theta0) if isinstance(theta0, Mapping) else type(theta0)
         raise ContractError(
             part, "structure",
             f"{what} returned {got}; it must return a dict with every model parameter {list(model_params)}, "
             "in the model's order",
         )
-    for name, t in first.items():
+    for name, t in theta0.items():
         want = (n_tasks, *model_params[name].shape)
         if not isinstance(t, Tensor) or tuple(t.shape) != want or t.dtype != model_params[name].dtype:
             got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
@@ -498,42 +533,48 @@ def _check_init(
                 f"{what} returned {name!r} as {got}; expected shape {want} (a leading task dimension of "
                 f"n_tasks={n_tasks}) and dtype {model_params[name].dtype}",
             )
-    with _GlobalRngGuard(part, what):
-        second = call(_clone(model_params))
-    if not _same(first, second):
-        raise ContractError(
-            part, "explicit randomness",
-            f"{what} gave different θ0 for two generators seeded alike. Draw every random number from the "
-            "`generator` argument and keep no state between calls",
-        )
 
-    meta_names = list(meta)
+
+def _check_init(
+    part: InitPart, model: nn.Module | None, dtype: torch.dtype, atol: float, rtol: float, gen: torch.Generator,
+    n_tasks: int, inputs: Any = None,
+) -> ContractReport:
+    model, train = _init_setting(part, model, dtype, gen, n_tasks, inputs)
+    part = _prepared(part, dtype)
+    part.bind(model)
+    model_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+
+    def call(mp: Mapping[str, Tensor]) -> Params:
+        extra = {} if train is None else {"train": train}
+        return part.initial_params(mp, n_tasks, torch.Generator().manual_seed(seed), **extra)
+
+    what = "initial_params"
+    hint = "θ0 must be the same for two generators seeded alike: draw every random number from the `generator` " \
+        "argument and keep no state between calls"
+    theta0 = _probe(part, what, call, (model_params,), "explicit randomness", hint)
+    _check_theta0(part, what, theta0, model_params, n_tasks)
+
     model_names = list(model_params) if part.uses_model_parameters else []
-    runner = _Runner(part, call)
 
-    def fn(*tensors: Tensor) -> Any:
-        m = dict(zip(meta_names, tensors[: len(meta_names)], strict=True))
-        mp = dict(model_params)
-        mp.update(zip(model_names, tensors[len(meta_names):], strict=True))
-        return functional_call(runner, {f"part.{k}": v for k, v in m.items()}, (mp,))
+    def flat(*ts: Tensor) -> Any:
+        return call({**model_params, **dict(zip(model_names, ts, strict=True))})
 
-    named = [(n, meta[n]) for n in meta_names] + [(f"model.{n}", model_params[n]) for n in model_names]
-    checked = _gradcheck(part, fn, named, atol, rtol, gen, lambda n: n in meta or n.startswith("model."))
+    named = [(f"model.{n}", model_params[n]) for n in model_names]
+    checked = _gradchecked(part, flat, named, atol, rtol, gen, lambda n: n.startswith("model."))
+    # no vmap-safe rule: the inner loop calls initial_params once per batch, outside vmap
     rules = ("pure", "explicit randomness", "structure", "differentiable")
-    return ContractReport(type(part).__name__, "init", rules, tuple(meta_names), tuple(checked))
+    return ContractReport(type(part).__name__, "init", rules, tuple(_meta_parameters(part)), tuple(checked))
+
+
+# ---------------------------------------------------------------- adapt parts
 
 
 def _check_adapt(part: AdaptPart, names: Sequence[str]) -> ContractReport:
     names = list(names)
-    saved = list(names)
     what = "select"
-    before = _snapshot(part)
-    with _GlobalRngGuard(part, what):
-        chosen = part.select(names)
-        again = part.select(list(saved))
-    if names != saved:
-        raise ContractError(part, "pure", f"{what} modified the list of names it was given; return a new list")
-    _check_snapshot(part, before, what)
+    hint = "It must be a pure function of the names, the same names each time"
+    chosen = _probe(part, what, part.select, (names,), "no hidden state", hint)
     if not isinstance(chosen, list) or not all(isinstance(n, str) for n in chosen):
         raise ContractError(part, "structure", f"{what} must return a list of names, got {chosen!r}")
     unknown = [n for n in chosen if n not in names]
@@ -546,13 +587,11 @@ def _check_adapt(part: AdaptPart, names: Sequence[str]) -> ContractReport:
         raise ContractError(
             part, "structure", f"{what} returned {chosen}, not in the model's order {names}; keep the given order"
         )
-    if chosen != again:
-        raise ContractError(
-            part, "no hidden state", f"{what} gave {chosen} and then {again} for the same names; it must be a pure "
-            "function of the names",
-        )
     rules = ("pure", "no hidden state", "explicit randomness", "structure")
     return ContractReport(type(part).__name__, "adapt", rules, tuple(n for n, _ in part.named_parameters()))
+
+
+# ---------------------------------------------------------------- other modules (a loss, an architecture part)
 
 
 def _check_module(
@@ -561,43 +600,31 @@ def _check_module(
 ) -> ContractReport:
     part = _prepared(part, dtype)
     inputs = tuple(t.detach().to(dtype) if t.is_floating_point() else t for t in inputs)
-    meta = _meta_parameters(part)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
 
     def run(*xs: Tensor) -> Any:
         return call(part, tuple(xs), torch.Generator().manual_seed(seed))
 
     what = "call(part, inputs, generator)"
-    before = _snapshot(part)
-    saved = _clone(inputs)
-    with _GlobalRngGuard(part, what):
-        first = run(*inputs)
-        second = run(*_clone(saved))
-    _check_inputs_unchanged(part, saved, inputs, what)
-    _check_snapshot(part, before, what)
+    hint = "Keep no state between calls and draw randomness only from the generator"
+    first = _probe(part, what, run, inputs, "no hidden state", hint)
     if not _tensors(first):
         raise ContractError(part, "structure", f"{what} returned no tensors ({type(first)})")
-    if not _same(first, second):
-        raise ContractError(
-            part, "no hidden state",
-            f"{what} gave different outputs twice with the same inputs and a generator seeded alike; keep no "
-            "state between calls and draw randomness only from the generator",
-        )
-    meta_names = list(meta)
     floating = [i for i, t in enumerate(inputs) if t.is_floating_point()]
-    runner = _Runner(part, run)
 
-    def fn(*tensors: Tensor) -> Any:
-        m = dict(zip(meta_names, tensors[: len(meta_names)], strict=True))
+    def flat(*ts: Tensor) -> Any:
         xs = list(inputs)
-        for i, t in zip(floating, tensors[len(meta_names):], strict=True):
+        for i, t in zip(floating, ts, strict=True):
             xs[i] = t
-        return functional_call(runner, {f"part.{k}": v for k, v in m.items()}, tuple(xs))
+        return run(*xs)
 
-    named = [(n, meta[n]) for n in meta_names] + [(f"inputs[{i}]", inputs[i]) for i in floating]
-    checked = _gradcheck(part, fn, named, atol, rtol, gen, lambda n: n in meta)
-    rules = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable")
-    return ContractReport(type(part).__name__, "module", rules, tuple(meta_names), tuple(checked))
+    named = [(f"inputs[{i}]", inputs[i]) for i in floating]
+    checked = _gradchecked(part, flat, named, atol, rtol, gen, lambda n: False)
+    rules: tuple[str, ...] = ("pure", "no hidden state", "explicit randomness", "structure", "differentiable")
+    if inputs:  # what runs inside vmap (a loss, a forward) sees one task's inputs: vmap over a batch of them
+        _check_vmap(part, run, inputs, gen)
+        rules += ("vmap-safe",)
+    return ContractReport(type(part).__name__, "module", rules, tuple(_meta_parameters(part)), tuple(checked))
 
 
 # ---------------------------------------------------------------- entry point
@@ -624,7 +651,8 @@ def check_part(
     * `OptimizerPart`: ``bind`` to ``params``, then ``init_state`` and ``steps`` calls of
       ``step`` with ``grads``; outputs keep the names, shapes and dtypes of ``params``;
       every call is repeated with equal inputs and must give equal outputs; the gradient
-      check covers the meta-parameters, ``params`` and ``grads``.
+      check covers the meta-parameters, ``params`` and ``grads``; then the whole run under
+      ``torch.func.vmap`` over a batch of 3 must match the run on each entry.
     * `InitPart`: ``bind`` to ``model``, then ``initial_params(model_params, n_tasks,
       generator)`` twice with generators seeded alike; θ0 must hold every model parameter
       with a leading task dimension; the gradient check covers the meta-parameters and, if
@@ -632,7 +660,9 @@ def check_part(
       `InitPart.uses_train_data` also gets ``train=inputs`` (the tasks' ``(x, y)`` train
       halves; by default a small ``head(features(x))`` model with 2-class train data).
     * `AdaptPart`: ``select(names)`` returns a subset of ``names``, in order, the same each time.
-    * any other ``nn.Module`` (e.g. a meta-learned loss): ``call(part, inputs, generator)``.
+    * any other ``nn.Module`` (e.g. a meta-learned loss, an architecture part, a model):
+      ``call(part, inputs, generator)``; with ``inputs``, also under ``torch.func.vmap`` over a
+      batch of 3 (each input stacked, floating ones perturbed), as the inner loop runs it.
 
     Args:
         part: the part to check (as constructed; it is not modified).
