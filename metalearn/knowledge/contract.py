@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -220,7 +220,8 @@ def _gradcheck(
     probe = [v.clone().requires_grad_(True) for v in values]
     outputs = [t for _, t in _tensors(fn(*probe)) if t.is_floating_point() and t.requires_grad]
     weights = [torch.randn(t.shape, dtype=t.dtype, generator=generator).to(t.device) for t in outputs]
-    total = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)) if outputs else torch.zeros(())
+    weighted = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+    total = cast(Tensor, weighted) if outputs else torch.zeros(())
     connected = (
         torch.autograd.grad(total, probe, allow_unused=True) if total.requires_grad else [None] * len(probe)
     )
@@ -237,7 +238,8 @@ def _gradcheck(
         try:
             ok = torch.autograd.gradcheck(one, (x,), eps=1e-6, atol=atol, rtol=rtol, raise_exception=True)
         except Exception as err:  # gradcheck raises GradcheckError or autograd errors
-            detached = connected[i] is None or not bool(connected[i].abs().sum() > 0)
+            grad_i = connected[i]
+            detached = grad_i is None or not bool(grad_i.abs().sum() > 0)
             if detached and not _moves(one, values[i], generator):
                 continue  # the outputs do not depend on this input at all: nothing to check
             if is_meta(name) and detached:
@@ -264,7 +266,10 @@ def _moves(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, generator: tor
         return not _same(fn(x), fn(x + delta))
 
 
-def _prepared(part: nn.Module, dtype: torch.dtype) -> nn.Module:
+_Part = TypeVar("_Part", bound=nn.Module)
+
+
+def _prepared(part: _Part, dtype: torch.dtype) -> _Part:
     if not isinstance(part, nn.Module):
         raise TypeError(f"check_part checks an nn.Module part (InitPart, OptimizerPart, AdaptPart), got {type(part)}")
     return copy.deepcopy(part).to(dtype)
@@ -527,10 +532,10 @@ def _check_theta0(part: nn.Module, what: str, theta0: Any, model_params: Params,
     for name, t in theta0.items():
         want = (n_tasks, *model_params[name].shape)
         if not isinstance(t, Tensor) or tuple(t.shape) != want or t.dtype != model_params[name].dtype:
-            got = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
+            found = (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
             raise ContractError(
                 part, "structure",
-                f"{what} returned {name!r} as {got}; expected shape {want} (a leading task dimension of "
+                f"{what} returned {name!r} as {found}; expected shape {want} (a leading task dimension of "
                 f"n_tasks={n_tasks}) and dtype {model_params[name].dtype}",
             )
 

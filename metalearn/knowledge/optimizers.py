@@ -15,6 +15,7 @@ with nothing learned each rule is exactly its ``torch.optim`` counterpart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -248,16 +249,19 @@ class OptimizerMixture(SoftChoice, OptimizerPart):
         first = next(iter(adapted.values()), None)
         if first is not None:
             self.follow(first)  # the logits follow θ's dtype and device, as the candidates' hyper-parameters do
-        for part in self.candidates.values():
-            part.bind(adapted)
+        for name in self.names:
+            self._rule(name).bind(adapted)
+
+    def _rule(self, name: str) -> OptimizerPart:
+        return cast(OptimizerPart, self.candidates[name])
 
     def _active(self) -> list[str]:
-        return self.names if self.fixed is None else [self._names[self.fixed_indices[0]]]
+        return self.names if self.fixed is None else [cast(str, self.fixed)]
 
     def init_state(self, params: Params) -> State:
         state = {}
         for name in self._active():
-            for key, value in self.candidates[name].init_state(params).items():
+            for key, value in self._rule(name).init_state(params).items():
                 state[f"{name}/{key}"] = value
         return state
 
@@ -267,13 +271,13 @@ class OptimizerMixture(SoftChoice, OptimizerPart):
         for name in self._active():
             prefix = f"{name}/"
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            candidate_updates, own = _updates_of(self.candidates[name], grads, own, params, step)
+            candidate_updates, own = _updates_of(self._rule(name), grads, own, params, step)
             new_state.update({prefix + k: v for k, v in own.items()})
             updates.append(candidate_updates)
         if self.fixed is not None:
             return updates[0], new_state  # only the fixed rule ran: its updates, unweighted
         w = self.probabilities()
-        mixed = {n: sum(w[i] * u[n] for i, u in enumerate(updates)) for n in params}
+        mixed = {n: cast(Tensor, sum(w[i] * u[n] for i, u in enumerate(updates))) for n in params}
         return mixed, new_state
 
     def extra_repr(self) -> str:
