@@ -86,7 +86,7 @@ class HigherRule(Rule):
 
     def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
         names = list(params)
-        diff = object.__new__(self.diff_cls)  # higher's __init__ needs a model; its _update needs only these
+        diff: Any = object.__new__(self.diff_cls)  # higher's __init__ needs a model; its _update needs only these
         diff.param_groups = [{**self.group, "lr": self.hyper("lr", n), "params": [params[n]]} for n in names]
         diff.state = [collections.defaultdict(dict) for _ in names]
         for i, n in enumerate(names):

@@ -138,8 +138,8 @@ class LearnedHyper(nn.ParameterDict):
         raw = _to_raw(self.init, self.constraint)
         if self.per == _SHARED:
             first = next(iter(adapted.values()), None)
-            like = {"dtype": first.dtype, "device": first.device} if first is not None else {}
-            self[_SHARED] = nn.Parameter(torch.tensor(raw, **like))
+            dtype, device = (first.dtype, first.device) if first is not None else (None, None)
+            self[_SHARED] = nn.Parameter(torch.tensor(raw, dtype=dtype, device=device))
             return
         for pname, p in adapted.items():
             shape = p.shape if self.per in ("element", "entry") else ()
@@ -307,16 +307,19 @@ class Chain(OptimizerPart):
                 raise TypeError(f"chain's rule {i} is a {type(rule).__name__}, not an OptimizerPart")
         self.rules = nn.ModuleList(rules)
 
+    def _rules(self) -> list[OptimizerPart]:
+        return list(self.rules)  # type: ignore[arg-type]  # a ModuleList of OptimizerParts (checked above)
+
     def bind(self, adapted: Mapping[str, Tensor]) -> None:
-        for rule in self.rules:
+        for rule in self._rules():
             rule.bind(adapted)
 
     def init_state(self, params: Params) -> State:
-        return {f"{i}/{k}": v for i, rule in enumerate(self.rules) for k, v in rule.init_state(params).items()}
+        return {f"{i}/{k}": v for i, rule in enumerate(self._rules()) for k, v in rule.init_state(params).items()}
 
     def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
         updates, new_state = grads, {}
-        for i, rule in enumerate(self.rules):
+        for i, rule in enumerate(self._rules()):
             prefix = f"{i}/"
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             updates, own = rule.update(updates, own, params, step)

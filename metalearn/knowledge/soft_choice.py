@@ -70,6 +70,8 @@ class SoftChoice(AnnealedTemperature):
         >>> choice.fix("adam"); choice.weights()  # tensor([0., 1.])  # doctest: +SKIP
     """
 
+    fixed_index: Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(
         self,
         candidates: Sequence[str],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["AnnealedTemperature"]
 
@@ -23,6 +23,8 @@ class AnnealedTemperature(nn.Module):
         temperature: initial T (> 0).
         anneal: optional schedule ``outer_step -> T``.
     """
+
+    temperature_saved: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, temperature: float = 1.0, anneal: Callable[[int], float] | None = None) -> None:
         super().__init__()
