@@ -84,8 +84,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metalearn.knowledge.recipes import maml  # noqa: E402
+from metalearn.mapping import choose_batching  # noqa: E402
 from metalearn.models import MLP, Conv4  # noqa: E402
-from metalearn.outer import choose_batching, meta_step  # noqa: E402
+from metalearn.outer import meta_step  # noqa: E402
 from metalearn.tasks.task import TaskBatch  # noqa: E402
 
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"

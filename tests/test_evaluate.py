@@ -13,9 +13,9 @@ from metalearn.errors import NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.knowledge import InitPart, MetaKnowledge, maml
 from metalearn.knowledge.builtins import SGD
+from metalearn.mapping import metric
 from metalearn.models import MLP
 from metalearn.modes import Implicit
-from metalearn.outer import metric
 from metalearn.tasks import Sinusoid, Task
 
 
