@@ -483,10 +483,10 @@ CASES = [
         "task 1 has val label -100",
     ),
     Case(
-        "evaluate/proximal-negative",
-        _reg(lambda o: evaluate(o, [regression_task()], 1, proximal=-1.0)),
+        "evaluate/mode-unknown",
+        _reg(lambda o: evaluate(o, [regression_task()], 1, mode="imaml")),
         ValueError,
-        "proximal",
+        "imaml",
     ),
     # tasks and data
     Case(

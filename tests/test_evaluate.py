@@ -203,8 +203,11 @@ def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
     # a vanishing λ is the plain inner loop
     vanishing = evaluate(omega, tasks, 5, mode=Implicit(lam=1e-12))
     assert vanishing.mean == pytest.approx(evaluate(omega, tasks, 5).mean, rel=1e-6)
-    for bad in (0.0, -1.0, float("nan")):  # the deprecated proximal= is checked before any work too
-        with pytest.raises(ValueError, match="proximal"):
-            evaluate(omega, tasks, 5, proximal=bad)
-        with pytest.raises(ValueError, match="proximal"):
-            fine_tune(omega, tasks[0].train, 5, proximal=bad)
+    for bad in (0.0, -1.0, float("nan")):  # a bad λ is refused where the mode is made
+        with pytest.raises(ValueError, match="must be positive"):
+            Implicit(lam=bad)
+    # the mode names the inner problem: the old proximal=λ alias is gone
+    with pytest.raises(TypeError, match="proximal"):
+        evaluate(omega, tasks, 5, proximal=1.5)
+    with pytest.raises(TypeError, match="proximal"):
+        fine_tune(omega, tasks[0].train, 5, proximal=1.5)

@@ -322,7 +322,7 @@ class MetaKnowledge(nn.Module):
         """`default_loss` of the model's output: the loss θ is scored with on a task's val half.
 
         A convenience for scripts and tests. The library's meta-objective (`metalearn.outer`,
-        `metalearn.gradients`) and `metalearn.evaluate` compute this same expression in place,
+        `metalearn.modes`) and `metalearn.evaluate` compute this same expression in place,
         whatever ω's inner ``loss``.
         """
         return default_loss(self(params, x), y)
