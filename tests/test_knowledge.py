@@ -454,8 +454,8 @@ def test_point_init_lists_the_model_as_before():
     assert list(omega.state_dict()) == [n for n, _ in omega.named_parameters()]
 
 
-def test_legacy_unregistered_architecture_part_still_found():
-    """A user model written before parts were registered (held in a list, read as ``architecture``)."""
+def test_unregistered_architecture_part_is_refused_with_the_fix():
+    """A part held in a list (hidden from torch) and read as ``architecture`` would never train: refused."""
     from metalearn.knowledge import ArchitecturePart
 
     class Gate(ArchitecturePart):
@@ -476,5 +476,5 @@ def test_legacy_unregistered_architecture_part_still_found():
         def forward(self, x):
             return self.lin(x) * self.architecture.g.exp()
 
-    omega = MetaKnowledge(Old(), optimizer=SGD(0.1))
-    assert [n for n, _ in omega.named_parameters()] == ["model.lin.weight", "model.lin.bias", "architecture.g"]
+    with pytest.raises(ValueError, match=r"model\.\(root\)\.architecture \(Gate\) is not a registered submodule"):
+        MetaKnowledge(Old(), optimizer=SGD(0.1))

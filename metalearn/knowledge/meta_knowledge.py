@@ -134,13 +134,25 @@ def theta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
-    """The distinct `ArchitecturePart`\\ s of the model: registered submodules, and (for models
-    written before parts were registered) parts held unregistered as an ``architecture`` attribute."""
+    """The distinct `ArchitecturePart`\\ s registered in the model.
+
+    Raises:
+        ValueError: a module reads an `ArchitecturePart` as its ``architecture`` attribute that
+            is not registered in the model (e.g. held in a plain list): its meta-parameters would
+            never be trained.
+    """
     found: list[ArchitecturePart] = []
     for module in model.modules():
-        for part in (module, getattr(module, "architecture", None)):
-            if isinstance(part, ArchitecturePart) and part is not model and all(p is not part for p in found):
-                found.append(part)
+        if isinstance(module, ArchitecturePart) and module is not model and all(p is not module for p in found):
+            found.append(module)
+    for name, module in model.named_modules():
+        part = getattr(module, "architecture", None)
+        if isinstance(part, ArchitecturePart) and all(p is not part for p in found):
+            raise ValueError(
+                f"model.{name or '(root)'}.architecture ({type(part).__name__}) is not a registered submodule "
+                "(e.g. it is held in a plain list), so its meta-parameters would never be trained; assign it "
+                "as a submodule (self.architecture = part) or hold it in an nn.ModuleList"
+            )
     return found
 
 
@@ -201,6 +213,7 @@ class MetaKnowledge(nn.Module):
     ) -> None:
         super().__init__()
         _refuse_running_statistics(model)
+        architectures = _architecture_parts(model)  # checked before anything is changed
         init = init if init is not None else PointInit()
         adapt = adapt if adapt is not None else AdaptAll()
         self.model = model
@@ -216,7 +229,6 @@ class MetaKnowledge(nn.Module):
         self.static_names: list[str] = [n for n in template if n not in set(self.adapted_names)]
         init.bind(model)
         optimizer.bind({n: template[n] for n in self.adapted_names})
-        architectures = _architecture_parts(model)
         if architectures:
             self.architecture = architectures[0] if len(architectures) == 1 else nn.ModuleList(architectures)
         self._register_state_dict_hook(MetaKnowledge._drop_filtered_state)
