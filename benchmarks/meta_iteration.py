@@ -207,7 +207,7 @@ def metalearn_contender(workload: str, batching: str) -> Contender:
         return str(meta_step(omega, outer, batch, w.steps, batching=batching)["batching"])
 
     def grads() -> dict[str, Tensor]:
-        return {n: p.grad.clone() for n, p in omega.network.named_parameters() if p.grad is not None}
+        return {n: p.grad.clone() for n, p in omega.model.named_parameters() if p.grad is not None}
 
     return Contender(f"metalearn {batching}", run, grads)
 

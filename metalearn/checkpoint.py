@@ -233,9 +233,9 @@ def _omega_identity(omega: nn.Module) -> dict[str, Any]:
         "buffers": {n: _tensor_description(b) for n, b in omega.named_buffers()},
         "modules": {n or "<root>": _module_description(m) for n, m in omega.named_modules()},
     }
-    network = getattr(omega, "network", None)
-    if isinstance(network, nn.Module):
-        identity["network"] = {n or "<root>": _module_description(m) for n, m in network.named_modules()}
+    model = getattr(omega, "model", None)
+    if isinstance(model, nn.Module):  # the key is "network", as in every identity saved before
+        identity["network"] = {n or "<root>": _module_description(m) for n, m in model.named_modules()}
     if hasattr(omega, "adapted_names"):
         identity["adapted_names"] = list(omega.adapted_names)
     if hasattr(omega, "loss"):

@@ -49,9 +49,9 @@ def omega_device(omega: nn.Module) -> torch.device:
         return t.device
     for t in omega.buffers():
         return t.device
-    network = getattr(omega, "network", None)
-    if isinstance(network, nn.Module):
-        for t in network.parameters():
+    model = getattr(omega, "model", None)
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
             return t.device
     return torch.device("cpu")
 

@@ -165,11 +165,11 @@ def test_dropout_is_off_while_evaluating():
 
 def _hand_proximal_gd(omega: MetaKnowledge, x, y, steps: int, lr: float, lam: float) -> dict:
     """Gradient descent on L_train(φ) + λ/2 ||φ − θ0||², written without library code."""
-    theta0 = {n: p.detach().clone() for n, p in omega.network.named_parameters()}
+    theta0 = {n: p.detach().clone() for n, p in omega.model.named_parameters()}
     phi = {n: t.clone() for n, t in theta0.items()}
     for _ in range(steps):
         leaves = {n: t.requires_grad_() for n, t in phi.items()}
-        out = torch.func.functional_call(omega.network, leaves, (x,))
+        out = torch.func.functional_call(omega.model, leaves, (x,))
         objective = (out - y).square().mean() + 0.5 * lam * sum(
             (leaves[n] - theta0[n]).square().sum() for n in leaves
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -236,7 +237,8 @@ class MetaKnowledge(nn.Module):
 
     @property
     def network(self) -> nn.Module:
-        """Deprecated alias of `model` (the one name for ω's model)."""
+        """Deprecated alias of `model` (the one name for ω's model); warns."""
+        warnings.warn("omega.network is deprecated: use omega.model", DeprecationWarning, stacklevel=2)
         return self.model
 
     def _filtered_prefixes(self) -> tuple[str, ...]:
