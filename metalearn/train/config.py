@@ -28,7 +28,7 @@ def _plain(config: TrainConfig, value: Any) -> Any:
 
 
 def _resolved_first_order(config: TrainConfig, value: Any) -> bool:
-    return bool(getattr(config.gradient_mode, "first_order", False))
+    return bool(config.gradient_mode.first_order)
 
 
 def _mode_identity(config: TrainConfig, value: Any) -> Any:
