@@ -45,14 +45,14 @@ Z95 = 1.96
 
 def omega_device(omega: nn.Module) -> torch.device:
     """The device ω's tensors live on (CPU if it holds none)."""
-    for t in omega.parameters():
-        return t.device
-    for t in omega.buffers():
-        return t.device
+    for p in omega.parameters():
+        return p.device
+    for b in omega.buffers():
+        return b.device
     model = getattr(omega, "model", None)
     if isinstance(model, nn.Module):
-        for t in model.parameters():
-            return t.device
+        for p in model.parameters():
+            return p.device
     return torch.device("cpu")
 
 
@@ -294,7 +294,7 @@ def _evaluate_chunks(
             _detached_theta0(
                 omega,
                 torch.Generator().manual_seed(task_seed(seed, offset + j)),
-                tuple(t.to(device) for t in task.train),
+                (task.train[0].to(device), task.train[1].to(device)),
             )
             for j, task in enumerate(chunk)
         ]

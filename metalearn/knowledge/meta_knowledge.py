@@ -321,7 +321,9 @@ class MetaKnowledge(nn.Module):
                 f"train has {x.shape[0]} input and {y.shape[0]} target tasks, but n_tasks={n_tasks}; "
                 "pass the batch's train half with a leading task dimension"
             )
-        return self.init.initial_params(self.model_params(), n_tasks, generator, train=(x, y))
+        # an init with uses_train_data takes train= besides InitPart's arguments
+        initial_params: Callable[..., Params] = self.init.initial_params
+        return initial_params(self.model_params(), n_tasks, generator, train=(x, y))
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Runs the model with parameters ``params`` (θ) on ``x``."""
