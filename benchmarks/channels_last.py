@@ -62,7 +62,7 @@ def meta_grad(workload: str, batch: TaskBatch) -> dict[str, Tensor]:
     w = WORKLOADS[workload]
     omega = maml(make_model(workload), w.inner_lr).to(batch.train[0].dtype)
     meta_gradient(omega, batch, w.steps, batching="loop")
-    return {k: p.grad.double() for k, p in omega.network.named_parameters() if not k.endswith(PRE_NORM_BIASES)}
+    return {k: p.grad.double() for k, p in omega.model.named_parameters() if not k.endswith(PRE_NORM_BIASES)}
 
 
 def error(got: dict[str, Tensor], exact: dict[str, Tensor]) -> float:

@@ -84,8 +84,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metalearn.knowledge.recipes import maml  # noqa: E402
+from metalearn.mapping import choose_batching  # noqa: E402
 from metalearn.models import MLP, Conv4  # noqa: E402
-from metalearn.outer import choose_batching, meta_step  # noqa: E402
+from metalearn.outer import meta_step  # noqa: E402
 from metalearn.tasks.task import TaskBatch  # noqa: E402
 
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
@@ -206,7 +207,7 @@ def metalearn_contender(workload: str, batching: str) -> Contender:
         return str(meta_step(omega, outer, batch, w.steps, batching=batching)["batching"])
 
     def grads() -> dict[str, Tensor]:
-        return {n: p.grad.clone() for n, p in omega.network.named_parameters() if p.grad is not None}
+        return {n: p.grad.clone() for n, p in omega.model.named_parameters() if p.grad is not None}
 
     return Contender(f"metalearn {batching}", run, grads)
 

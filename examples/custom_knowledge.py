@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from metalearn import MLP, SGD, MetaKnowledge, Sinusoid, evaluate, meta_gradient, meta_train
 from metalearn.knowledge import ContractError, OptimizerPart, Params, State, check_part
 from metalearn.knowledge.parts import param_key
-from metalearn.outer import choose_batching
+from metalearn.mapping import choose_batching
 
 # ---------------------------------------------------------------- 1. a learned inner loss
 

@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -233,11 +233,12 @@ def _omega_identity(omega: nn.Module) -> dict[str, Any]:
         "buffers": {n: _tensor_description(b) for n, b in omega.named_buffers()},
         "modules": {n or "<root>": _module_description(m) for n, m in omega.named_modules()},
     }
-    network = getattr(omega, "network", None)
-    if isinstance(network, nn.Module):
-        identity["network"] = {n or "<root>": _module_description(m) for n, m in network.named_modules()}
-    if hasattr(omega, "adapted_names"):
-        identity["adapted_names"] = list(omega.adapted_names)
+    model = getattr(omega, "model", None)
+    if isinstance(model, nn.Module):  # the key is "network", as in every identity saved before
+        identity["network"] = {n or "<root>": _module_description(m) for n, m in model.named_modules()}
+    adapted_names: Any = getattr(omega, "adapted_names", None)
+    if adapted_names is not None:
+        identity["adapted_names"] = list(adapted_names)
     if hasattr(omega, "loss"):
         loss = omega.loss
         identity["loss"] = None if loss is None else getattr(loss, "__qualname__", type(loss).__qualname__)
@@ -356,10 +357,10 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _device_of(omega: nn.Module) -> str:
-    for t in omega.parameters():
-        return str(t.device)
-    for t in omega.buffers():
-        return str(t.device)
+    for p in omega.parameters():
+        return str(p.device)
+    for b in omega.buffers():
+        return str(b.device)
     return "cpu"
 
 
@@ -392,8 +393,8 @@ def _disk_full_error(path: Path, err: OSError) -> OSError:
     what = "the disk quota is exceeded" if err.errno != errno.ENOSPC else "there is no space left on the device"
     return OSError(
         err.errno,
-        f"could not write checkpoint {path}: {what} ({os.strerror(err.errno)}); the partial file was removed "
-        f"and {last}. Free space on the device holding {path.parent} (or pass another checkpoint_dir, or a "
+        f"could not write checkpoint {path}: {what} ({os.strerror(err.errno or errno.ENOSPC)}); the partial file "
+        f"was removed and {last}. Free space on the device holding {path.parent} (or pass another checkpoint_dir, or a "
         "smaller keep_last), then run again to resume from it",
     )
 
@@ -407,7 +408,7 @@ def _write_payload(payload: Mapping[str, Any], path: Path) -> None:
             os.fchmod(fd, default_file_mode())  # mkstemp's 0o600 would make every checkpoint private
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(payload, writer)
+            torch.save(payload, cast(IO[bytes], writer))  # torch.save only writes and flushes it
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)

@@ -165,8 +165,8 @@ def _probe_forward(omega: nn.Module, x: Tensor) -> Tensor:
     real buffers as they were."""
     devices = [x.device.index or 0] if x.is_cuda else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        network = omega.network  # type: ignore[attr-defined]
-        state = {**omega.model_params(), **{n: b.clone() for n, b in network.named_buffers()}}  # type: ignore[operator]
+        model: nn.Module = omega.model  # type: ignore[assignment]  # ω is a MetaKnowledge (not imported here)
+        state = {**omega.model_params(), **{n: b.clone() for n, b in model.named_buffers()}}  # type: ignore[operator]
         return omega(state, x)  # type: ignore[operator]
 
 

@@ -21,7 +21,6 @@ function transform ignores an outer ``no_grad``).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,14 +45,14 @@ Z95 = 1.96
 
 def omega_device(omega: nn.Module) -> torch.device:
     """The device ω's tensors live on (CPU if it holds none)."""
-    for t in omega.parameters():
-        return t.device
-    for t in omega.buffers():
-        return t.device
-    network = getattr(omega, "network", None)
-    if isinstance(network, nn.Module):
-        for t in network.parameters():
-            return t.device
+    for p in omega.parameters():
+        return p.device
+    for b in omega.buffers():
+        return b.device
+    model = getattr(omega, "model", None)
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
     return torch.device("cpu")
 
 
@@ -72,7 +71,6 @@ def fine_tune(
     *,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode | None = None,
-    proximal: float | None = None,
 ) -> Params:
     r"""θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
 
@@ -89,18 +87,17 @@ def fine_tune(
             iMAML's proximal objective
             :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` (Rajeswaran et
             al., 2019). None: the plain inner loop.
-        proximal: deprecated, the same as ``mode=Implicit(lam=proximal)``.
 
     Returns:
         θ*, every parameter of the model by name.
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
-        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label, a
-            non-positive ``proximal``, both ``mode`` and ``proximal``.
+        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label, an
+            unknown ``mode`` name.
     """
     check_steps("steps (inner steps)", steps)
-    problem = meta_test_problem(mode, proximal, "fine_tune")
+    problem = meta_test_problem(mode)
     check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
@@ -111,24 +108,9 @@ def fine_tune(
     return params
 
 
-def meta_test_problem(
-    mode: str | MetaGradientMode | None, proximal: float | None, caller: str = "evaluate"
-) -> InnerProblem:
-    """The inner problem meta-test solves: the mode's ``meta_test_problem()`` (plain for None), or
-    the deprecated ``proximal=λ`` (with a `DeprecationWarning`); checked before any work."""
-    if proximal is None:
-        return InnerProblem() if mode is None else resolve_mode(mode).meta_test_problem()
-    if mode is not None:
-        raise ValueError(
-            f"{caller}: pass mode= or the deprecated proximal=, not both (proximal=λ is mode=Implicit(lam=λ))"
-        )
-    problem = InnerProblem(proximal=proximal)
-    warnings.warn(
-        f"{caller}(..., proximal=λ) is deprecated: pass mode=Implicit(lam=λ) (the mode ω was meta-trained with)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return problem
+def meta_test_problem(mode: str | MetaGradientMode | None) -> InnerProblem:
+    """The inner problem meta-test solves: the mode's ``meta_test_problem()``, plain for None."""
+    return InnerProblem() if mode is None else resolve_mode(mode).meta_test_problem()
 
 
 @dataclass(frozen=True)
@@ -221,7 +203,6 @@ def evaluate(
     batching: str = "auto",
     seed: int = 0,
     mode: str | MetaGradientMode | None = None,
-    proximal: float | None = None,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -243,14 +224,13 @@ def evaluate(
         mode: the meta-gradient mode ω was trained with; tasks are fine-tuned on its
             ``meta_test_problem()`` (see `fine_tune`; iMAML's proximal problem runs task by task).
             None: the plain inner loop.
-        proximal: deprecated, the same as ``mode=Implicit(lam=proximal)``.
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
 
     Raises:
         ValueError: no tasks, an unknown ``batching``, a negative ``steps`` or class label (names
-            the task), targets that do not fit the model's output, a non-positive ``proximal``.
+            the task), targets that do not fit the model's output, an unknown ``mode`` name.
         TypeError: ``steps``, ``batch_size`` or ``seed`` not an int.
         NonFiniteError: a NaN/Inf inner or val loss; ``task`` is the index among ``tasks``.
     """
@@ -262,7 +242,7 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
-    problem = meta_test_problem(mode, proximal)
+    problem = meta_test_problem(mode)
     was_training = omega.training
     omega.eval()
     try:
@@ -314,7 +294,7 @@ def _evaluate_chunks(
             _detached_theta0(
                 omega,
                 torch.Generator().manual_seed(task_seed(seed, offset + j)),
-                tuple(t.to(device) for t in task.train),
+                (task.train[0].to(device), task.train[1].to(device)),
             )
             for j, task in enumerate(chunk)
         ]

@@ -43,7 +43,7 @@ try:  # private helpers: which torch.func transforms are active
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # pragma: no cover - a torch without them: always take the exact primitive path
-    TransformType = retrieve_all_functorch_interpreters = None
+    TransformType = retrieve_all_functorch_interpreters = None  # type: ignore[misc, assignment]
 
 __all__ = [
     "ExactNorms",
@@ -102,7 +102,13 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Callab
 
 
 def _fixed_stats(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, what: str
+    x: Tensor,
+    mean: Tensor | None,
+    var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    what: str,
 ) -> Tensor:
     """Normalisation with given per-channel statistics (eval mode): an affine map of ``x``."""
     if mean is None or var is None:
@@ -296,7 +302,7 @@ def _aten_native_batch_norm(input, weight, bias, running_mean, running_var, trai
 
 def _routes() -> dict[Callable, tuple[str, Callable]]:
     """Each intercepted torch function → (the name it is counted under, its primitive version)."""
-    routes = {
+    routes: dict[Callable, tuple[str, Callable]] = {
         F.batch_norm: ("batch_norm", batch_norm),
         F.instance_norm: ("instance_norm", instance_norm),
         F.layer_norm: ("layer_norm", layer_norm),

@@ -325,21 +325,6 @@ def _segmented_loop(
     return {**static, **fast}, losses_t
 
 
-def inner_step(
-    omega: MetaKnowledge,
-    static: Params,
-    fast: Params,
-    state: State,
-    x: Tensor,
-    y: Tensor,
-    k: int,
-    first_order: bool = False,
-    plain_autograd: bool = False,
-) -> tuple[Params, State, Tensor]:
-    """One inner step k on ω's inner loss (kept for callers of the older API; `inner_loop` runs the steps)."""
-    return _step(omega, static, fast, state, _inner_objective(omega, x, y, None), k, first_order, plain_autograd)
-
-
 def check_finite_losses(losses: Tensor, what: str = "inner loss", task_offset: int = 0) -> None:
     """Raises `NonFiniteError` naming the first task and step whose loss is NaN or Inf.
 

@@ -79,11 +79,11 @@ def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: boo
 
     ``first_order`` is accepted for callers that know it; the choice no longer depends on it.
     """
-    if random_layers(omega.network):
+    if random_layers(omega.model):
         return "loop"
     if device.type == "cuda":
         return "vmap"
-    if any(isinstance(m, _CONVS) for m in omega.network.modules()):
+    if any(isinstance(m, _CONVS) for m in omega.model.modules()):
         return "loop"
     return "vmap"
 
@@ -105,8 +105,8 @@ def resolve_batching(
         return "loop"
     if batching == "auto":
         return choose_batching(omega, device)
-    if batching == "vmap" and random_layers(omega.network):
-        raise ValueError(_random_under_vmap(f"layers {random_layers(omega.network)} draw random numbers"))
+    if batching == "vmap" and random_layers(omega.model):
+        raise ValueError(_random_under_vmap(f"layers {random_layers(omega.model)} draw random numbers"))
     return batching
 
 

@@ -33,15 +33,10 @@ from metalearn.checks import (
 )
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
-from metalearn.mapping import (  # re-exported: they lived here before metalearn.mapping
-    BATCHING_MODES,
+from metalearn.mapping import (
     check_losses,
-    choose_batching,
     map_tasks,
-    metric,
-    random_layers,
     resolve_batching,
-    run_vmapped,
     task_in_dims,
     task_objective,
     vmap_theta0,
@@ -50,15 +45,10 @@ from metalearn.modes import MetaGradientMode, resolve_mode
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
-    "BATCHING_MODES",
     "MetaStats",
-    "choose_batching",
     "meta_gradient",
     "meta_loss",
     "meta_step",
-    "metric",
-    "random_layers",
-    "run_vmapped",
 ]
 
 
@@ -127,7 +117,7 @@ def meta_gradient(
         batch: same-shaped tasks with a leading task dimension.
         steps: inner steps per task.
         first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
-        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`choose_batching`), among the mode's
+        batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`metalearn.mapping.choose_batching`), among the mode's
             ``batchings`` (``"checkpointed"``, ``"implicit"`` and ``"reptile"`` run only the loop).
         generator: randomness for a stochastic init.
         mode: how the meta-gradient is obtained: ``"unrolled"`` (default), ``"first_order"``,

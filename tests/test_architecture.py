@@ -9,27 +9,22 @@ from torch.func import functional_call
 
 from metalearn.evaluate import evaluate, fine_tune
 from metalearn.knowledge import (
-    DEFAULT_CANDIDATES,
-    SEARCH_OPS,
     SGD,
     Adam,
     AdaptOnly,
     ArchitectureWeights,
-    CellConvNet,
     GaussianInit,
     MetaKnowledge,
-    MixedOp,
     MomentumSGD,
     OptimizerMixture,
     ScaledInit,
-    SearchableConvNet,
     check_part,
     geometric_anneal,
     theta_parameters,
     with_architecture,
 )
 from metalearn.models import Conv4
-from metalearn.models.searchable import Zero
+from metalearn.models.searchable import DEFAULT_CANDIDATES, SEARCH_OPS, CellConvNet, MixedOp, SearchableConvNet, Zero
 from metalearn.outer import meta_gradient, meta_loss
 from metalearn.tasks import EpisodicTaskSet, TensorDataset
 from metalearn.tasks.task import TaskBatch
@@ -359,9 +354,7 @@ def test_gaussian_init_optimizer_mixture_and_searchable_net_meta_train_together(
     before = {n: p.detach().clone() for n, p in omega.named_parameters()}
     outer = torch.optim.Adam(omega.parameters(), lr=1e-3)
     tasks = _tiny_tasks(seed=0, length=8)
-    result = meta_train(
-        omega, tasks, outer, steps=3, inner_steps=2, meta_batch_size=2, progress=False, batching="loop"
-    )
+    result = meta_train(omega, tasks, outer, steps=3, inner_steps=2, meta_batch_size=2, progress=False, batching="loop")
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(r["meta_loss"])) for r in result.history)
     for name, p in omega.named_parameters():  # .grad is the last step's meta-gradient
         assert p.grad is not None, f"{name} received no meta-gradient"

@@ -40,7 +40,7 @@ from metalearn.tasks import (
     split_classes,
     stack_tasks,
 )
-from metalearn.train import _describe_tasks, meta_train
+from metalearn.train import describe_tasks, meta_train
 
 WAYS = 3
 FEATURES = 4
@@ -483,10 +483,10 @@ CASES = [
         "task 1 has val label -100",
     ),
     Case(
-        "evaluate/proximal-negative",
-        _reg(lambda o: evaluate(o, [regression_task()], 1, proximal=-1.0)),
+        "evaluate/mode-unknown",
+        _reg(lambda o: evaluate(o, [regression_task()], 1, mode="imaml")),
         ValueError,
-        "proximal",
+        "imaml",
     ),
     # tasks and data
     Case(
@@ -643,7 +643,7 @@ def test_labels_in_range_and_a_larger_head_are_accepted() -> None:
 
 
 def _description(tasks) -> dict:
-    return _describe_tasks(tasks)
+    return describe_tasks(tasks)
 
 
 @pytest.mark.parametrize(

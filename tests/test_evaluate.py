@@ -13,9 +13,9 @@ from metalearn.errors import NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.knowledge import InitPart, MetaKnowledge, maml
 from metalearn.knowledge.builtins import SGD
+from metalearn.mapping import metric
 from metalearn.models import MLP
 from metalearn.modes import Implicit
-from metalearn.outer import metric
 from metalearn.tasks import Sinusoid, Task
 
 
@@ -165,11 +165,11 @@ def test_dropout_is_off_while_evaluating():
 
 def _hand_proximal_gd(omega: MetaKnowledge, x, y, steps: int, lr: float, lam: float) -> dict:
     """Gradient descent on L_train(φ) + λ/2 ||φ − θ0||², written without library code."""
-    theta0 = {n: p.detach().clone() for n, p in omega.network.named_parameters()}
+    theta0 = {n: p.detach().clone() for n, p in omega.model.named_parameters()}
     phi = {n: t.clone() for n, t in theta0.items()}
     for _ in range(steps):
         leaves = {n: t.requires_grad_() for n, t in phi.items()}
-        out = torch.func.functional_call(omega.network, leaves, (x,))
+        out = torch.func.functional_call(omega.model, leaves, (x,))
         objective = (out - y).square().mean() + 0.5 * lam * sum(
             (leaves[n] - theta0[n]).square().sum() for n in leaves
         )
@@ -203,8 +203,11 @@ def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
     # a vanishing λ is the plain inner loop
     vanishing = evaluate(omega, tasks, 5, mode=Implicit(lam=1e-12))
     assert vanishing.mean == pytest.approx(evaluate(omega, tasks, 5).mean, rel=1e-6)
-    for bad in (0.0, -1.0, float("nan")):  # the deprecated proximal= is checked before any work too
-        with pytest.raises(ValueError, match="proximal"):
-            evaluate(omega, tasks, 5, proximal=bad)
-        with pytest.raises(ValueError, match="proximal"):
-            fine_tune(omega, tasks[0].train, 5, proximal=bad)
+    for bad in (0.0, -1.0, float("nan")):  # a bad λ is refused where the mode is made
+        with pytest.raises(ValueError, match="must be positive"):
+            Implicit(lam=bad)
+    # the mode names the inner problem: the old proximal=λ alias is gone
+    with pytest.raises(TypeError, match="proximal"):
+        evaluate(omega, tasks, 5, proximal=1.5)
+    with pytest.raises(TypeError, match="proximal"):
+        fine_tune(omega, tasks[0].train, 5, proximal=1.5)

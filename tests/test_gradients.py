@@ -1,4 +1,4 @@
-"""Meta-gradient modes (`metalearn.gradients`): iMAML, Reptile and checkpointed second order.
+"""Meta-gradient modes (`metalearn.modes`): iMAML, Reptile and checkpointed second order.
 
 Each is checked against a computation that shares none of its code: iMAML against the exact
 meta-gradient through a closed-form inner solution, Reptile against its definition written
@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.errors import CheckpointMismatchError
-from metalearn.gradients import Checkpointed, Implicit, Reptile, conjugate_gradient, proximal_adapt, resolve_mode
+from metalearn.inner import Proximal, inner_loop
 from metalearn.knowledge import MetaKnowledge, anil, maml, meta_sgd
 from metalearn.knowledge.optimizers import MomentumSGD
 from metalearn.models import MLP, Conv4
+from metalearn.modes import Checkpointed, Implicit, Reptile, conjugate_gradient, resolve_mode
 from metalearn.outer import meta_gradient, meta_step
 from metalearn.tasks import Task, TaskBatch
 from metalearn.train import meta_train
@@ -122,7 +123,9 @@ def test_implicit_cg_solution_equals_dense_solve_on_nonlinear_model() -> None:
     got = grads_of(omega, batch, steps, mode=Implicit(lam=lam, cg_steps=200, damping=damping, cg_tol=1e-14))
     names = list(omega.model_params())
     anchor = {k: t.detach() for k, t in omega.model_params().items()}
-    phi, _ = proximal_adapt(omega, anchor, batch.train[0][0], batch.train[1][0], steps, lam)
+    phi, _ = inner_loop(
+        omega, anchor, batch.train[0][0], batch.train[1][0], steps, graph="none", regulariser=Proximal(lam, anchor)
+    )
     shapes = [phi[k].shape for k in names]
     flat = torch.cat([phi[k].reshape(-1) for k in names])
 
@@ -182,13 +185,16 @@ def test_implicit_damping_interpolates_to_first_order() -> None:
     batch = regression(n_tasks=1)
     lam, steps = 1.5, 4
     anchor = {k: t.detach() for k, t in omega.model_params().items()}
-    phi, _ = proximal_adapt(omega, anchor, batch.train[0][0], batch.train[1][0], steps, lam)
+    phi, _ = inner_loop(
+        omega, anchor, batch.train[0][0], batch.train[1][0], steps, graph="none", regulariser=Proximal(lam, anchor)
+    )
     leaves = {k: t.detach().requires_grad_() for k, t in phi.items()}
     val = reference.task_loss(omega(leaves, batch.val[0][0]), batch.val[1][0])
     direct = dict(zip(leaves, torch.autograd.grad(val, list(leaves.values())), strict=True))
     damped = grads_of(omega, batch, steps, mode=Implicit(lam=lam, cg_steps=50, damping=1e12, cg_tol=1e-14))
     for k, g in direct.items():
         assert torch.allclose(damped[f"model.{k}"], g, rtol=1e-9, atol=1e-12)
+
 
 @pytest.mark.parametrize("mode", ["implicit", "reptile"])
 def test_modes_for_theta0_refuse_other_meta_parameters(mode: str) -> None:

@@ -42,7 +42,7 @@ def _tasks(batch: TaskBatch) -> list[Task]:
 
 def _embed(omega: MetaKnowledge, x: torch.Tensor) -> torch.Tensor:
     body = {n[len("features."):]: p for n, p in omega.model_params().items() if n.startswith("features.")}
-    return functional_call(omega.network.features, body, (x,))
+    return functional_call(omega.model.features, body, (x,))
 
 
 def _grads(omega: MetaKnowledge) -> dict[str, torch.Tensor]:
@@ -78,7 +78,7 @@ def test_prototype_head_matches_class_means():
 
 def test_model_head_is_not_a_meta_parameter_and_is_unused():
     omega = protonet(_model())
-    head = omega.network.head
+    head = omega.model.head
     assert not head.weight.requires_grad and not head.bias.requires_grad
     batch = _batch()
     before = omega.initial_params(TASKS, None, train=batch.train)
@@ -90,7 +90,7 @@ def test_model_head_is_not_a_meta_parameter_and_is_unused():
         torch.testing.assert_close(before[n], after[n], rtol=0, atol=0)
     meta_gradient(omega, batch, steps=0, batching="loop")
     assert head.weight.grad is None and head.bias.grad is None
-    assert all(p.grad is not None for n, p in omega.network.named_parameters() if n.startswith("features."))
+    assert all(p.grad is not None for n, p in omega.model.named_parameters() if n.startswith("features."))
 
 
 def _directional_fd_check(omega: MetaKnowledge, batch: TaskBatch, steps: int, seed: int) -> None:
@@ -123,7 +123,7 @@ def test_protonet_meta_gradient_matches_finite_differences():
     omega = protonet(_model(1))
     batch = _batch(2)
     _directional_fd_check(omega, batch, steps=0, seed=3)
-    body = [p.grad for n, p in omega.network.named_parameters() if n.startswith("features.0.")]
+    body = [p.grad for n, p in omega.model.named_parameters() if n.startswith("features.0.")]
     assert all(g is not None and float(g.abs().max()) > 0 for g in body)  # flows through the prototypes
 
 

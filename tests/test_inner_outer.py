@@ -11,8 +11,9 @@ from torch.func import functional_call, grad, vmap
 from metalearn.errors import NonFiniteError
 from metalearn.inner import adapt
 from metalearn.knowledge import SGD, AdaptOnly, MetaKnowledge, maml, meta_sgd
+from metalearn.mapping import choose_batching
 from metalearn.models import MLP, Conv4
-from metalearn.outer import choose_batching, meta_gradient, meta_loss, meta_step
+from metalearn.outer import meta_gradient, meta_loss, meta_step
 from metalearn.tasks import TaskBatch
 
 DT = torch.float64

@@ -358,7 +358,7 @@ def test_omega_runs_the_model_functionally() -> None:
 
 def test_inner_loss_can_be_replaced() -> None:
     omega = MetaKnowledge(MLP((2, 1)), SGD(0.1), loss=lambda out, y: (out - y).abs().mean())
-    params = dict(omega.network.named_parameters())
+    params = dict(omega.model.named_parameters())
     x, y = torch.randn(4, 2), torch.randn(4, 1)
     out = omega(params, x)
     torch.testing.assert_close(omega.inner_loss(params, x, y), (out - y).abs().mean())
@@ -415,7 +415,9 @@ def _scaled_omega_with_dropout() -> MetaKnowledge:
 
 def test_template_model_is_registered_but_filtered_out_of_omega():
     omega = _scaled_omega_with_dropout()
-    assert dict(omega.named_children())["model"] is omega.model and omega.network is omega.model
+    assert dict(omega.named_children())["model"] is omega.model
+    with pytest.warns(DeprecationWarning, match="omega.model"):
+        assert omega.network is omega.model  # the old name still reads, with a warning
     names = [n for n, _ in omega.named_parameters()]
     assert names and not any(n.startswith("model.") for n in names)  # only the init's gains and shifts
     assert not any(k.startswith("model.") for k in omega.state_dict())
@@ -454,8 +456,8 @@ def test_point_init_lists_the_model_as_before():
     assert list(omega.state_dict()) == [n for n, _ in omega.named_parameters()]
 
 
-def test_legacy_unregistered_architecture_part_still_found():
-    """A user model written before parts were registered (held in a list, read as ``architecture``)."""
+def test_unregistered_architecture_part_is_refused_with_the_fix():
+    """A part held in a list (hidden from torch) and read as ``architecture`` would never train: refused."""
     from metalearn.knowledge import ArchitecturePart
 
     class Gate(ArchitecturePart):
@@ -476,8 +478,8 @@ def test_legacy_unregistered_architecture_part_still_found():
         def forward(self, x):
             return self.lin(x) * self.architecture.g.exp()
 
-    omega = MetaKnowledge(Old(), optimizer=SGD(0.1))
-    assert [n for n, _ in omega.named_parameters()] == ["model.lin.weight", "model.lin.bias", "architecture.g"]
+    with pytest.raises(ValueError, match=r"model\.\(root\)\.architecture \(Gate\) is not a registered submodule"):
+        MetaKnowledge(Old(), optimizer=SGD(0.1))
 
 
 # ---------------------------------------------------------------- vmap-safety of module parts (a loss)

@@ -156,7 +156,7 @@ def test_meta_gradient_matches_central_finite_differences(name: str, batching: s
 @pytest.mark.parametrize("name", [*CASES, "maml-conv4"])
 def test_meta_gradient_equals_hand_written_unrolled_reference(name: str, batching: str) -> None:
     omega, batch, steps = case(name)
-    model = omega.network
+    model = omega.model
     forward = reference.conv4_forward() if isinstance(model, Conv4) else reference.mlp_forward(3, torch.tanh)
     theta0 = {n: p.detach() for n, p in model.named_parameters()}
     if name == "meta-sgd":
@@ -183,7 +183,7 @@ def test_meta_gradient_equals_hand_written_unrolled_reference(name: str, batchin
 def test_first_order_meta_gradient_equals_its_definition(method: str, batching: str) -> None:
     omega = maml(tiny_mlp(), lr=0.3) if method == "fomaml" else jitter(meta_sgd(tiny_mlp(), lr=0.3), 7, 0.05)
     batch, steps = regression(n_tasks=3), 3
-    theta0 = {n: p.detach() for n, p in omega.network.named_parameters()}
+    theta0 = {n: p.detach() for n, p in omega.model.named_parameters()}
     if method == "fomaml":
         lr = omega.optimizer.lr
     else:

@@ -4,7 +4,7 @@
 k = 0: first order), and for 0 < k < K against a hand-written float64 reference and central finite
 differences of the k-step objective it is the gradient of (with SGD: ∇ w.r.t. θ_{K−k}). The rest
 checks the interface a mode of one's own relies on: batchings refused before any work, the inner
-problem meta-test solves, and the deprecated ``proximal=`` alias.
+problem meta-test solves.
 """
 
 from __future__ import annotations
@@ -173,22 +173,19 @@ def test_meta_test_problem_of_each_mode() -> None:
         InnerProblem(proximal=0.0)
 
 
-def test_evaluate_and_fine_tune_solve_the_modes_problem_and_proximal_is_a_deprecated_alias() -> None:
+def test_evaluate_and_fine_tune_solve_the_modes_problem() -> None:
     omega = maml(MLP((1, 8, 8, 1)), lr=0.05)
     tasks = list(Sinusoid(5, 10, seed=6, length=4))
     by_mode = evaluate(omega, tasks, 3, mode=Implicit(lam=1.5))
-    with pytest.warns(DeprecationWarning, match="mode=Implicit"):
-        by_alias = evaluate(omega, tasks, 3, proximal=1.5)
-    assert by_mode.per_task_loss.tolist() == by_alias.per_task_loss.tolist()
+    by_name = evaluate(omega, tasks, 3, mode=Implicit(lam=1.5, cg_steps=2))  # only λ names the inner problem
+    assert by_mode.per_task_loss.tolist() == by_name.per_task_loss.tolist()
     plain = evaluate(omega, tasks, 3)
     assert evaluate(omega, tasks, 3, mode="reptile").per_task_loss.tolist() == plain.per_task_loss.tolist()
     assert by_mode.mean != plain.mean  # λ matters: the check can fail
     theta = fine_tune(omega, tasks[0].train, 3, mode="implicit")  # Implicit() has λ = 1
-    with pytest.warns(DeprecationWarning):
-        alias = fine_tune(omega, tasks[0].train, 3, proximal=1.0)
-    assert_equal(theta, alias)
-    with pytest.raises(ValueError, match="not both"):
-        evaluate(omega, tasks, 3, mode=Implicit(lam=1.5), proximal=1.5)
+    assert_equal(theta, fine_tune(omega, tasks[0].train, 3, mode=Implicit(lam=1.0)))
+    with pytest.raises(TypeError, match="proximal"):  # the old proximal=λ alias is gone: the mode names it
+        evaluate(omega, tasks, 3, proximal=1.5)
     with pytest.raises(ValueError, match="mode must be one of"):
         fine_tune(omega, tasks[0].train, 3, mode="bogus")
 

@@ -29,7 +29,7 @@ from metalearn.knowledge import MetaKnowledge, MetaSGD
 from metalearn.models import MLP
 from metalearn.run_folder import LOCK_NAME, RunFolderInUseError
 from metalearn.tasks import Sinusoid
-from metalearn.train import _JsonlLog, meta_train
+from metalearn.train import JsonlLog, meta_train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = Sinusoid(4, 4, seed=0, length=None)
@@ -508,7 +508,7 @@ def test_the_default_mode_follows_the_umask(umask_027):
 
 
 def test_a_full_disk_while_logging_says_so(tmp_path, monkeypatch):
-    log = _JsonlLog(tmp_path / "log.jsonl")
+    log = JsonlLog(tmp_path / "log.jsonl")
     log.open(0)
     log.write({"kind": "train", "step": 0})  # the file is opened by its first line
 

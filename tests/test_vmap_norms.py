@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from metalearn import exact_norms as E
 from metalearn.evaluate import evaluate
 from metalearn.knowledge import MetaKnowledge, maml
-from metalearn.outer import choose_batching, meta_gradient, meta_step
+from metalearn.mapping import choose_batching
+from metalearn.outer import meta_gradient, meta_step
 from metalearn.tasks import Task, TaskBatch
 
 DT = torch.float64

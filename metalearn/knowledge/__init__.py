@@ -37,9 +37,6 @@ from metalearn.knowledge.rules import (
 )
 from metalearn.knowledge.soft_choice import SoftChoice
 
-# the searchable models live in metalearn.models; re-exported here, where they were first
-from metalearn.models.searchable import DEFAULT_CANDIDATES, SEARCH_OPS, CellConvNet, MixedOp, SearchableConvNet
-
 __all__ = [
     "Adam",
     "AdaptAll",
@@ -47,29 +44,24 @@ __all__ = [
     "AdaptPart",
     "ArchitecturePart",
     "ArchitectureWeights",
-    "CellConvNet",
     "Chain",
     "Choice",
     "ContractError",
     "ContractReport",
-    "DEFAULT_CANDIDATES",
     "GaussianInit",
     "InitPart",
     "Learned",
     "LossFn",
     "MetaKnowledge",
     "MetaSGD",
-    "MixedOp",
     "MomentumSGD",
     "OptimizerMixture",
     "OptimizerPart",
     "Params",
     "PointInit",
     "PrototypeInit",
-    "SEARCH_OPS",
     "SGD",
     "ScaledInit",
-    "SearchableConvNet",
     "SoftChoice",
     "State",
     "anil",

@@ -1,8 +1,7 @@
 """The ω part of a searchable architecture: `ArchitectureWeights` α, and `with_architecture`.
 
 The searchable networks themselves (op library, `MixedOp`, `SearchableConvNet`,
-`CellConvNet`) are models and live in `metalearn.models.searchable`; their names are
-re-exported here for the imports that predate the split.
+`CellConvNet`) are models and live in `metalearn.models.searchable`.
 """
 
 from __future__ import annotations
@@ -14,18 +13,6 @@ from torch import Tensor
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import ArchitecturePart
 from metalearn.knowledge.soft_choice import Choice, SoftChoice
-
-# the models' names, kept importable from here (backwards compatible; metalearn.models is their home)
-from metalearn.models.searchable import (  # noqa: F401
-    DEFAULT_CANDIDATES,
-    SEARCH_OPS,
-    Cell,
-    CellConvNet,
-    MixedOp,
-    OpFactory,
-    SearchableConvNet,
-    Zero,
-)
 
 __all__ = ["ArchitectureWeights", "with_architecture"]
 

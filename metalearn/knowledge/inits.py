@@ -202,7 +202,9 @@ class ScaledInit(InitPart):
         self.per = per
         self.init_gain = float(init_gain)
         self.nonlinearity = nonlinearity
-        self._activation_gain = nn.init.calculate_gain(nonlinearity) if scheme.startswith("kaiming") else 1.0
+        kaiming = scheme.startswith("kaiming")
+        # a str: torch's Literal type names every nonlinearity, and calculate_gain refuses an unknown one
+        self._activation_gain = nn.init.calculate_gain(nonlinearity) if kaiming else 1.0  # type: ignore[arg-type]
         self.log_gain = nn.ParameterDict()
         self.shift = nn.ParameterDict()
 

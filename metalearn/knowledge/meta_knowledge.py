@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -134,13 +135,25 @@ def theta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
-    """The distinct `ArchitecturePart`\\ s of the model: registered submodules, and (for models
-    written before parts were registered) parts held unregistered as an ``architecture`` attribute."""
+    """The distinct `ArchitecturePart`\\ s registered in the model.
+
+    Raises:
+        ValueError: a module reads an `ArchitecturePart` as its ``architecture`` attribute that
+            is not registered in the model (e.g. held in a plain list): its meta-parameters would
+            never be trained.
+    """
     found: list[ArchitecturePart] = []
     for module in model.modules():
-        for part in (module, getattr(module, "architecture", None)):
-            if isinstance(part, ArchitecturePart) and part is not model and all(p is not part for p in found):
-                found.append(part)
+        if isinstance(module, ArchitecturePart) and module is not model and all(p is not module for p in found):
+            found.append(module)
+    for name, module in model.named_modules():
+        part = getattr(module, "architecture", None)
+        if isinstance(part, ArchitecturePart) and all(p is not part for p in found):
+            raise ValueError(
+                f"model.{name or '(root)'}.architecture ({type(part).__name__}) is not a registered submodule "
+                "(e.g. it is held in a plain list), so its meta-parameters would never be trained; assign it "
+                "as a submodule (self.architecture = part) or hold it in an nn.ModuleList"
+            )
     return found
 
 
@@ -201,6 +214,7 @@ class MetaKnowledge(nn.Module):
     ) -> None:
         super().__init__()
         _refuse_running_statistics(model)
+        architectures = _architecture_parts(model)  # checked before anything is changed
         init = init if init is not None else PointInit()
         adapt = adapt if adapt is not None else AdaptAll()
         self.model = model
@@ -216,7 +230,6 @@ class MetaKnowledge(nn.Module):
         self.static_names: list[str] = [n for n in template if n not in set(self.adapted_names)]
         init.bind(model)
         optimizer.bind({n: template[n] for n in self.adapted_names})
-        architectures = _architecture_parts(model)
         if architectures:
             self.architecture = architectures[0] if len(architectures) == 1 else nn.ModuleList(architectures)
         self._register_state_dict_hook(MetaKnowledge._drop_filtered_state)
@@ -224,7 +237,8 @@ class MetaKnowledge(nn.Module):
 
     @property
     def network(self) -> nn.Module:
-        """Deprecated alias of `model` (the one name for ω's model)."""
+        """Deprecated alias of `model` (the one name for ω's model); warns."""
+        warnings.warn("omega.network is deprecated: use omega.model", DeprecationWarning, stacklevel=2)
         return self.model
 
     def _filtered_prefixes(self) -> tuple[str, ...]:
@@ -307,7 +321,9 @@ class MetaKnowledge(nn.Module):
                 f"train has {x.shape[0]} input and {y.shape[0]} target tasks, but n_tasks={n_tasks}; "
                 "pass the batch's train half with a leading task dimension"
             )
-        return self.init.initial_params(self.model_params(), n_tasks, generator, train=(x, y))
+        # an init with uses_train_data takes train= besides InitPart's arguments
+        initial_params: Callable[..., Params] = self.init.initial_params
+        return initial_params(self.model_params(), n_tasks, generator, train=(x, y))
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Runs the model with parameters ``params`` (θ) on ``x``."""
@@ -322,7 +338,7 @@ class MetaKnowledge(nn.Module):
         """`default_loss` of the model's output: the loss θ is scored with on a task's val half.
 
         A convenience for scripts and tests. The library's meta-objective (`metalearn.outer`,
-        `metalearn.gradients`) and `metalearn.evaluate` compute this same expression in place,
+        `metalearn.modes`) and `metalearn.evaluate` compute this same expression in place,
         whatever ω's inner ``loss``.
         """
         return default_loss(self(params, x), y)

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -441,7 +441,7 @@ class SearchableConvNet(_CellNetBase):
         ops = self._ops(ops)
         source = {n: p for n, p in self.named_parameters() if n in self._theta_names()} if params is None else params
         values = self.derive_params(source, ops)
-        like = self.stem[0].weight
+        like = cast(Tensor, self.stem[0].weight)
         derived = CellConvNet(
             self.num_classes, ops, self.in_channels, self.hidden, self.image_size, self.op_factories
         ).to(device=like.device, dtype=like.dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -142,10 +142,13 @@ class Implicit(MetaGradientMode):
         """How far φ is from the minimiser of the proximal objective G, where the implicit
         meta-gradient is exact: ``‖∇L(φ) + λ(φ − θ0)‖`` over ``‖∇L(φ)‖ + λ‖φ − θ0‖``."""
         with torch.no_grad():
-            grad = torch.sqrt(sum(g.detach().square().sum() for g in train_grads))
-            step = torch.sqrt(sum(m.detach().square().sum() for m in moved))
+            # sum() of tensors is a tensor (never its start value 0: there is at least one parameter)
+            grad = torch.sqrt(cast(Tensor, sum(g.detach().square().sum() for g in train_grads)))
+            step = torch.sqrt(cast(Tensor, sum(m.detach().square().sum() for m in moved)))
             pairs = zip(train_grads, moved, strict=True)
-            residual = torch.sqrt(sum((g.detach() + self.lam * m.detach()).square().sum() for g, m in pairs))
+            residual = torch.sqrt(
+                cast(Tensor, sum((g.detach() + self.lam * m.detach()).square().sum() for g, m in pairs))
+            )
             scale = float(grad + self.lam * step)
         return float(residual) / scale if scale > 0 else 0.0
 

@@ -30,7 +30,7 @@ def _as_int(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     try:
-        return operator.index(value)
+        return operator.index(value)  # type: ignore[arg-type]  # anything with __index__; others: TypeError
     except TypeError:
         return None
 
@@ -43,7 +43,7 @@ def _size_range(name: str, value: SizeSpec) -> tuple[int, int]:
     if single is not None:
         low = high = single
     elif isinstance(value, Sequence) and len(value) == 2 and all(_as_int(v) is not None for v in value):
-        low, high = (_as_int(v) for v in value)
+        low, high = (int(v) for v in value)  # integers, checked just above
         if low > high:
             raise ValueError(f"{name} range ({low}, {high}) has low > high; write it as ({high}, {low})")
     else:
@@ -117,10 +117,10 @@ class EpisodicTaskSet(TaskSet):
         self.shots = shots
         self._ways = _size_range("ways", ways)
         self._shots = _size_range("shots", shots)
-        if _as_int(queries) is None or _as_int(queries) < 1:
+        n_queries = _as_int(queries)
+        if n_queries is None or n_queries < 1:
             raise ValueError(f"queries (val examples per class) must be an int of at least 1, got {queries!r}")
-        queries = _as_int(queries)
-        self.queries = queries
+        self.queries = n_queries
 
         labels = dataset.labels
         pool = dataset.classes if classes is None else torch.as_tensor(classes)

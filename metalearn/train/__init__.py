@@ -27,15 +27,13 @@ from metalearn.train.loop import meta_train, set_outer_step
 from metalearn.train.run import TrainResult
 from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator
 
-# backwards-compatible private names (tests import them); remove at merge once callers use the new ones
-_JsonlLog = JsonlLog
-_describe_tasks = describe_tasks
-
 __all__ = [
+    "JsonlLog",
     "TaskSetWrapWarning",
     "TrainConfig",
     "TrainResult",
     "batch_for_step",
+    "describe_tasks",
     "meta_train",
     "set_outer_step",
     "step_generator",

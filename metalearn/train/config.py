@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
+from metalearn.mapping import BATCHING_MODES
 from metalearn.modes import MetaGradientMode, resolve_mode
-from metalearn.outer import BATCHING_MODES
 
 __all__ = ["TrainConfig"]
 
@@ -28,7 +28,7 @@ def _plain(config: TrainConfig, value: Any) -> Any:
 
 
 def _resolved_first_order(config: TrainConfig, value: Any) -> bool:
-    return bool(getattr(config.gradient_mode, "first_order", False))
+    return bool(config.gradient_mode.first_order)
 
 
 def _mode_identity(config: TrainConfig, value: Any) -> Any:
@@ -54,7 +54,7 @@ class TrainConfig:
         inner_steps: inner steps per task.
         meta_batch_size: tasks per outer step (B).
         first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
-        batching: ``"auto"``, ``"loop"`` or ``"vmap"`` (see `metalearn.outer.choose_batching`).
+        batching: ``"auto"``, ``"loop"`` or ``"vmap"`` (see `metalearn.mapping.choose_batching`).
         clip_grad_norm: clip the meta-gradient to this total norm (``None``: no clipping).
         seed: seeds the per-step generators (`metalearn.train.step_generator`) and validation.
         mode: the meta-gradient mode (``"unrolled"``, ``"first_order"``, ``"checkpointed"``,

@@ -95,8 +95,8 @@ class JsonlLog:
             raise OSError(
                 err.errno,
                 f"could not write to the log {self.path}: there is no space left on the device "
-                f"({os.strerror(err.errno)}). Free space, then run again: the run resumes from its last "
-                "checkpoint and the log is cut back to it",
+                f"({os.strerror(err.errno or errno.ENOSPC)}). Free space, then run again: the run resumes from its "
+                "last checkpoint and the log is cut back to it",
             ) from err
 
     def close(self) -> None:
