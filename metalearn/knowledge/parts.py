@@ -136,10 +136,12 @@ class AdaptPart(nn.Module, ABC):
 class ArchitecturePart(nn.Module):
     """Meta-parameters that shape the model itself rather than θ (e.g. DARTS mixing logits).
 
-    A model module holds such a part, unregistered, as its ``architecture`` attribute and
-    reads it at forward time; it is therefore not in ``model.named_parameters()``, so no init
-    samples it and the inner loop never adapts it. `MetaKnowledge` finds every such part in its
-    model and registers it as ``omega.architecture``, so its parameters are meta-parameters
-    (in ``omega.parameters()`` and in checkpoints) and receive the meta-gradient through the
-    forward passes of the inner and outer loop.
+    A model module holds such a part as a registered submodule (its ``architecture``
+    attribute) and reads it at forward time. θ is chosen by a filter
+    (`metalearn.knowledge.theta_parameters`: every model parameter outside an
+    `ArchitecturePart`), so no init samples the part and the inner loop never adapts it.
+    `MetaKnowledge` finds every such part in its model and lists it once as
+    ``omega.architecture``, so its parameters are meta-parameters (in ``omega.parameters()`` and
+    in checkpoints) and receive the meta-gradient through the forward passes of the inner and
+    outer loop; ``.to()``, ``.double()`` and ``.eval()`` reach it like any submodule.
     """
