@@ -192,7 +192,7 @@ def check_batching(omega: MetaKnowledge, tasks: Sinusoid) -> float:
     grads = {}
     for mode in ("loop", "vmap"):
         omega64.zero_grad(set_to_none=True)
-        meta_gradient(omega64, batch, steps=2, batching=mode)
+        meta_gradient(omega64, batch, inner_steps=2, batching=mode)
         grads[mode] = torch.cat([p.grad.reshape(-1) for p in omega64.parameters() if p.grad is not None])
     return float((grads["loop"] - grads["vmap"]).abs().max() / grads["loop"].abs().max())
 
@@ -249,7 +249,7 @@ def run(method: str, args: argparse.Namespace) -> tuple[MetaKnowledge, dict]:
         progress=False,
     )
     seconds = time.perf_counter() - start
-    result = evaluate(omega, target, steps=args.inner_steps)
+    result = evaluate(omega, target, inner_steps=args.inner_steps)
     row = {
         "method": method,
         "mse": result.mean,

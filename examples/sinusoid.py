@@ -105,7 +105,7 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
     seconds = time.perf_counter() - start
     if isinstance(omega.init, GaussianInit):
         omega.init.mode = "mean"  # meta-test from the learned mean (sampling would need S adaptations per task)
-    result = evaluate(omega, target, steps=args.inner_steps)
+    result = evaluate(omega, target, inner_steps=args.inner_steps)
     row = {
         "method": method,
         "shots": shots,
@@ -142,7 +142,7 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
         for (name, omega), color in zip(models.items(), colors, strict=False):
             with torch.no_grad():
                 before = omega(omega.model_params(), xs).cpu()
-            after = omega(fine_tune(omega, task.train, steps=args.inner_steps), xs).detach().cpu()
+            after = omega(fine_tune(omega, task.train, inner_steps=args.inner_steps), xs).detach().cpu()
             ax.plot(xs.cpu(), before, "--", color=color, alpha=0.6, label=f"{name}, before")
             ax.plot(xs.cpu(), after, color=color, label=f"{name}, after {args.inner_steps} step")
         ax.set_title(f"target task {col}")

@@ -325,7 +325,7 @@ def test_op_weights_may_stay_static_as_part_of_omega():
         assert bool(torch.isfinite(grads[name]).all()) and grads[name].abs().max() > 0, name
     # the static op weights are passed through the inner loop unchanged
     x, y = _batch().train
-    theta = fine_tune(omega, (x[0], y[0]), steps=2)
+    theta = fine_tune(omega, (x[0], y[0]), inner_steps=2)
     assert torch.equal(theta["cells.1.op.ops.conv3x3.weight"], omega.model.cells[1].op.ops.conv3x3.weight)
     assert not torch.equal(theta["head.weight"], omega.model.head.weight)
 
@@ -387,11 +387,11 @@ def test_search_then_derive_then_evaluate():
 
     # meta-test the derived plain network (weights carried over) ...
     derived = MetaKnowledge(model.derive(), optimizer=SGD(0.3))
-    ev_derived = evaluate(derived, target, steps=2, batch_size=3)
+    ev_derived = evaluate(derived, target, inner_steps=2, batch_size=3)
     assert ev_derived.n == 6 and 0.0 <= ev_derived.mean <= 1.0
     # ... or the searchable ω itself with its choice fixed: the same function, the same results
     model.architecture.fix()
-    ev_fixed = evaluate(omega, target, steps=2, batch_size=3)
+    ev_fixed = evaluate(omega, target, inner_steps=2, batch_size=3)
     assert torch.equal(ev_fixed.per_task_loss, ev_derived.per_task_loss)
     assert torch.equal(ev_fixed.per_task, ev_derived.per_task)
 

@@ -53,7 +53,7 @@ def test_zero_steps_is_the_protonet_classifier():
     omega = protonet(_model())
     batch = _batch()
     for i, task in enumerate(_tasks(batch)):
-        params = adapt(omega, task.train, steps=0).params
+        params = adapt(omega, task.train, inner_steps=0).params
         logits = omega(params, task.val[0])
         f_val, f_train = _embed(omega, task.val[0]), _embed(omega, task.train[0])
         prototypes = torch.stack([f_train[task.train[1] == k].mean(0) for k in range(WAYS)])
@@ -88,7 +88,7 @@ def test_model_head_is_not_a_meta_parameter_and_is_unused():
     after = omega.initial_params(TASKS, None, train=batch.train)
     for n in before:
         torch.testing.assert_close(before[n], after[n], rtol=0, atol=0)
-    meta_gradient(omega, batch, steps=0, batching="loop")
+    meta_gradient(omega, batch, inner_steps=0, batching="loop")
     assert head.weight.grad is None and head.bias.grad is None
     assert all(p.grad is not None for n, p in omega.model.named_parameters() if n.startswith("features."))
 
@@ -236,7 +236,7 @@ def test_other_inits_are_called_without_train():
     omega = MetaKnowledge(_model(), optimizer=SGD(0.1), init=Recording())
     batch = _batch()
     for batching in ("loop", "vmap"):
-        meta_gradient(omega, batch, steps=1, batching=batching)
+        meta_gradient(omega, batch, inner_steps=1, batching=batching)
     evaluate(omega, _tasks(batch), 1, batching="vmap")
     assert calls == [TASKS, TASKS, 1, 1, 1]
     assert maml(_model(), lr=0.1).init.uses_train_data is False
@@ -258,13 +258,13 @@ def test_fine_tune_and_checkpointed_mode_use_the_prototypes():
     omega = proto_maml(_model(7), lr=0.1)
     batch = _batch(12)
     task = _tasks(batch)[0]
-    params = fine_tune(omega, task.train, steps=0)
+    params = fine_tune(omega, task.train, inner_steps=0)
     f_train = _embed(omega, task.train[0])
     prototypes = torch.stack([f_train[task.train[1] == k].mean(0) for k in range(WAYS)])
     torch.testing.assert_close(params["head.weight"], 2 * prototypes.detach(), rtol=1e-10, atol=1e-12)
-    meta_gradient(omega, batch, steps=2, batching="loop")
+    meta_gradient(omega, batch, inner_steps=2, batching="loop")
     unrolled = _grads(omega)
     omega.zero_grad(set_to_none=True)
-    meta_gradient(omega, batch, steps=2, mode="checkpointed")
+    meta_gradient(omega, batch, inner_steps=2, mode="checkpointed")
     for n, g in _grads(omega).items():
         torch.testing.assert_close(g, unrolled[n], rtol=1e-8, atol=1e-10)

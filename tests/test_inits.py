@@ -96,7 +96,7 @@ def test_gaussian_init_mean_mode_and_generator_errors():
         assert torch.equal(theta[name], mu.expand(2, *mu.shape))
     assert omega.init.mode == "sample"  # restored
     omega.init.mode = "mean"
-    adapted = adapt(omega, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 1, dtype=F64)), steps=1)
+    adapted = adapt(omega, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 1, dtype=F64)), inner_steps=1)
     assert adapted.params["layers.0.weight"].shape == (5, 2)
     with pytest.raises(ValueError, match="mode must be one of"):
         omega.init.mode = "median"

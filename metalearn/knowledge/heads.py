@@ -79,7 +79,7 @@ class PrototypeInit(InitPart):
 
     Example:
         >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=SGD(0.1), init=PrototypeInit())
-        >>> meta_step(omega, opt, batch, steps=0)  # ProtoNets
+        >>> meta_step(omega, opt, batch, inner_steps=0)  # ProtoNets
     """
 
     uses_model_parameters = True

@@ -70,7 +70,7 @@ class GaussianInit(InitPart):
 
     Example:
         >>> omega = MetaKnowledge(MLP(), optimizer=SGD(0.01), init=GaussianInit(init_scale=0.01))
-        >>> meta_step(omega, opt, batch, steps=1, generator=torch.Generator().manual_seed(0))
+        >>> meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
     """
 
     uses_model_parameters = True
