@@ -142,7 +142,7 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
         for (name, omega), color in zip(models.items(), colors, strict=False):
             with torch.no_grad():
                 before = omega(omega.model_params(), xs).cpu()
-            after = omega(fine_tune(omega, task.train, inner_steps=args.inner_steps), xs).detach().cpu()
+            after = fine_tune(omega, task.train, inner_steps=args.inner_steps)(xs).cpu()  # θ* bound, no graph
             ax.plot(xs.cpu(), before, "--", color=color, alpha=0.6, label=f"{name}, before")
             ax.plot(xs.cpu(), after, color=color, label=f"{name}, after {args.inner_steps} step")
         ax.set_title(f"target task {col}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
-from metalearn.inner import InnerProblem, check_finite_losses, check_finite_task_losses
+from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import map_tasks, resolve_batching, task_objective
@@ -72,7 +72,7 @@ def fine_tune(
     *,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode | None = None,
-) -> Params:
+) -> Adapted:
     r"""θ* for one task: θ0 from ω, then ``inner_steps`` inner updates on ``train``; ω is not changed.
 
     No graph is kept: the result does not require grad and holds no reference to ω's
@@ -90,7 +90,19 @@ def fine_tune(
             al., 2019). None: the plain inner loop.
 
     Returns:
-        θ*, every parameter of the model by name.
+        An `metalearn.inner.Adapted`: call it as the fine-tuned model (``adapted(x)`` runs ω's model
+        with θ* bound, under ``torch.no_grad``); ``adapted.params`` is θ*, every parameter of the model
+        by name, and ``adapted.losses`` the inner loss before each step ``[inner_steps]``.
+
+    Example:
+        >>> import torch
+        >>> from metalearn import InnerSGD, MetaKnowledge, fine_tune
+        >>> from metalearn.models import MLP
+        >>> omega = MetaKnowledge(MLP((1, 8, 1)), InnerSGD(lr=0.1))
+        >>> x, y = torch.randn(5, 1), torch.randn(5, 1)
+        >>> adapted = fine_tune(omega, (x, y), inner_steps=5)
+        >>> adapted(x).requires_grad, len(adapted.losses)
+        (False, 5)
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
@@ -106,7 +118,7 @@ def fine_tune(
         theta0 = _detached_theta0(omega, generator, (x, y))
         params, losses = problem.solve(omega, theta0, x, y, inner_steps)
     check_finite_losses(losses)
-    return params
+    return Adapted(params, losses, omega, differentiable=False)
 
 
 def meta_test_problem(mode: str | MetaGradientMode | None) -> InnerProblem:

@@ -24,7 +24,7 @@ every meta-gradient mode in `metalearn.modes` picks its options:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -52,15 +52,44 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Adapted:
-    """Result of the inner loop.
+    """Result of the inner loop: θ* and the model it belongs to, callable as the fine-tuned model.
+
+    `adapt` (meta-training, differentiable w.r.t. ω) and `metalearn.evaluate.fine_tune` (meta-test,
+    no graph) both return one; call it to run ω's model with θ* bound:
+
+    >>> import torch
+    >>> from metalearn import InnerSGD, MetaKnowledge, fine_tune
+    >>> from metalearn.models import MLP
+    >>> omega = MetaKnowledge(MLP((1, 8, 1)), InnerSGD(lr=0.1))
+    >>> x, y = torch.randn(5, 1), torch.randn(5, 1)
+    >>> adapted = fine_tune(omega, (x, y), inner_steps=3)
+    >>> adapted(x).shape, adapted.losses.shape, sorted(adapted.params)[0]
+    (torch.Size([5, 1]), torch.Size([3]), 'layers.0.bias')
 
     Attributes:
-        params: θK, every parameter of the model (adapted and static).
-        losses: the inner (train) loss before each step, shape ``[steps]`` (or ``[tasks, steps]``).
+        params: θ*, every parameter of the model (adapted and static), by name.
+        losses: the inner (train) loss before each step, shape ``[inner_steps]`` (or ``[tasks, inner_steps]``).
+        omega: the meta-knowledge whose model ``params`` belong to (None: not callable).
+        differentiable: whether calling it may build a graph (`adapt`: True; `fine_tune`: False,
+            the call runs under ``torch.no_grad``).
     """
 
     params: Params
     losses: Tensor
+    omega: MetaKnowledge | None = field(default=None, repr=False, compare=False)
+    differentiable: bool = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """ω's model with θ* bound, on inputs ``x`` (on θ*'s device)."""
+        if self.omega is None:
+            raise TypeError(
+                "this Adapted holds no ω, so it cannot run the model; build it with Adapted(params, losses, omega) "
+                "or call omega(adapted.params, x)"
+            )
+        if self.differentiable:
+            return self.omega(self.params, x)
+        with torch.no_grad():
+            return self.omega(self.params, x)
 
 
 GRAPHS = ("full", "first_order", "none")
@@ -404,4 +433,4 @@ def adapt(
             raise
         raise explained from err
     check_finite_losses(losses)
-    return Adapted(params, losses)
+    return Adapted(params, losses, omega)

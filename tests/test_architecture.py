@@ -325,7 +325,7 @@ def test_op_weights_may_stay_static_as_part_of_omega():
         assert bool(torch.isfinite(grads[name]).all()) and grads[name].abs().max() > 0, name
     # the static op weights are passed through the inner loop unchanged
     x, y = _batch().train
-    theta = fine_tune(omega, (x[0], y[0]), inner_steps=2)
+    theta = fine_tune(omega, (x[0], y[0]), inner_steps=2).params
     assert torch.equal(theta["cells.1.op.ops.conv3x3.weight"], omega.model.cells[1].op.ops.conv3x3.weight)
     assert not torch.equal(theta["head.weight"], omega.model.head.weight)
 

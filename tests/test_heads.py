@@ -258,7 +258,7 @@ def test_fine_tune_and_checkpointed_mode_use_the_prototypes():
     omega = proto_maml(_model(7), lr=0.1)
     batch = _batch(12)
     task = _tasks(batch)[0]
-    params = fine_tune(omega, task.train, inner_steps=0)
+    params = fine_tune(omega, task.train, inner_steps=0).params
     f_train = _embed(omega, task.train[0])
     prototypes = torch.stack([f_train[task.train[1] == k].mean(0) for k in range(WAYS)])
     torch.testing.assert_close(params["head.weight"], 2 * prototypes.detach(), rtol=1e-10, atol=1e-12)
