@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from metalearn import MLP, SGD, MetaKnowledge, Sinusoid, evaluate, meta_gradient, meta_train
+from metalearn import MLP, InnerSGD, MetaKnowledge, Sinusoid, evaluate, meta_gradient, meta_train
 from metalearn.knowledge import ContractError, OptimizerPart, Params, State, check_part
 from metalearn.knowledge.parts import param_key
 from metalearn.mapping import choose_batching
@@ -208,7 +208,7 @@ def build(method: str, args: argparse.Namespace) -> MetaKnowledge:
     if method in ("layer-lr", "both"):
         optimizer: OptimizerPart = DecayingLayerLR(lr=args.inner_lr)
     else:
-        optimizer = SGD(lr=args.inner_lr)
+        optimizer = InnerSGD(lr=args.inner_lr)
     return MetaKnowledge(model, optimizer=optimizer, loss=loss)
 
 

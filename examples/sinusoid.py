@@ -30,23 +30,23 @@ from pathlib import Path
 
 import torch
 
-from metalearn import MLP, SGD, MetaKnowledge, MetaSGD, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
-from metalearn.knowledge import Adam, GaussianInit, MomentumSGD, OptimizerMixture
+from metalearn import MLP, InnerSGD, MetaKnowledge, MetaSGD, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
+from metalearn.knowledge import GaussianInit, InnerAdam, MomentumSGD, OptimizerMixture
 
 
 def gaussian_init(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """MAML with a learned Gaussian init: θ0 ~ N(μ, σ²) per parameter, μ and σ meta-learned."""
-    return MetaKnowledge(model, optimizer=SGD(lr), init=GaussianInit(init_scale=0.01))
+    return MetaKnowledge(model, optimizer=InnerSGD(lr), init=GaussianInit(init_scale=0.01))
 
 
 def learned_adam(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """An inner Adam whose step size, betas and eps are meta-learned."""
-    return MetaKnowledge(model, optimizer=Adam(lr))
+    return MetaKnowledge(model, optimizer=InnerAdam(lr))
 
 
 def optimizer_mixture(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """A learned choice among inner update rules (softmax weights over SGD, Meta-SGD, momentum, Adam)."""
-    rules = {"sgd": SGD(lr), "meta_sgd": MetaSGD(lr), "momentum": MomentumSGD(lr, 0.5), "adam": Adam(lr)}
+    rules = {"sgd": InnerSGD(lr), "meta_sgd": MetaSGD(lr), "momentum": MomentumSGD(lr, 0.5), "adam": InnerAdam(lr)}
     return MetaKnowledge(model, optimizer=OptimizerMixture(rules))
 
 

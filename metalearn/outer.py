@@ -147,7 +147,8 @@ def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, inner_steps
     check_steps("inner_steps", inner_steps)
     if not isinstance(omega, MetaKnowledge):
         raise TypeError(
-            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; "
+            "wrap the model: MetaKnowledge(model, InnerSGD(lr))"
         )
     if not isinstance(batch, TaskBatch):
         raise TypeError(

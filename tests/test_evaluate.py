@@ -12,7 +12,7 @@ from torch import nn
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.knowledge import InitPart, MetaKnowledge, maml
-from metalearn.knowledge.builtins import SGD
+from metalearn.knowledge.builtins import InnerSGD
 from metalearn.mapping import metric
 from metalearn.models import MLP
 from metalearn.modes import Implicit
@@ -94,7 +94,7 @@ def test_evaluate_is_reproducible_and_depends_on_the_tasks():
 @pytest.mark.parametrize("init", ["point", "noisy"])
 def test_loop_vmap_and_batch_size_agree(init):
     torch.manual_seed(0)
-    omega = MetaKnowledge(MLP((1, 16, 16, 1)), optimizer=SGD(0.02), init=NoisyInit() if init == "noisy" else None)
+    omega = MetaKnowledge(MLP((1, 16, 16, 1)), optimizer=InnerSGD(0.02), init=NoisyInit() if init == "noisy" else None)
     tasks = Sinusoid(5, 6, seed=4, length=13)
     ref = evaluate(omega, tasks, 3, batching="loop", batch_size=1)
     for batching, size in [("vmap", 5), ("vmap", 13), ("loop", 4), ("auto", 32)]:

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 
 from metalearn.errors import NonFiniteError
 from metalearn.inner import adapt
-from metalearn.knowledge import SGD, AdaptOnly, MetaKnowledge, maml, meta_sgd
+from metalearn.knowledge import AdaptOnly, InnerSGD, MetaKnowledge, maml, meta_sgd
 from metalearn.mapping import choose_batching
 from metalearn.models import MLP, Conv4
 from metalearn.outer import meta_gradient, meta_loss, meta_step
@@ -89,7 +89,7 @@ def test_adapt_one_task_equals_reference_sgd(first_order: bool) -> None:
 
 def test_adapt_leaves_static_parameters_at_theta0() -> None:
     model = tiny_mlp()
-    omega = MetaKnowledge(model, SGD(0.3), adapt=AdaptOnly("layers.4"))
+    omega = MetaKnowledge(model, InnerSGD(0.3), adapt=AdaptOnly("layers.4"))
     adapted = adapt(omega, regression()[0].train, inner_steps=2)
     for n, p in model.named_parameters():
         moved = not torch.equal(adapted.params[n].detach(), p.detach())
@@ -269,7 +269,7 @@ def test_native_batch_norm_under_vmap_is_allowed_where_it_is_exact() -> None:
     omega = maml(native_bn_model(), lr=0.4)
     loop = grads_of(omega, batch, 2, batching="loop", first_order=True)
     assert rel_diff(grads_of(omega, batch, 2, batching="vmap", first_order=True), loop) <= 1e-10
-    head_only = MetaKnowledge(native_bn_model(), SGD(0.4), adapt=AdaptOnly("4"))
+    head_only = MetaKnowledge(native_bn_model(), InnerSGD(0.4), adapt=AdaptOnly("4"))
     assert head_only.native_norms_adapted() == []
     loop = grads_of(head_only, batch, 2, batching="loop")
     assert rel_diff(grads_of(head_only, batch, 2, batching="vmap"), loop) <= 1e-10

@@ -69,7 +69,7 @@ class GaussianInit(InitPart):
         mode: ``"sample"`` (draw θ0, needs a generator) or ``"mean"`` (θ0 = μ).
 
     Example:
-        >>> omega = MetaKnowledge(MLP(), optimizer=SGD(0.01), init=GaussianInit(init_scale=0.01))
+        >>> omega = MetaKnowledge(MLP(), optimizer=InnerSGD(0.01), init=GaussianInit(init_scale=0.01))
         >>> meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
     """
 

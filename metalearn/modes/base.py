@@ -107,7 +107,7 @@ def require_theta0_only(omega: MetaKnowledge, mode: str, allow_static: bool) -> 
         raise ValueError(
             f"mode={mode!r} gives a gradient to θ0 only, but ω has other meta-parameters that would get none: "
             f"{others[:5]}{' ...' if len(others) > 5 else ''} (e.g. Meta-SGD step sizes, a learned loss). "
-            "Use a parameter-free inner optimizer such as SGD(lr), or mode='unrolled'"
+            "Use a parameter-free inner optimizer such as InnerSGD(lr), or mode='unrolled'"
         )
     if not allow_static and omega.static_names:
         raise ValueError(
