@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from metalearn import MLP, SGD, MetaKnowledge, Sinusoid, evaluate, meta_gradient, meta_train
+from metalearn import MLP, InnerSGD, MetaKnowledge, Sinusoid, evaluate, meta_gradient, meta_train
 from metalearn.knowledge import ContractError, OptimizerPart, Params, State, check_part
 from metalearn.knowledge.parts import param_key
 from metalearn.mapping import choose_batching
@@ -192,7 +192,7 @@ def check_batching(omega: MetaKnowledge, tasks: Sinusoid) -> float:
     grads = {}
     for mode in ("loop", "vmap"):
         omega64.zero_grad(set_to_none=True)
-        meta_gradient(omega64, batch, steps=2, batching=mode)
+        meta_gradient(omega64, batch, inner_steps=2, batching=mode)
         grads[mode] = torch.cat([p.grad.reshape(-1) for p in omega64.parameters() if p.grad is not None])
     return float((grads["loop"] - grads["vmap"]).abs().max() / grads["loop"].abs().max())
 
@@ -208,7 +208,7 @@ def build(method: str, args: argparse.Namespace) -> MetaKnowledge:
     if method in ("layer-lr", "both"):
         optimizer: OptimizerPart = DecayingLayerLR(lr=args.inner_lr)
     else:
-        optimizer = SGD(lr=args.inner_lr)
+        optimizer = InnerSGD(lr=args.inner_lr)
     return MetaKnowledge(model, optimizer=optimizer, loss=loss)
 
 
@@ -249,7 +249,7 @@ def run(method: str, args: argparse.Namespace) -> tuple[MetaKnowledge, dict]:
         progress=False,
     )
     seconds = time.perf_counter() - start
-    result = evaluate(omega, target, steps=args.inner_steps)
+    result = evaluate(omega, target, inner_steps=args.inner_steps)
     row = {
         "method": method,
         "mse": result.mean,

@@ -257,14 +257,14 @@ def main(argv: list[str] | None = None) -> dict:
         for i, c in enumerate(choices):
             weights = ", ".join(f"{n} {w:.3f}" for n, w in c.weights.items())
             print(f"cell {i}: {c.name}  ({weights})")
-        mixed = evaluate(omega, target, steps=args.test_inner_steps)
+        mixed = evaluate(omega, target, inner_steps=args.test_inner_steps)
         summary["mixture_test_accuracy"], summary["mixture_ci95"] = mixed.mean, mixed.ci95
         summary["derived_ops"] = omega.architecture.fix()  # the derived network: argmax ops, trained weights
         summary["alpha_weights"] = [c.weights for c in choices]
         torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
         print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
               f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
-    test = evaluate(omega, target, steps=args.test_inner_steps, mode=imaml)  # its proximal problem (or plain)
+    test = evaluate(omega, target, inner_steps=args.test_inner_steps, mode=imaml)  # its proximal problem (or plain)
     summary.update(test_accuracy=test.mean, ci95=test.ci95, test_tasks=test.n)
     (args.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plotted = plot_curve(args.run_dir / "log.jsonl", args.run_dir / "curve.png")

@@ -30,23 +30,23 @@ from pathlib import Path
 
 import torch
 
-from metalearn import MLP, SGD, MetaKnowledge, MetaSGD, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
-from metalearn.knowledge import Adam, GaussianInit, MomentumSGD, OptimizerMixture
+from metalearn import MLP, InnerSGD, MetaKnowledge, MetaSGD, Sinusoid, evaluate, fine_tune, maml, meta_sgd, meta_train
+from metalearn.knowledge import GaussianInit, InnerAdam, MomentumSGD, OptimizerMixture
 
 
 def gaussian_init(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """MAML with a learned Gaussian init: θ0 ~ N(μ, σ²) per parameter, μ and σ meta-learned."""
-    return MetaKnowledge(model, optimizer=SGD(lr), init=GaussianInit(init_scale=0.01))
+    return MetaKnowledge(model, optimizer=InnerSGD(lr), init=GaussianInit(init_scale=0.01))
 
 
 def learned_adam(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """An inner Adam whose step size, betas and eps are meta-learned."""
-    return MetaKnowledge(model, optimizer=Adam(lr))
+    return MetaKnowledge(model, optimizer=InnerAdam(lr))
 
 
 def optimizer_mixture(model: torch.nn.Module, lr: float) -> MetaKnowledge:
     """A learned choice among inner update rules (softmax weights over SGD, Meta-SGD, momentum, Adam)."""
-    rules = {"sgd": SGD(lr), "meta_sgd": MetaSGD(lr), "momentum": MomentumSGD(lr, 0.5), "adam": Adam(lr)}
+    rules = {"sgd": InnerSGD(lr), "meta_sgd": MetaSGD(lr), "momentum": MomentumSGD(lr, 0.5), "adam": InnerAdam(lr)}
     return MetaKnowledge(model, optimizer=OptimizerMixture(rules))
 
 
@@ -105,7 +105,7 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
     seconds = time.perf_counter() - start
     if isinstance(omega.init, GaussianInit):
         omega.init.mode = "mean"  # meta-test from the learned mean (sampling would need S adaptations per task)
-    result = evaluate(omega, target, steps=args.inner_steps)
+    result = evaluate(omega, target, inner_steps=args.inner_steps)
     row = {
         "method": method,
         "shots": shots,
@@ -142,7 +142,7 @@ def plot_fits(models: dict[str, MetaKnowledge], shots: int, args: argparse.Names
         for (name, omega), color in zip(models.items(), colors, strict=False):
             with torch.no_grad():
                 before = omega(omega.model_params(), xs).cpu()
-            after = omega(fine_tune(omega, task.train, steps=args.inner_steps), xs).detach().cpu()
+            after = fine_tune(omega, task.train, inner_steps=args.inner_steps)(xs).cpu()  # θ* bound, no graph
             ax.plot(xs.cpu(), before, "--", color=color, alpha=0.6, label=f"{name}, before")
             ax.plot(xs.cpu(), after, color=color, label=f"{name}, after {args.inner_steps} step")
         ax.set_title(f"target task {col}")

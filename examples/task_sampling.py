@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from metalearn import EpisodicTaskSet, Sinusoid, TensorDataset, split_classes, stack_tasks
+from metalearn import EpisodicTaskSet, Sinusoid, TensorLabelledDataset, split_classes, stack_tasks
 from metalearn.tasks import Harmonics, Linear
 
 
@@ -37,7 +37,7 @@ def episodic_tour() -> None:
     # A toy dataset: 40 classes, 20 examples each, 8x8 'images' whose pixels encode their class.
     labels = torch.arange(40).repeat_interleave(20)
     inputs = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8) + 0.01 * torch.randn(800, 1, 8, 8)
-    dataset = TensorDataset(inputs, labels)
+    dataset = TensorLabelledDataset(inputs, labels)
 
     split = split_classes(dataset, (0.6, 0.2, 0.2), generator=torch.Generator().manual_seed(0))
     print(f"class pools: {len(split.source)} source, {len(split.validation)} validation, "

@@ -8,12 +8,11 @@ re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
 """
 
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
+from metalearn.deprecated import renamed_attribute
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.inner import Adapted, InnerProblem, adapt
 from metalearn.knowledge import (
-    SGD,
-    Adam,
     AdaptAll,
     AdaptOnly,
     AdaptPart,
@@ -22,6 +21,8 @@ from metalearn.knowledge import (
     Chain,
     GaussianInit,
     InitPart,
+    InnerAdam,
+    InnerSGD,
     Learned,
     MetaKnowledge,
     MetaSGD,
@@ -62,7 +63,7 @@ from metalearn.tasks import (
     Task,
     TaskBatch,
     TaskSet,
-    TensorDataset,
+    TensorLabelledDataset,
     rotations,
     split_classes,
     stack_tasks,
@@ -72,7 +73,6 @@ from metalearn.train import TaskSetWrapWarning, TrainConfig, TrainResult, meta_t
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam",
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
@@ -93,8 +93,10 @@ __all__ = [
     "GaussianInit",
     "ImageFolderDataset",
     "Implicit",
-    "InnerProblem",
     "InitPart",
+    "InnerAdam",
+    "InnerProblem",
+    "InnerSGD",
     "LabelledDataset",
     "Learned",
     "MLP",
@@ -113,7 +115,6 @@ __all__ = [
     "Reptile",
     "ResumeEnvironmentWarning",
     "RunFolderInUseError",
-    "SGD",
     "ScaledInit",
     "SearchableConvNet",
     "Sinusoid",
@@ -122,7 +123,7 @@ __all__ = [
     "TaskBatch",
     "TaskSet",
     "TaskSetWrapWarning",
-    "TensorDataset",
+    "TensorLabelledDataset",
     "TrainConfig",
     "TrainResult",
     "Truncated",
@@ -152,3 +153,8 @@ __all__ = [
     "stack_tasks",
     "theta_parameters",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """A name renamed in `metalearn.deprecated.RENAMED`: the new object, with a `DeprecationWarning`."""
+    return renamed_attribute(__name__, name, globals())

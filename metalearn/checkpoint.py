@@ -8,7 +8,7 @@ anything other than tensors and plain containers is refused.
 
 Each checkpoint records the *identity* of the run that wrote it: the user's configuration
 (JSON), ω's structure (parameter and buffer names, shapes and dtypes; every module's class
-and settings, e.g. ``SGD(lr=0.4)``) and the outer optimizer (class, constructor
+and settings, e.g. ``InnerSGD(lr=0.4)``) and the outer optimizer (class, constructor
 hyper-parameters, which ω parameters each group holds). Loading into a run with another
 identity raises `CheckpointMismatchError` naming what differs, before anything is changed.
 

@@ -9,12 +9,14 @@ layer may use it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from numbers import Real
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ __all__ = [
     "check_outer_optimizer",
     "check_seed",
     "check_steps",
+    "inner_steps_keyword",
     "explain_label_error",
     "head_size",
 ]
@@ -57,6 +60,30 @@ def check_steps(name: str, value: object) -> int:
     if value < 0:
         raise ValueError(f"{name} must be at least 0 (0 means no inner steps), got {value}")
     return value
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def inner_steps_keyword(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Refuses the old keyword ``steps=`` of ``fn`` (renamed ``inner_steps``) with a `TypeError` that names the fix.
+
+    ``steps`` counts outer steps in `meta_train`; the inner count is ``inner_steps`` everywhere, so an
+    old call ``evaluate(omega, tasks, steps=3)`` says what to write instead of Python's bare
+    "unexpected keyword argument".
+    """
+
+    @functools.wraps(fn)
+    def refuse_steps(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if "steps" in kwargs:
+            raise TypeError(
+                f"{fn.__name__}() takes inner_steps=, not steps= (renamed: steps= is meta_train's outer step "
+                f"count); call {fn.__name__}(..., inner_steps={kwargs['steps']!r})"
+            )
+        return fn(*args, **kwargs)
+
+    return refuse_steps
 
 
 def check_seed(value: object, name: str = "seed") -> int:

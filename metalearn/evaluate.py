@@ -28,8 +28,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from metalearn.checks import check_labels, check_seed, check_steps
-from metalearn.inner import InnerProblem, check_finite_losses, check_finite_task_losses
+from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
+from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import map_tasks, resolve_batching, task_objective
@@ -64,15 +64,16 @@ def _detached_theta0(
     return {n: t[0].detach() for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
 
 
+@inner_steps_keyword
 def fine_tune(
     omega: MetaKnowledge,
     train: tuple[Tensor, Tensor],
-    steps: int,
+    inner_steps: int,
     *,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode | None = None,
-) -> Params:
-    r"""θ* for one task: θ0 from ω, then ``steps`` inner updates on ``train``; ω is not changed.
+) -> Adapted:
+    r"""θ* for one task: θ0 from ω, then ``inner_steps`` inner updates on ``train``; ω is not changed.
 
     No graph is kept: the result does not require grad and holds no reference to ω's
     autograd history (the meta-test counterpart of `metalearn.inner.adapt`).
@@ -80,7 +81,7 @@ def fine_tune(
     Args:
         omega: the meta-knowledge (fixed).
         train: the task's ``(x, y)`` train half, no task dimension; moved to ω's device.
-        steps: number of inner steps (may exceed the number used in meta-training).
+        inner_steps: number of inner steps (may exceed the number used in meta-training).
         generator: randomness for a stochastic init.
         mode: the meta-gradient mode ω was trained with (a name or a `metalearn.modes` object);
             fine-tuning solves its ``meta_test_problem()``: e.g. ``Implicit(lam=λ)`` descends
@@ -89,23 +90,35 @@ def fine_tune(
             al., 2019). None: the plain inner loop.
 
     Returns:
-        θ*, every parameter of the model by name.
+        An `metalearn.inner.Adapted`: call it as the fine-tuned model (``adapted(x)`` runs ω's model
+        with θ* bound, under ``torch.no_grad``); ``adapted.params`` is θ*, every parameter of the model
+        by name, and ``adapted.losses`` the inner loss before each step ``[inner_steps]``.
+
+    Example:
+        >>> import torch
+        >>> from metalearn import InnerSGD, MetaKnowledge, fine_tune
+        >>> from metalearn.models import MLP
+        >>> omega = MetaKnowledge(MLP((1, 8, 1)), InnerSGD(lr=0.1))
+        >>> x, y = torch.randn(5, 1), torch.randn(5, 1)
+        >>> adapted = fine_tune(omega, (x, y), inner_steps=5)
+        >>> adapted(x).requires_grad, len(adapted.losses)
+        (False, 5)
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
-        TypeError, ValueError: ``steps`` is not an int of at least 0, a negative class label, an
+        TypeError, ValueError: ``inner_steps`` is not an int of at least 0, a negative class label, an
             unknown ``mode`` name.
     """
-    check_steps("steps (inner steps)", steps)
+    check_steps("inner_steps", inner_steps)
     problem = meta_test_problem(mode)
     check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
         theta0 = _detached_theta0(omega, generator, (x, y))
-        params, losses = problem.solve(omega, theta0, x, y, steps)
+        params, losses = problem.solve(omega, theta0, x, y, inner_steps)
     check_finite_losses(losses)
-    return params
+    return Adapted(params, losses, omega, differentiable=False)
 
 
 def meta_test_problem(mode: str | MetaGradientMode | None) -> InnerProblem:
@@ -194,10 +207,11 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     )
 
 
+@inner_steps_keyword
 def evaluate(
     omega: MetaKnowledge,
     tasks: Iterable[Task] | TaskBatch,
-    steps: int,
+    inner_steps: int,
     *,
     batch_size: int = 32,
     batching: str = "auto",
@@ -217,7 +231,7 @@ def evaluate(
         omega: the meta-knowledge (fixed).
         tasks: the target tasks, e.g. a `TaskSet` of length 600, a list of `Task` or a
             `TaskBatch`; moved to ω's device.
-        steps: inner steps per task (may exceed the number used in meta-training).
+        inner_steps: inner steps per task (may exceed the number used in meta-training).
         batch_size: tasks fine-tuned together.
         batching: ``"auto"``, ``"loop"`` or ``"vmap"``.
         seed: seeds the per-task generators of a stochastic init.
@@ -229,12 +243,12 @@ def evaluate(
         An `Evaluation` (mean, 95% CI, per-task metrics).
 
     Raises:
-        ValueError: no tasks, an unknown ``batching``, a negative ``steps`` or class label (names
+        ValueError: no tasks, an unknown ``batching``, a negative ``inner_steps`` or class label (names
             the task), targets that do not fit the model's output, an unknown ``mode`` name.
-        TypeError: ``steps``, ``batch_size`` or ``seed`` not an int.
+        TypeError: ``inner_steps``, ``batch_size`` or ``seed`` not an int.
         NonFiniteError: a NaN/Inf inner or val loss; ``task`` is the index among ``tasks``.
     """
-    check_steps("steps (inner steps)", steps)
+    check_steps("inner_steps", inner_steps)
     check_seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int, got {batch_size!r} ({type(batch_size).__name__})")
@@ -251,7 +265,7 @@ def evaluate(
         if not problem.vmappable:
             how = "loop"  # the proximal problem takes plain autograd gradients: task by task
         with torch.no_grad():
-            losses, metrics, kind = _evaluate_chunks(omega, tasks, steps, batch_size, how, seed, problem)
+            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem)
     finally:
         omega.train(was_training)
     if not metrics:
@@ -271,7 +285,7 @@ def evaluate(
 def _evaluate_chunks(
     omega: MetaKnowledge,
     tasks: Iterable[Task] | TaskBatch,
-    steps: int,
+    inner_steps: int,
     batch_size: int,
     batching: str,
     seed: int,
@@ -303,7 +317,7 @@ def _evaluate_chunks(
             theta0, theta0_dims = (_batched_theta0 if batching == "vmap" else _stacked_theta0)(theta0s)
             val_loss, met, inner = map_tasks(
                 objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
-                omega, theta0, *batch.train, *batch.val, steps, True, batching=batching,
+                omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching,
             )
             check_finite_losses(inner, task_offset=offset)
             check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)
@@ -312,7 +326,7 @@ def _evaluate_chunks(
         else:  # tasks of different shapes cannot be stacked: one by one
             for j, (task, theta0) in enumerate(zip(chunk, theta0s, strict=True)):
                 task = task.to(device)
-                val_loss, met, inner = objective(omega, theta0, *task.train, *task.val, steps, True)
+                val_loss, met, inner = objective(omega, theta0, *task.train, *task.val, inner_steps, True)
                 check_finite_losses(inner, task_offset=offset + j)
                 check_finite_task_losses(val_loss[None], what="val loss (after fine-tuning)", task_offset=offset + j)
                 losses.append(val_loss)

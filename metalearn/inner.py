@@ -24,7 +24,7 @@ every meta-gradient mode in `metalearn.modes` picks its options:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 from torch.utils.checkpoint import checkpoint
 
-from metalearn.checks import check_labels, check_steps, explain_label_error
+from metalearn.checks import check_labels, check_steps, explain_label_error, inner_steps_keyword
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params, State
@@ -52,15 +52,44 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Adapted:
-    """Result of the inner loop.
+    """Result of the inner loop: θ* and the model it belongs to, callable as the fine-tuned model.
+
+    `adapt` (meta-training, differentiable w.r.t. ω) and `metalearn.evaluate.fine_tune` (meta-test,
+    no graph) both return one; call it to run ω's model with θ* bound:
+
+    >>> import torch
+    >>> from metalearn import InnerSGD, MetaKnowledge, fine_tune
+    >>> from metalearn.models import MLP
+    >>> omega = MetaKnowledge(MLP((1, 8, 1)), InnerSGD(lr=0.1))
+    >>> x, y = torch.randn(5, 1), torch.randn(5, 1)
+    >>> adapted = fine_tune(omega, (x, y), inner_steps=3)
+    >>> adapted(x).shape, adapted.losses.shape, sorted(adapted.params)[0]
+    (torch.Size([5, 1]), torch.Size([3]), 'layers.0.bias')
 
     Attributes:
-        params: θK, every parameter of the model (adapted and static).
-        losses: the inner (train) loss before each step, shape ``[steps]`` (or ``[tasks, steps]``).
+        params: θ*, every parameter of the model (adapted and static), by name.
+        losses: the inner (train) loss before each step, shape ``[inner_steps]`` (or ``[tasks, inner_steps]``).
+        omega: the meta-knowledge whose model ``params`` belong to (None: not callable).
+        differentiable: whether calling it may build a graph (`adapt`: True; `fine_tune`: False,
+            the call runs under ``torch.no_grad``).
     """
 
     params: Params
     losses: Tensor
+    omega: MetaKnowledge | None = field(default=None, repr=False, compare=False)
+    differentiable: bool = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """ω's model with θ* bound, on inputs ``x`` (on θ*'s device)."""
+        if self.omega is None:
+            raise TypeError(
+                "this Adapted holds no ω, so it cannot run the model; build it with Adapted(params, losses, omega) "
+                "or call omega(adapted.params, x)"
+            )
+        if self.differentiable:
+            return self.omega(self.params, x)
+        with torch.no_grad():
+            return self.omega(self.params, x)
 
 
 GRAPHS = ("full", "first_order", "none")
@@ -107,7 +136,7 @@ class InnerProblem:
         return self.proximal is None
 
     def solve(
-        self, omega: MetaKnowledge, theta0: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int,
+        self, omega: MetaKnowledge, theta0: Mapping[str, Tensor], x: Tensor, y: Tensor, inner_steps: int,
         first_order: bool = True,
     ) -> tuple[Params, Tensor]:
         """θ* of one task from ``theta0`` (every parameter), no graph to ω kept by the caller's ``no_grad``.
@@ -116,17 +145,18 @@ class InnerProblem:
         differentiates through the loop), so it can stand in for it in `metalearn.mapping.task_objective`.
         """
         if self.proximal is None:
-            return adapt_params(omega, theta0, x, y, steps, first_order=True)
+            return adapt_params(omega, theta0, x, y, inner_steps, first_order=True)
         anchor = {n: theta0[n].detach() for n in omega.adapted_names}
-        return inner_loop(omega, theta0, x, y, steps, graph="none", regulariser=Proximal(self.proximal, anchor))
+        return inner_loop(omega, theta0, x, y, inner_steps, graph="none", regulariser=Proximal(self.proximal, anchor))
 
 
+@inner_steps_keyword
 def adapt_params(
     omega: MetaKnowledge,
     theta0: Mapping[str, Tensor],
     x: Tensor,
     y: Tensor,
-    steps: int,
+    inner_steps: int,
     first_order: bool = False,
 ) -> tuple[Params, Tensor]:
     """The differentiable inner loop for one task, as a pure function (safe under ``torch.func.vmap``).
@@ -138,38 +168,39 @@ def adapt_params(
         theta0: θ0 of this task (no task dimension).
         x: train inputs of the task.
         y: train targets of the task.
-        steps: number of inner steps K (0 returns θ0).
+        inner_steps: number of inner steps K (0 returns θ0).
         first_order: stop gradients through the inner gradients (FOMAML).
 
     Returns:
-        θK as a dict of every parameter, and the inner losses before each step ``[steps]``.
+        θK as a dict of every parameter, and the inner losses before each step ``[inner_steps]``.
 
     Raises:
-        TypeError, ValueError: ``steps`` is not an int of at least 0.
+        TypeError, ValueError: ``inner_steps`` is not an int of at least 0.
     """
-    check_steps("steps (inner steps)", steps)
-    return inner_loop(omega, theta0, x, y, steps, graph="first_order" if first_order else "full")
+    check_steps("inner_steps", inner_steps)
+    return inner_loop(omega, theta0, x, y, inner_steps, graph="first_order" if first_order else "full")
 
 
+@inner_steps_keyword
 def inner_loop(
     omega: MetaKnowledge,
     theta0: Mapping[str, Tensor],
     x: Tensor,
     y: Tensor,
-    steps: int,
+    inner_steps: int,
     *,
     graph: str = "full",
     regulariser: Regulariser | None = None,
     segment: int | None = None,
     first_order_steps: int = 0,
 ) -> tuple[Params, Tensor]:
-    """The one inner loop: ``steps`` updates of ω's optimizer on the inner loss (+ ``regulariser``).
+    """The one inner loop: ``inner_steps`` updates of ω's optimizer on the inner loss (+ ``regulariser``).
 
     Args:
         omega: the meta-knowledge.
         theta0: θ0 of this task, every parameter of the model (no task dimension).
         x, y: the task's train half.
-        steps: inner steps K.
+        inner_steps: inner steps K.
         graph: ``"full"``, ``"first_order"`` or ``"none"`` (see the module docstring).
         regulariser: R(θ_adapted) added to the inner loss (its value is in the returned losses).
         segment: with ``graph="full"``, checkpoint every ``segment`` steps (not under ``torch.func``).
@@ -177,7 +208,7 @@ def inner_loop(
 
     Returns:
         θK (every parameter: static ones as given, detached for ``"none"``) and the inner objective
-        before each step ``[steps]``.
+        before each step ``[inner_steps]``.
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
@@ -185,15 +216,15 @@ def inner_loop(
     fast = {n: theta0[n] for n in omega.adapted_names}
     objective = _inner_objective(omega, x, y, regulariser)
     if graph == "none":
-        return _detached_loop(omega, {n: t.detach() for n, t in static.items()}, fast, objective, steps, x)
+        return _detached_loop(omega, {n: t.detach() for n, t in static.items()}, fast, objective, inner_steps, x)
     if graph == "first_order":
-        first_order_steps = steps
-    plain = _use_plain_autograd(omega, theta0, first_order_steps >= steps)
-    if segment is not None and first_order_steps < steps and plain:
-        return _segmented_loop(omega, static, fast, objective, steps, x, segment, first_order_steps)
+        first_order_steps = inner_steps
+    plain = _use_plain_autograd(omega, theta0, first_order_steps >= inner_steps)
+    if segment is not None and first_order_steps < inner_steps and plain:
+        return _segmented_loop(omega, static, fast, objective, inner_steps, x, segment, first_order_steps)
     state = omega.optimizer.init_state(fast)
     losses = []
-    for k in range(steps):
+    for k in range(inner_steps):
         fo = k < first_order_steps
         fast, state, loss = _step(omega, static, fast, state, objective, k, fo, plain and not fo)
         losses.append(loss)
@@ -364,15 +395,16 @@ def check_finite_task_losses(losses: Tensor, what: str = "val loss", task_offset
     )
 
 
+@inner_steps_keyword
 def adapt(
     omega: MetaKnowledge,
     train: tuple[Tensor, Tensor],
-    steps: int,
+    inner_steps: int,
     *,
     first_order: bool = False,
     generator: torch.Generator | None = None,
 ) -> Adapted:
-    """Adapts θ to one task's train half: θ0 from ω, then ``steps`` updates.
+    """Adapts θ to one task's train half: θ0 from ω, then ``inner_steps`` updates.
 
     The result stays differentiable w.r.t. ω (unless ``first_order``), so a loss of
     ``Adapted.params`` on the task's val half can be backpropagated into ω.
@@ -380,25 +412,25 @@ def adapt(
     Args:
         omega: the meta-knowledge.
         train: the task's ``(x, y)`` train half (no task dimension).
-        steps: number of inner steps.
+        inner_steps: number of inner steps.
         first_order: first-order approximation (FOMAML).
         generator: randomness for a stochastic init.
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
-        TypeError, ValueError: ``steps`` is not an int of at least 0; targets that do not fit
+        TypeError, ValueError: ``inner_steps`` is not an int of at least 0; targets that do not fit
             the model's output, or class labels outside ``0 .. head size - 1``.
     """
-    check_steps("steps (inner steps)", steps)
+    check_steps("inner_steps", inner_steps)
     x, y = train
     check_labels(omega, x, (("train", y),), batched=False)
     theta0 = {n: t[0] for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
     try:
-        params, losses = adapt_params(omega, theta0, x, y, steps, first_order)
+        params, losses = adapt_params(omega, theta0, x, y, inner_steps, first_order)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, x, (("train", y),), batched=False)
         if explained is err:
             raise
         raise explained from err
     check_finite_losses(losses)
-    return Adapted(params, losses)
+    return Adapted(params, losses, omega)

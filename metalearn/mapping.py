@@ -188,12 +188,12 @@ def task_objective(
     y_train: Tensor,
     x_val: Tensor,
     y_val: Tensor,
-    steps: int,
+    inner_steps: int,
     first_order: bool,
     adapt_fn=adapt_params,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One task: adapt on train (with ``adapt_fn``), then (val loss, val metric, inner losses). Pure; vmap-safe."""
-    params, losses = adapt_fn(omega, theta0, x_train, y_train, steps, first_order)
+    params, losses = adapt_fn(omega, theta0, x_train, y_train, inner_steps, first_order)
     output = omega(params, x_val)
     return default_loss(output, y_val), metric(output, y_val), losses
 

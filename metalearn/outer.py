@@ -30,6 +30,7 @@ from metalearn.checks import (
     check_outer_optimizer,
     check_steps,
     explain_label_error,
+    inner_steps_keyword,
 )
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
@@ -100,10 +101,11 @@ def _check_grads(omega: MetaKnowledge, grad_norm: Tensor) -> None:
             )
 
 
+@inner_steps_keyword
 def meta_gradient(
     omega: MetaKnowledge,
     batch: TaskBatch,
-    steps: int,
+    inner_steps: int,
     *,
     first_order: bool = False,
     batching: str = "auto",
@@ -115,7 +117,7 @@ def meta_gradient(
     Args:
         omega: the meta-knowledge.
         batch: same-shaped tasks with a leading task dimension.
-        steps: inner steps per task.
+        inner_steps: inner steps per task.
         first_order: first-order meta-gradient (FOMAML); same as ``mode="first_order"``.
         batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (`metalearn.mapping.choose_batching`), among the mode's
             ``batchings`` (``"checkpointed"``, ``"implicit"`` and ``"reptile"`` run only the loop).
@@ -128,24 +130,25 @@ def meta_gradient(
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
         RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
-        ValueError: a negative ``steps``, an empty batch, targets that do not fit the model's
+        ValueError: a negative ``inner_steps``, an empty batch, targets that do not fit the model's
             output or class labels outside ``0 .. head size - 1`` (names the task), an unknown
             ``batching``.
     """
-    check_batch("meta_gradient", omega, batch, steps)
-    stats, _ = _explained_meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+    check_batch("meta_gradient", omega, batch, inner_steps)
+    stats, _ = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
     return stats
 
 
-def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, steps: int, need_grad: bool = True) -> None:
+def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, need_grad: bool = True) -> None:
     """The entry checks of a meta-gradient over ``batch``: grad mode on (if ``need_grad``), a step
     count, a non-empty `TaskBatch` and class labels within the head (`check_labels`); before any work."""
     if need_grad:
         check_grad_mode(caller)
-    check_steps("steps (inner steps)", steps)
+    check_steps("inner_steps", inner_steps)
     if not isinstance(omega, MetaKnowledge):
         raise TypeError(
-            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; "
+            "wrap the model: MetaKnowledge(model, InnerSGD(lr))"
         )
     if not isinstance(batch, TaskBatch):
         raise TypeError(
@@ -160,7 +163,7 @@ def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, steps: int,
 def _explained_meta_gradient(
     omega: MetaKnowledge,
     batch: TaskBatch,
-    steps: int,
+    inner_steps: int,
     first_order: bool,
     batching: str,
     generator: torch.Generator | None,
@@ -170,7 +173,7 @@ def _explained_meta_gradient(
     the label and the head size (the labels' upper bound needs the head size, known only from a
     forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
     try:
-        return _meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
         if explained is err:
@@ -181,7 +184,7 @@ def _explained_meta_gradient(
 def _meta_gradient(
     omega: MetaKnowledge,
     batch: TaskBatch,
-    steps: int,
+    inner_steps: int,
     first_order: bool,
     batching: str,
     generator: torch.Generator | None,
@@ -191,15 +194,15 @@ def _meta_gradient(
     finiteness check and for `meta_step`'s report and clipping)."""
     how = resolve_mode(gradient_mode, first_order)
     batching = how.resolve_batching(omega, batching, batch.train[0].device)
-    val_losses, metrics, inner = how.accumulate(omega, batch, steps, batching, generator)
+    val_losses, metrics, inner = how.accumulate(omega, batch, inner_steps, batching, generator)
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)
     inner = inner.detach()
     summary = [val_losses.detach().mean(), metrics.mean()]
-    if steps:
+    if inner_steps:
         first = inner[:, 0].mean()
-        summary += [first, first if steps == 1 else inner[:, -1].mean()]
-    values = torch.stack(summary).tolist() + ([] if steps else [float("nan")] * 2)
+        summary += [first, first if inner_steps == 1 else inner[:, -1].mean()]
+    values = torch.stack(summary).tolist() + ([] if inner_steps else [float("nan")] * 2)
     return (
         MetaStats(
             meta_loss=values[0],
@@ -212,10 +215,11 @@ def _meta_gradient(
     )
 
 
+@inner_steps_keyword
 def meta_loss(
     omega: MetaKnowledge,
     batch: TaskBatch,
-    steps: int,
+    inner_steps: int,
     *,
     first_order: bool = False,
     batching: str = "auto",
@@ -226,7 +230,7 @@ def meta_loss(
     Keeps every task's graph alive until you call ``backward``; `meta_gradient` is the
     memory-lean way to get the same gradient. Raises as `meta_gradient` does for bad inputs.
     """
-    check_batch("meta_loss", omega, batch, steps, need_grad=False)  # its value alone may be wanted
+    check_batch("meta_loss", omega, batch, inner_steps, need_grad=False)  # its value alone may be wanted
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = resolve_batching(omega, batching, x_tr.device)
@@ -236,17 +240,19 @@ def meta_loss(
         theta0 = omega.initial_params(n, generator, train=batch.train)
         dims = dict.fromkeys(theta0, 0)
     val_losses, _, inner = map_tasks(
-        task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, steps, first_order, batching=mode
+        task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
+        batching=mode,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()
 
 
+@inner_steps_keyword
 def meta_step(
     omega: MetaKnowledge,
     outer_optimizer: torch.optim.Optimizer,
     batch: TaskBatch,
-    steps: int,
+    inner_steps: int,
     *,
     first_order: bool = False,
     batching: str = "auto",
@@ -274,11 +280,11 @@ def meta_step(
     Warns:
         UserWarning: the outer optimizer lacks some trainable ω parameters (named).
     """
-    check_batch("meta_step", omega, batch, steps)
+    check_batch("meta_step", omega, batch, inner_steps)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
     check_outer_optimizer(omega, outer_optimizer)
     outer_optimizer.zero_grad(set_to_none=True)
-    stats, grad_norm = _explained_meta_gradient(omega, batch, steps, first_order, batching, generator, mode)
+    stats, grad_norm = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
     if clip_grad_norm is not None:
         params = [p for p in omega.parameters() if p.grad is not None]
         clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6

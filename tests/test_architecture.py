@@ -9,11 +9,11 @@ from torch.func import functional_call
 
 from metalearn.evaluate import evaluate, fine_tune
 from metalearn.knowledge import (
-    SGD,
-    Adam,
     AdaptOnly,
     ArchitectureWeights,
     GaussianInit,
+    InnerAdam,
+    InnerSGD,
     MetaKnowledge,
     MomentumSGD,
     OptimizerMixture,
@@ -26,7 +26,7 @@ from metalearn.knowledge import (
 from metalearn.models import Conv4
 from metalearn.models.searchable import DEFAULT_CANDIDATES, SEARCH_OPS, CellConvNet, MixedOp, SearchableConvNet, Zero
 from metalearn.outer import meta_gradient, meta_loss
-from metalearn.tasks import EpisodicTaskSet, TensorDataset
+from metalearn.tasks import EpisodicTaskSet, TensorLabelledDataset
 from metalearn.tasks.task import TaskBatch
 from metalearn.train import meta_train
 
@@ -67,7 +67,7 @@ def _batch(n_tasks=2, ways=3, shots=2, image_size=8, seed=1) -> TaskBatch:
 
 
 def _omega(model, optimizer=None, **kwargs) -> MetaKnowledge:
-    return with_architecture(MetaKnowledge(model, optimizer=optimizer or SGD(0.3), **kwargs))
+    return with_architecture(MetaKnowledge(model, optimizer=optimizer or InnerSGD(0.3), **kwargs))
 
 
 def _grads(omega, batch, batching, steps=2, seed=0):
@@ -93,7 +93,7 @@ def _tiny_tasks(seed: int, length: int, image_size=8, classes=6, per_class=6, dt
     g = _gen(100 + seed)
     inputs = torch.randn(classes * per_class, 1, image_size, image_size, generator=g, dtype=dtype)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    return EpisodicTaskSet(TensorDataset(inputs, labels), ways=3, shots=2, queries=2, seed=seed, length=length)
+    return EpisodicTaskSet(TensorLabelledDataset(inputs, labels), ways=3, shots=2, queries=2, seed=seed, length=length)
 
 
 def _extreme(model: SearchableConvNet, ops: list[str]) -> None:
@@ -269,7 +269,7 @@ def test_fixed_architecture_runs_the_derived_function():
 
 def test_meta_knowledge_registers_alpha_as_meta_parameters():
     model = _net()
-    plain = MetaKnowledge(model, optimizer=SGD(0.3))
+    plain = MetaKnowledge(model, optimizer=InnerSGD(0.3))
     assert any(p is model.architecture.logits for p in plain.parameters())  # registered on construction
     assert all(p is not model.architecture.logits for p in plain.model_params().values())  # but never θ
     omega = with_architecture(plain)
@@ -281,7 +281,7 @@ def test_meta_knowledge_registers_alpha_as_meta_parameters():
     assert not any("logits" in n for n in omega.adapted_names + omega.static_names)  # never θ
     assert with_architecture(omega) is omega  # idempotent
     with pytest.raises(ValueError, match="no architecture weights"):
-        with_architecture(MetaKnowledge(Conv4(3, hidden=4, image_size=16), optimizer=SGD(0.1)))
+        with_architecture(MetaKnowledge(Conv4(3, hidden=4, image_size=16), optimizer=InnerSGD(0.1)))
 
 
 def test_alpha_meta_gradient_loop_and_vmap_agree():
@@ -325,7 +325,7 @@ def test_op_weights_may_stay_static_as_part_of_omega():
         assert bool(torch.isfinite(grads[name]).all()) and grads[name].abs().max() > 0, name
     # the static op weights are passed through the inner loop unchanged
     x, y = _batch().train
-    theta = fine_tune(omega, (x[0], y[0]), steps=2)
+    theta = fine_tune(omega, (x[0], y[0]), inner_steps=2).params
     assert torch.equal(theta["cells.1.op.ops.conv3x3.weight"], omega.model.cells[1].op.ops.conv3x3.weight)
     assert not torch.equal(theta["head.weight"], omega.model.head.weight)
 
@@ -345,7 +345,7 @@ def test_gaussian_init_optimizer_mixture_and_searchable_net_meta_train_together(
     and a searchable architecture, meta-trained together; every meta-parameter moves."""
     model = _net(image_size=8)
     mixture = OptimizerMixture(
-        {"sgd": SGD(0.1), "momentum": MomentumSGD(0.1, momentum=0.5), "adam": Adam(0.01, betas=(0.5, 0.6))}
+        {"sgd": InnerSGD(0.1), "momentum": MomentumSGD(0.1, momentum=0.5), "adam": InnerAdam(0.01, betas=(0.5, 0.6))}
     )
     omega = _omega(model, optimizer=mixture, init=GaussianInit(init_scale=0.05))
     groups = {n.split(".")[0] for n, _ in omega.named_parameters()}
@@ -375,7 +375,7 @@ def test_gaussian_init_optimizer_mixture_and_searchable_net_meta_train_together(
 
 def test_search_then_derive_then_evaluate():
     model = _net(hidden=4, alpha_scale=0.0, dtype=torch.float32)
-    omega = _omega(model, optimizer=SGD(0.3))
+    omega = _omega(model, optimizer=InnerSGD(0.3))
     outer = torch.optim.Adam(omega.parameters(), lr=0.05)
     source = _tiny_tasks(seed=1, length=16, dtype=torch.float32)
     target = _tiny_tasks(seed=2, length=6, dtype=torch.float32)
@@ -386,12 +386,12 @@ def test_search_then_derive_then_evaluate():
     assert len(ops) == 2 and all(o in DEFAULT_CANDIDATES for o in ops)
 
     # meta-test the derived plain network (weights carried over) ...
-    derived = MetaKnowledge(model.derive(), optimizer=SGD(0.3))
-    ev_derived = evaluate(derived, target, steps=2, batch_size=3)
+    derived = MetaKnowledge(model.derive(), optimizer=InnerSGD(0.3))
+    ev_derived = evaluate(derived, target, inner_steps=2, batch_size=3)
     assert ev_derived.n == 6 and 0.0 <= ev_derived.mean <= 1.0
     # ... or the searchable ω itself with its choice fixed: the same function, the same results
     model.architecture.fix()
-    ev_fixed = evaluate(omega, target, steps=2, batch_size=3)
+    ev_fixed = evaluate(omega, target, inner_steps=2, batch_size=3)
     assert torch.equal(ev_fixed.per_task_loss, ev_derived.per_task_loss)
     assert torch.equal(ev_fixed.per_task, ev_derived.per_task)
 

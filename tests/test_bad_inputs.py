@@ -24,7 +24,7 @@ from torch import nn
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import evaluate, fine_tune
 from metalearn.inner import adapt
-from metalearn.knowledge import SGD, MetaKnowledge
+from metalearn.knowledge import InnerSGD, MetaKnowledge
 from metalearn.models import MLP
 from metalearn.modes import Checkpointed
 from metalearn.outer import meta_gradient, meta_loss, meta_step
@@ -35,7 +35,7 @@ from metalearn.tasks import (
     Sinusoid,
     Task,
     TaskBatch,
-    TensorDataset,
+    TensorLabelledDataset,
     rotations,
     split_classes,
     stack_tasks,
@@ -51,12 +51,12 @@ FEATURES = 4
 
 def regression_omega() -> MetaKnowledge:
     torch.manual_seed(0)
-    return MetaKnowledge(MLP((1, 6, 1)), optimizer=SGD(0.1))
+    return MetaKnowledge(MLP((1, 6, 1)), optimizer=InnerSGD(0.1))
 
 
 def classifier_omega(outputs: int = WAYS) -> MetaKnowledge:
     torch.manual_seed(0)
-    return MetaKnowledge(MLP((FEATURES, 6, outputs)), optimizer=SGD(0.1))
+    return MetaKnowledge(MLP((FEATURES, 6, outputs)), optimizer=InnerSGD(0.1))
 
 
 def adam(omega: nn.Module) -> torch.optim.Optimizer:
@@ -92,9 +92,9 @@ def classification_batch(bad_task: int | None = None, train_labels=None, val_lab
     return stack_tasks(tasks)
 
 
-def dataset(classes: int = 6, per_class: int = 5) -> TensorDataset:
+def dataset(classes: int = 6, per_class: int = 5) -> TensorLabelledDataset:
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(
+    return TensorLabelledDataset(
         torch.randn(classes * per_class, FEATURES, generator=g), torch.arange(classes).repeat(per_class)
     )
 
@@ -223,7 +223,7 @@ def _nan_tasks() -> list[Task]:
 
 
 def _rotation_of_non_square():
-    data = TensorDataset(torch.zeros(4, 1, 4, 6), torch.tensor([0, 0, 1, 1]))
+    data = TensorLabelledDataset(torch.zeros(4, 1, 4, 6), torch.tensor([0, 0, 1, 1]))
     return ClassAugmentation(data, rotations((0, 90)))
 
 
@@ -545,7 +545,7 @@ CASES = [
     ),
     Case(
         "dataset/float-labels",
-        _no_omega(lambda: TensorDataset(torch.zeros(2, 1), torch.zeros(2))),
+        _no_omega(lambda: TensorLabelledDataset(torch.zeros(2, 1), torch.zeros(2))),
         TypeError,
         "labels.long()",
     ),
@@ -617,7 +617,7 @@ def test_bad_input_is_refused_before_any_work(case: Case, tmp_path: Path) -> Non
 
 
 def test_optimizer_missing_an_omega_parameter_warns_naming_it() -> None:
-    omega = MetaKnowledge(MLP((1, 6, 1)), optimizer=SGD(0.1))
+    omega = MetaKnowledge(MLP((1, 6, 1)), optimizer=InnerSGD(0.1))
     partial = torch.optim.SGD([omega.model.layers[0].weight, omega.model.layers[0].bias], lr=0.1)
     with pytest.warns(
         UserWarning, match=r"does not hold 2 trainable ω parameter\(s\): model.layers.2.weight, model.layers.2.bias"
@@ -626,7 +626,7 @@ def test_optimizer_missing_an_omega_parameter_warns_naming_it() -> None:
 
 
 def test_frozen_parameters_left_out_of_the_optimizer_do_not_warn() -> None:
-    omega = MetaKnowledge(MLP((1, 6, 1)), optimizer=SGD(0.1))
+    omega = MetaKnowledge(MLP((1, 6, 1)), optimizer=InnerSGD(0.1))
     omega.model.layers[0].weight.requires_grad_(False)
     params = [p for p in omega.parameters() if p.requires_grad]
     with warnings.catch_warnings():

@@ -179,7 +179,7 @@ def test_loop_and_vmap_agree_with_both_parts_second_and_first_order():
         grads = {}
         for mode in ("loop", "vmap"):
             omega.zero_grad(set_to_none=True)
-            meta_gradient(omega, batch, steps=2, first_order=first_order, batching=mode)
+            meta_gradient(omega, batch, inner_steps=2, first_order=first_order, batching=mode)
             grads[mode] = {n: p.grad.clone() for n, p in omega.named_parameters()}
         assert grads["loop"].keys() == {n for n, _ in omega.named_parameters()}  # every part got a gradient
         scale = max(g.abs().max() for g in grads["loop"].values())

@@ -12,20 +12,20 @@ from metalearn.tasks import (
     EpisodicTaskSet,
     LabelledDataset,
     Rotate90,
-    TensorDataset,
+    TensorLabelledDataset,
     rotations,
     split_classes,
 )
 
 
-def index_dataset(n_classes: int, per_class: int, feature_shape=(2, 3)) -> TensorDataset:
+def index_dataset(n_classes: int, per_class: int, feature_shape=(2, 3)) -> TensorLabelledDataset:
     """Items whose inputs are filled with their own index, so a task reveals what it drew.
 
     Labels are 10 * class (not 0..C-1) and interleaved, to catch code that assumes either.
     """
     labels = (torch.arange(n_classes * per_class) % n_classes) * 10
     inputs = torch.arange(labels.numel(), dtype=torch.float32).reshape(-1, *[1] * len(feature_shape))
-    return TensorDataset(inputs.expand(-1, *feature_shape).contiguous(), labels)
+    return TensorLabelledDataset(inputs.expand(-1, *feature_shape).contiguous(), labels)
 
 
 def drawn_items(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_variable_ways_and_shots_cover_their_ranges():
 def test_unbalanced_classes_use_all_items_and_only_real_ones():
     labels = torch.cat([torch.zeros(3), torch.ones(9), torch.full((5,), 2)]).long()
     inputs = torch.arange(labels.numel(), dtype=torch.float32)[:, None]
-    ds = TensorDataset(inputs, labels)
+    ds = TensorLabelledDataset(inputs, labels)
     ts = EpisodicTaskSet(ds, 3, 1, 2, length=300)
     seen = set()
     for task in ts:
@@ -221,7 +221,7 @@ def test_more_ways_than_classes():
 
 def test_too_few_examples_names_class_and_fix():
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 4)
-    ds = TensorDataset(torch.zeros(24, 1), labels)
+    ds = TensorLabelledDataset(torch.zeros(24, 1), labels)
     with pytest.raises(ValueError, match=r"5 shots \+ 1 queries need 6.*\[2\].*as few as 4.*leave those classes"):
         EpisodicTaskSet(ds, 2, 5, 1)
     with pytest.raises(ValueError, match=r"need 5"):
@@ -273,7 +273,7 @@ def test_labels_are_read_without_decoding_items():
 
 
 def test_gather_is_called_once_per_task():
-    class Counting(TensorDataset):
+    class Counting(TensorLabelledDataset):
         calls = 0
 
         def gather(self, indices):
@@ -290,9 +290,9 @@ def test_gather_is_called_once_per_task():
 # -- class augmentation ------------------------------------------------------------------------
 
 
-def image_dataset() -> TensorDataset:
+def image_dataset() -> TensorLabelledDataset:
     images = torch.arange(3 * 2 * 9, dtype=torch.float32).reshape(6, 1, 3, 3)
-    return TensorDataset(images, torch.tensor([0, 0, 1, 1, 2, 2]))
+    return TensorLabelledDataset(images, torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
 def test_rotations_make_new_classes():
@@ -320,7 +320,7 @@ def test_augmentation_is_generic_and_maps_base_classes():
 
 def test_split_then_augment_keeps_pools_disjoint():
     labels = torch.arange(20).repeat_interleave(3)
-    base = TensorDataset(torch.rand(60, 1, 4, 4), labels)
+    base = TensorLabelledDataset(torch.rand(60, 1, 4, 4), labels)
     aug = ClassAugmentation(base, rotations())
     split = split_classes(base, (0.75, 0.25))
     source, target = aug.classes_of(split.source), aug.classes_of(split.target)

@@ -12,7 +12,7 @@ from torch import nn
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.knowledge import InitPart, MetaKnowledge, maml
-from metalearn.knowledge.builtins import SGD
+from metalearn.knowledge.builtins import InnerSGD
 from metalearn.mapping import metric
 from metalearn.models import MLP
 from metalearn.modes import Implicit
@@ -38,8 +38,8 @@ def test_fine_tune_improves_val_loss_without_graph_or_changing_omega():
     omega = _omega()
     task = Sinusoid(10, 20, seed=3, length=10)[0]
     before = {n: p.detach().clone() for n, p in omega.named_parameters()}
-    theta0 = fine_tune(omega, task.train, 0)
-    theta = fine_tune(omega, task.train, 50)
+    theta0 = fine_tune(omega, task.train, 0).params
+    theta = fine_tune(omega, task.train, 50).params
     loss0 = omega.task_loss(theta0, *task.val)
     loss = omega.task_loss(theta, *task.val)
     assert float(loss) < 0.8 * float(loss0)
@@ -65,8 +65,8 @@ def test_per_task_metrics_and_ci_match_a_hand_computation():
     assert isinstance(ev, Evaluation) and ev.metric == "mse" and ev.n == 9
     by_hand = []
     for task in tasks:
-        theta = fine_tune(omega, task.train, 3)
-        by_hand.append(float(metric(omega(theta, task.val[0]), task.val[1])))
+        adapted = fine_tune(omega, task.train, 3)
+        by_hand.append(float(metric(adapted(task.val[0]), task.val[1])))
     assert ev.per_task.tolist() == pytest.approx(by_hand, rel=1e-5)
     values = ev.per_task.tolist()
     assert ev.mean == pytest.approx(statistics.mean(values), rel=1e-12)
@@ -94,7 +94,7 @@ def test_evaluate_is_reproducible_and_depends_on_the_tasks():
 @pytest.mark.parametrize("init", ["point", "noisy"])
 def test_loop_vmap_and_batch_size_agree(init):
     torch.manual_seed(0)
-    omega = MetaKnowledge(MLP((1, 16, 16, 1)), optimizer=SGD(0.02), init=NoisyInit() if init == "noisy" else None)
+    omega = MetaKnowledge(MLP((1, 16, 16, 1)), optimizer=InnerSGD(0.02), init=NoisyInit() if init == "noisy" else None)
     tasks = Sinusoid(5, 6, seed=4, length=13)
     ref = evaluate(omega, tasks, 3, batching="loop", batch_size=1)
     for batching, size in [("vmap", 5), ("vmap", 13), ("loop", 4), ("auto", 32)]:
@@ -182,11 +182,11 @@ def test_proximal_fine_tune_equals_hand_written_proximal_descent():
     omega = _omega(lr=0.05).double()
     task = Sinusoid(10, 20, seed=4, length=1)[0]
     x, y = (t.double() for t in task.train)
-    got = fine_tune(omega, (x, y), 7, mode=Implicit(lam=2.0))
+    got = fine_tune(omega, (x, y), 7, mode=Implicit(lam=2.0)).params
     want = _hand_proximal_gd(omega, x, y, 7, lr=0.05, lam=2.0)
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=0, atol=1e-12), n
-    plain = fine_tune(omega, (x, y), 7)
+    plain = fine_tune(omega, (x, y), 7).params
     assert not torch.allclose(plain["layers.0.weight"], got["layers.0.weight"], atol=1e-6)  # λ matters
 
 
@@ -196,7 +196,7 @@ def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
     ev = evaluate(omega, tasks, 5, mode=Implicit(lam=1.5), batching="vmap")  # proximal runs task by task
     want = []
     for task in tasks:
-        theta = fine_tune(omega, task.train, 5, mode=Implicit(lam=1.5))
+        theta = fine_tune(omega, task.train, 5, mode=Implicit(lam=1.5)).params
         want.append(float(omega.task_loss(theta, *task.val)))
     assert ev.per_task_loss.tolist() == pytest.approx(want, rel=1e-6)
     assert ev.mean == pytest.approx(statistics.fmean(want), rel=1e-6)  # regression: the metric is the MSE
@@ -211,3 +211,34 @@ def test_proximal_evaluate_scores_proximal_fine_tune_and_checks_lambda():
         evaluate(omega, tasks, 5, proximal=1.5)
     with pytest.raises(TypeError, match="proximal"):
         fine_tune(omega, tasks[0].train, 5, proximal=1.5)
+
+
+def test_fine_tune_result_is_the_callable_fine_tuned_model():
+    omega = _omega().double()
+    task = Sinusoid(10, 20, seed=5, length=1)[0]
+    train = tuple(t.double() for t in task.train)
+    x_val = task.val[0].double()
+    adapted = fine_tune(omega, train, inner_steps=4)
+    out = adapted(x_val)
+    assert torch.equal(out, omega(adapted.params, x_val).detach())  # θ* bound to ω's model
+    assert not out.requires_grad and out.grad_fn is None  # meta-test builds no graph
+    assert adapted.losses.shape == (4,) and bool(adapted.losses[-1] < adapted.losses[0])
+    assert not torch.equal(out, omega(omega.model_params(), x_val).detach())  # θ* is not θ0
+
+
+def test_adapt_result_is_callable_and_differentiable_wrt_omega():
+    from metalearn.inner import Adapted, adapt
+
+    omega = _omega().double()
+    task = Sinusoid(10, 20, seed=5, length=1)[0]
+    train = tuple(t.double() for t in task.train)
+    adapted = adapt(omega, train, inner_steps=2)
+    omega.task_loss(adapted.params, *(t.double() for t in task.val)).backward(retain_graph=True)
+    want = {n: p.grad.clone() for n, p in omega.named_parameters()}
+    omega.zero_grad()
+    x_val, y_val = (t.double() for t in task.val)
+    torch.nn.functional.mse_loss(adapted(x_val), y_val).backward()  # same loss through the call: same gradient
+    for n, p in omega.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="holds no ω"):
+        Adapted(adapted.params, adapted.losses)(x_val)

@@ -10,6 +10,7 @@ import pytest
 import metalearn
 import metalearn.knowledge
 import metalearn.models
+import metalearn.tasks
 
 
 def test_every_name_in_all_exists():
@@ -33,7 +34,44 @@ def test_public_classes_of_subpackages_are_exported(package):
 
 
 def test_names_the_issue_lists_are_exported():
-    for name in ("Adam", "MomentumSGD", "OptimizerMixture", "GaussianInit", "ScaledInit", "SearchableConvNet",
+    for name in ("InnerAdam", "MomentumSGD", "OptimizerMixture", "GaussianInit", "ScaledInit", "SearchableConvNet",
                  "ArchitectureWeights", "check_part", "param_key"):
         home = metalearn.models if name == "SearchableConvNet" else metalearn.knowledge
         assert name in metalearn.__all__ and getattr(metalearn, name) is getattr(home, name)
+
+
+OLD_NAMES = [
+    (metalearn, "SGD", "InnerSGD"),
+    (metalearn, "Adam", "InnerAdam"),
+    (metalearn, "TensorDataset", "TensorLabelledDataset"),
+    (metalearn.knowledge, "SGD", "InnerSGD"),
+    (metalearn.knowledge, "Adam", "InnerAdam"),
+    (metalearn.tasks, "TensorDataset", "TensorLabelledDataset"),
+]
+
+
+@pytest.mark.parametrize(("package", "old", "new"), OLD_NAMES, ids=lambda v: getattr(v, "__name__", v))
+def test_old_names_that_shadowed_torch_warn_and_give_the_new_class(package, old, new):
+    # SGD, Adam and TensorDataset shadowed torch.optim's and torch.utils.data's: renamed, old names kept one release
+    message = rf"{package.__name__}\.{old} is deprecated.*use {package.__name__}\.{new}"
+    with pytest.warns(DeprecationWarning, match=message):
+        got = getattr(package, old)
+    assert got is getattr(package, new)
+    assert old not in package.__all__ and new in package.__all__  # `import *` brings only the new name
+
+
+def test_old_names_import_with_a_warning_and_unknown_names_still_fail():
+    with pytest.warns(DeprecationWarning, match="InnerSGD"):
+        from metalearn import SGD  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        metalearn.NoSuchThing  # noqa: B018
+    with pytest.raises(ImportError):
+        from metalearn.knowledge import TensorDataset  # noqa: F401  (a tasks name, not a knowledge one)
+
+
+def test_renamed_classes_do_not_clash_with_torch():
+    import torch.optim
+    import torch.utils.data
+
+    for name in metalearn.__all__:
+        assert not hasattr(torch.optim, name) and not hasattr(torch.utils.data, name), name

@@ -9,11 +9,11 @@ from torch.func import functional_call
 
 from metalearn import evaluate, meta_train
 from metalearn.inner import adapt
-from metalearn.knowledge import SGD, MetaKnowledge, PointInit, PrototypeInit, maml, proto_maml, protonet
+from metalearn.knowledge import InnerSGD, MetaKnowledge, PointInit, PrototypeInit, maml, proto_maml, protonet
 from metalearn.knowledge.heads import prototype_head
 from metalearn.models import Conv4
 from metalearn.outer import meta_gradient, meta_loss
-from metalearn.tasks import EpisodicTaskSet, Task, TaskBatch, TensorDataset
+from metalearn.tasks import EpisodicTaskSet, Task, TaskBatch, TensorLabelledDataset
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 3
 
@@ -53,7 +53,7 @@ def test_zero_steps_is_the_protonet_classifier():
     omega = protonet(_model())
     batch = _batch()
     for i, task in enumerate(_tasks(batch)):
-        params = adapt(omega, task.train, steps=0).params
+        params = adapt(omega, task.train, inner_steps=0).params
         logits = omega(params, task.val[0])
         f_val, f_train = _embed(omega, task.val[0]), _embed(omega, task.train[0])
         prototypes = torch.stack([f_train[task.train[1] == k].mean(0) for k in range(WAYS)])
@@ -88,7 +88,7 @@ def test_model_head_is_not_a_meta_parameter_and_is_unused():
     after = omega.initial_params(TASKS, None, train=batch.train)
     for n in before:
         torch.testing.assert_close(before[n], after[n], rtol=0, atol=0)
-    meta_gradient(omega, batch, steps=0, batching="loop")
+    meta_gradient(omega, batch, inner_steps=0, batching="loop")
     assert head.weight.grad is None and head.bias.grad is None
     assert all(p.grad is not None for n, p in omega.model.named_parameters() if n.startswith("features."))
 
@@ -153,7 +153,7 @@ def test_embedding_loop_and_vmap_give_the_same_theta0():
     batch = _batch(7)
     thetas = []
     for batching in ("vmap", "loop"):
-        omega = MetaKnowledge(_model(4), optimizer=SGD(0.1), init=PrototypeInit(batching=batching))
+        omega = MetaKnowledge(_model(4), optimizer=InnerSGD(0.1), init=PrototypeInit(batching=batching))
         thetas.append(omega.initial_params(TASKS, None, train=batch.train))
     for n in thetas[0]:
         torch.testing.assert_close(thetas[0][n], thetas[1][n], rtol=0, atol=1e-10)
@@ -188,7 +188,7 @@ def test_meta_train_protonet_runs_and_improves():
     inputs = means.repeat_interleave(per_class, 0) + torch.randn(classes * per_class, 1, 16, 16, generator=gen,
                                                                  dtype=torch.float64)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    tasks = EpisodicTaskSet(TensorDataset(inputs, labels), WAYS, SHOTS, QUERIES, seed=0, length=64)
+    tasks = EpisodicTaskSet(TensorLabelledDataset(inputs, labels), WAYS, SHOTS, QUERIES, seed=0, length=64)
     omega = protonet(_model(6))
     opt = torch.optim.Adam([p for p in omega.parameters() if p.requires_grad], lr=1e-2)
     held_out = [tasks[i] for i in range(8)]
@@ -220,9 +220,9 @@ def test_errors_tell_the_fix():
             self.head = nn.Linear(2, 2)
 
     with pytest.raises(ValueError, match="features"):
-        MetaKnowledge(NoFeatures(), optimizer=SGD(0.1), init=PrototypeInit())
+        MetaKnowledge(NoFeatures(), optimizer=InnerSGD(0.1), init=PrototypeInit())
     with pytest.raises(ValueError, match="nn.Linear with a bias"):
-        MetaKnowledge(Conv4(num_classes=0, hidden=2, image_size=16), optimizer=SGD(0.1), init=PrototypeInit())
+        MetaKnowledge(Conv4(num_classes=0, hidden=2, image_size=16), optimizer=InnerSGD(0.1), init=PrototypeInit())
 
 
 def test_other_inits_are_called_without_train():
@@ -233,10 +233,10 @@ def test_other_inits_are_called_without_train():
             calls.append(n_tasks)
             return super().initial_params(model_params, n_tasks, generator)
 
-    omega = MetaKnowledge(_model(), optimizer=SGD(0.1), init=Recording())
+    omega = MetaKnowledge(_model(), optimizer=InnerSGD(0.1), init=Recording())
     batch = _batch()
     for batching in ("loop", "vmap"):
-        meta_gradient(omega, batch, steps=1, batching=batching)
+        meta_gradient(omega, batch, inner_steps=1, batching=batching)
     evaluate(omega, _tasks(batch), 1, batching="vmap")
     assert calls == [TASKS, TASKS, 1, 1, 1]
     assert maml(_model(), lr=0.1).init.uses_train_data is False
@@ -258,13 +258,13 @@ def test_fine_tune_and_checkpointed_mode_use_the_prototypes():
     omega = proto_maml(_model(7), lr=0.1)
     batch = _batch(12)
     task = _tasks(batch)[0]
-    params = fine_tune(omega, task.train, steps=0)
+    params = fine_tune(omega, task.train, inner_steps=0).params
     f_train = _embed(omega, task.train[0])
     prototypes = torch.stack([f_train[task.train[1] == k].mean(0) for k in range(WAYS)])
     torch.testing.assert_close(params["head.weight"], 2 * prototypes.detach(), rtol=1e-10, atol=1e-12)
-    meta_gradient(omega, batch, steps=2, batching="loop")
+    meta_gradient(omega, batch, inner_steps=2, batching="loop")
     unrolled = _grads(omega)
     omega.zero_grad(set_to_none=True)
-    meta_gradient(omega, batch, steps=2, mode="checkpointed")
+    meta_gradient(omega, batch, inner_steps=2, mode="checkpointed")
     for n, g in _grads(omega).items():
         torch.testing.assert_close(g, unrolled[n], rtol=1e-8, atol=1e-10)

@@ -13,7 +13,7 @@ import torch
 from fd_check import fd_check
 from torch.func import functional_call
 
-from metalearn.knowledge import SGD, Adam, MetaKnowledge, learned
+from metalearn.knowledge import InnerAdam, InnerSGD, MetaKnowledge, learned
 from metalearn.models import MLP
 from metalearn.outer import meta_loss
 from metalearn.tasks.task import TaskBatch
@@ -65,11 +65,11 @@ def _max_diff(a, b):
 
 def test_sgd_and_adam_through_the_adapter_equal_the_builtin_rules():
     # higher adds ε to √v before the bias correction (torch.optim adds it after): equal as ε → 0
-    assert _max_diff(_trajectory(higher_rule(torch.optim.SGD, lr=0.2)), _trajectory(SGD(0.2))) < 1e-12
-    ours = _trajectory(Adam(0.05, (0.8, 0.9), 1e-30, learn=()))
+    assert _max_diff(_trajectory(higher_rule(torch.optim.SGD, lr=0.2)), _trajectory(InnerSGD(0.2))) < 1e-12
+    ours = _trajectory(InnerAdam(0.05, (0.8, 0.9), 1e-30, learn=()))
     theirs = _trajectory(higher_rule(torch.optim.Adam, lr=0.05, betas=(0.8, 0.9), eps=1e-30))
     assert _max_diff(ours, theirs) < 1e-12
-    assert _max_diff(ours, _trajectory(SGD(0.05))) > 1e-3  # the comparison could fail
+    assert _max_diff(ours, _trajectory(InnerSGD(0.05))) > 1e-3  # the comparison could fail
 
 
 def test_adam_meta_gradient_through_the_adapter_equals_the_builtin():
@@ -79,7 +79,7 @@ def test_adam_meta_gradient_through_the_adapter_equals_the_builtin():
         omega = MetaKnowledge(_mlp(), optimizer=rule).to(F64)
         return torch.autograd.grad(meta_loss(omega, batch, 3, batching="loop"), list(omega.model.parameters()))
 
-    builtin = grads(Adam(0.05, (0.8, 0.9), 1e-30, learn=()))
+    builtin = grads(InnerAdam(0.05, (0.8, 0.9), 1e-30, learn=()))
     adapted = grads(higher_rule(torch.optim.Adam, lr=0.05, betas=(0.8, 0.9), eps=1e-30))
     for a, b in zip(builtin, adapted, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

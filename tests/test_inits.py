@@ -10,7 +10,7 @@ from fd_check import fd_check
 from torch import nn
 
 from metalearn.inner import adapt
-from metalearn.knowledge import SGD, GaussianInit, MetaKnowledge, ScaledInit, check_part
+from metalearn.knowledge import GaussianInit, InnerSGD, MetaKnowledge, ScaledInit, check_part
 from metalearn.models import MLP, Conv4
 from metalearn.outer import meta_gradient, meta_loss
 from metalearn.tasks.task import TaskBatch
@@ -59,7 +59,7 @@ def _loop_vs_vmap(omega, batch, seed, steps=2):
 
 
 def _gaussian_omega(init_scale=0.1, **kwargs):
-    return MetaKnowledge(_mlp(), optimizer=SGD(0.3), init=GaussianInit(init_scale, **kwargs)).to(F64)
+    return MetaKnowledge(_mlp(), optimizer=InnerSGD(0.3), init=GaussianInit(init_scale, **kwargs)).to(F64)
 
 
 def test_gaussian_init_draws_per_task_and_is_reproducible():
@@ -96,7 +96,7 @@ def test_gaussian_init_mean_mode_and_generator_errors():
         assert torch.equal(theta[name], mu.expand(2, *mu.shape))
     assert omega.init.mode == "sample"  # restored
     omega.init.mode = "mean"
-    adapted = adapt(omega, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 1, dtype=F64)), steps=1)
+    adapted = adapt(omega, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 1, dtype=F64)), inner_steps=1)
     assert adapted.params["layers.0.weight"].shape == (5, 2)
     with pytest.raises(ValueError, match="mode must be one of"):
         omega.init.mode = "median"
@@ -124,7 +124,7 @@ def test_gaussian_init_loop_and_vmap_agree():
 
 def _scaled_omega(model=None, **kwargs):
     model = model if model is not None else _mlp()
-    return MetaKnowledge(model, optimizer=SGD(0.3), init=ScaledInit(**kwargs)).to(F64)
+    return MetaKnowledge(model, optimizer=InnerSGD(0.3), init=ScaledInit(**kwargs)).to(F64)
 
 
 def test_scaled_init_keeps_the_model_weights_out_of_omega():

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 
 from metalearn.errors import NonFiniteError
 from metalearn.inner import adapt
-from metalearn.knowledge import SGD, AdaptOnly, MetaKnowledge, maml, meta_sgd
+from metalearn.knowledge import AdaptOnly, InnerSGD, MetaKnowledge, maml, meta_sgd
 from metalearn.mapping import choose_batching
 from metalearn.models import MLP, Conv4
 from metalearn.outer import meta_gradient, meta_loss, meta_step
@@ -74,7 +74,7 @@ def test_adapt_one_task_equals_reference_sgd(first_order: bool) -> None:
     model = tiny_mlp()
     omega = maml(model, lr=0.3)
     task = regression()[0]
-    adapted = adapt(omega, task.train, steps=3, first_order=first_order)
+    adapted = adapt(omega, task.train, inner_steps=3, first_order=first_order)
     theta0 = {n: p for n, p in model.named_parameters()}
     expected, losses = reference.adapt(reference.mlp_forward(3), theta0, *task.train, 3, 0.3, first_order=first_order)
     assert list(adapted.params) == list(expected)
@@ -89,8 +89,8 @@ def test_adapt_one_task_equals_reference_sgd(first_order: bool) -> None:
 
 def test_adapt_leaves_static_parameters_at_theta0() -> None:
     model = tiny_mlp()
-    omega = MetaKnowledge(model, SGD(0.3), adapt=AdaptOnly("layers.4"))
-    adapted = adapt(omega, regression()[0].train, steps=2)
+    omega = MetaKnowledge(model, InnerSGD(0.3), adapt=AdaptOnly("layers.4"))
+    adapted = adapt(omega, regression()[0].train, inner_steps=2)
     for n, p in model.named_parameters():
         moved = not torch.equal(adapted.params[n].detach(), p.detach())
         assert moved == n.startswith("layers.4."), n
@@ -98,7 +98,7 @@ def test_adapt_leaves_static_parameters_at_theta0() -> None:
 
 def test_zero_steps_gives_theta0_and_empty_losses() -> None:
     model = tiny_mlp()
-    adapted = adapt(maml(model, lr=0.3), regression()[0].train, steps=0)
+    adapted = adapt(maml(model, lr=0.3), regression()[0].train, inner_steps=0)
     assert adapted.losses.shape == (0,)
     assert all(torch.equal(adapted.params[n].detach(), p.detach()) for n, p in model.named_parameters())
 
@@ -112,7 +112,7 @@ def test_nan_in_one_tasks_train_inputs_names_the_task_and_step(batching: str) ->
     batch.train[0][2, 1, 0] = float("nan")
     omega = maml(tiny_mlp(), lr=0.3)
     with pytest.raises(NonFiniteError, match="task 2") as info:
-        meta_gradient(omega, batch, steps=2, batching=batching)
+        meta_gradient(omega, batch, inner_steps=2, batching=batching)
     assert (info.value.task, info.value.step) == (2, 0)
     assert "step 0" in str(info.value)
 
@@ -122,11 +122,11 @@ def test_nan_in_one_tasks_val_inputs_names_the_task(batching: str) -> None:
     batch = regression(n_tasks=4)
     batch.val[0][1, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="val loss") as info:
-        meta_gradient(maml(tiny_mlp(), lr=0.3), batch, steps=1, batching=batching)
+        meta_gradient(maml(tiny_mlp(), lr=0.3), batch, inner_steps=1, batching=batching)
     assert (info.value.task, info.value.step) == (1, None)  # a val loss belongs to no inner step
     assert "of task 1" in str(info.value) and "at inner step" not in str(info.value)
     with pytest.raises(NonFiniteError, match="val loss") as info:
-        meta_loss(maml(tiny_mlp(), lr=0.3), batch, steps=1, batching=batching)
+        meta_loss(maml(tiny_mlp(), lr=0.3), batch, inner_steps=1, batching=batching)
     assert info.value.task == 1
 
 
@@ -147,7 +147,7 @@ def test_inner_loss_overflow_names_the_step(batching: str) -> None:
     k = reference.first_nonfinite_step(forward, theta0, batch.train[0][1], batch.train[1][1], steps, lr)
     assert k is not None and k >= 2  # finite at first, then overflows at step k
     with pytest.raises(NonFiniteError, match=f"step {k} of task 1") as info:
-        meta_gradient(maml(model, lr=lr), batch, steps=steps, batching=batching)
+        meta_gradient(maml(model, lr=lr), batch, inner_steps=steps, batching=batching)
     assert (info.value.task, info.value.step) == (1, k)
 
 
@@ -156,7 +156,7 @@ def test_adapt_raises_on_overflow_with_the_step() -> None:
     k = reference.first_nonfinite_step(reference.mlp_forward(1), dict(model.named_parameters()),
                                        batch.train[0][1], batch.train[1][1], 20, lr)
     with pytest.raises(NonFiniteError) as info:
-        adapt(maml(model, lr=lr), batch[1].train, steps=20)
+        adapt(maml(model, lr=lr), batch[1].train, inner_steps=20)
     assert info.value.step == k
 
 
@@ -169,11 +169,11 @@ def test_omega_unchanged_after_a_meta_step_that_raised(batching: str, recipe) ->
     bad = regression(n_tasks=4)
     bad.train[0][3, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError) as info:
-        meta_step(omega, outer, bad, steps=2, batching=batching)
+        meta_step(omega, outer, bad, inner_steps=2, batching=batching)
     assert info.value.task == 3
     assert all(torch.equal(before[n], p) for n, p in omega.named_parameters())
     assert not outer.state  # the optimizer never stepped
-    meta_step(omega, outer, regression(n_tasks=4), steps=2, batching=batching)  # a clean step does move ω
+    meta_step(omega, outer, regression(n_tasks=4), inner_steps=2, batching=batching)  # a clean step does move ω
     assert any(not torch.equal(before[n], p) for n, p in omega.named_parameters())
 
 
@@ -195,9 +195,9 @@ def test_nonfinite_meta_gradient_raises_and_leaves_omega_unchanged(batching: str
     outer = torch.optim.SGD(omega.parameters(), lr=0.1)
     before = snapshot(omega)
     batch = regression(n_tasks=2)
-    assert torch.isfinite(meta_loss(omega, batch, steps=0, batching=batching))  # the losses are finite
+    assert torch.isfinite(meta_loss(omega, batch, inner_steps=0, batching=batching))  # the losses are finite
     with pytest.raises(NonFiniteError, match="meta-gradient"):
-        meta_step(omega, outer, batch, steps=0, batching=batching)
+        meta_step(omega, outer, batch, inner_steps=0, batching=batching)
     assert all(torch.equal(before[n], p) for n, p in omega.named_parameters())
 
 
@@ -208,7 +208,7 @@ def test_meta_step_is_one_optimizer_step_on_the_meta_gradient() -> None:
     omega, batch = maml(tiny_mlp(), lr=0.3), regression()
     expected_grads = grads_of(omega, batch, 2)
     before = snapshot(omega)
-    result = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.5), batch, steps=2)
+    result = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.5), batch, inner_steps=2)
     for n, p in omega.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - 0.5 * expected_grads[n], rtol=0, atol=1e-14)
     norm = torch.cat([g.flatten() for g in expected_grads.values()]).norm()
@@ -219,7 +219,7 @@ def test_meta_step_is_one_optimizer_step_on_the_meta_gradient() -> None:
 def test_meta_step_clips_the_meta_gradient() -> None:
     omega, batch = maml(tiny_mlp(), lr=0.3), regression()
     before = snapshot(omega)
-    result = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=1.0), batch, steps=1, clip_grad_norm=1e-3)
+    result = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=1.0), batch, inner_steps=1, clip_grad_norm=1e-3)
     moved = torch.cat([(p.detach() - before[n]).flatten() for n, p in omega.named_parameters()]).norm()
     assert result["grad_norm"] > 1e-2  # reported before clipping
     assert float(moved) == pytest.approx(1e-3, rel=1e-4)  # torch divides by (norm + 1e-6)
@@ -245,7 +245,7 @@ def test_native_batch_norm_adapted_under_forced_vmap_second_order_is_exact() -> 
     loop = grads_of(omega, batch, 2, batching="loop")
     assert rel_diff(grads_of(omega, batch, 2, batching="vmap"), loop) <= 1e-10
     omega.zero_grad(set_to_none=True)
-    meta_loss(omega, batch, steps=2, batching="vmap").backward()
+    meta_loss(omega, batch, inner_steps=2, batching="vmap").backward()
     assert rel_diff({n: p.grad.clone() for n, p in omega.named_parameters()}, loop) <= 1e-10
 
 
@@ -255,7 +255,7 @@ def test_native_batch_norm_auto_picks_loop_for_a_conv_model_and_matches_a_hand_r
     batch = images()
     assert choose_batching(omega, torch.device("cpu")) == "loop"  # convolutional, on CPU: the faster path
     omega.zero_grad(set_to_none=True)
-    stats = meta_gradient(omega, batch, steps=2, batching="auto")
+    stats = meta_gradient(omega, batch, inner_steps=2, batching="auto")
     assert stats.batching == "loop"
     got = {n[len("model."):]: p.grad.clone() for n, p in omega.named_parameters()}
     theta0 = {n: p.detach() for n, p in model.named_parameters()}
@@ -269,7 +269,7 @@ def test_native_batch_norm_under_vmap_is_allowed_where_it_is_exact() -> None:
     omega = maml(native_bn_model(), lr=0.4)
     loop = grads_of(omega, batch, 2, batching="loop", first_order=True)
     assert rel_diff(grads_of(omega, batch, 2, batching="vmap", first_order=True), loop) <= 1e-10
-    head_only = MetaKnowledge(native_bn_model(), SGD(0.4), adapt=AdaptOnly("4"))
+    head_only = MetaKnowledge(native_bn_model(), InnerSGD(0.4), adapt=AdaptOnly("4"))
     assert head_only.native_norms_adapted() == []
     loop = grads_of(head_only, batch, 2, batching="loop")
     assert rel_diff(grads_of(head_only, batch, 2, batching="vmap"), loop) <= 1e-10
@@ -316,4 +316,47 @@ def test_choose_batching_on_cpu() -> None:
     conv = maml(Conv4(3, hidden=4, image_size=16).to(DT), lr=0.1)
     assert choose_batching(conv, torch.device("cpu")) == "loop"
     with pytest.raises(ValueError, match="batching must be one of"):
-        meta_gradient(conv, images(size=16), steps=1, batching="threads")
+        meta_gradient(conv, images(size=16), inner_steps=1, batching="threads")
+
+
+def _old_steps_calls(omega: MetaKnowledge, batch: TaskBatch) -> dict:
+    """Each public function that takes an inner step count, called with the old keyword ``steps=``."""
+    from metalearn.evaluate import evaluate, fine_tune
+    from metalearn.inner import adapt_params, inner_loop
+
+    train = batch[0].train
+    theta0 = omega.model_params()
+    outer = torch.optim.SGD(omega.parameters(), lr=0.1)
+    return {
+        "adapt": lambda: adapt(omega, train, steps=1),
+        "fine_tune": lambda: fine_tune(omega, train, steps=1),
+        "evaluate": lambda: evaluate(omega, [batch[0]], steps=1),
+        "adapt_params": lambda: adapt_params(omega, theta0, *train, steps=1),
+        "inner_loop": lambda: inner_loop(omega, theta0, *train, steps=1),
+        "meta_gradient": lambda: meta_gradient(omega, batch, steps=1),
+        "meta_loss": lambda: meta_loss(omega, batch, steps=1),
+        "meta_step": lambda: meta_step(omega, outer, batch, steps=1),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["adapt", "fine_tune", "evaluate", "adapt_params", "inner_loop", "meta_gradient", "meta_loss", "meta_step"]
+)
+def test_old_steps_keyword_names_inner_steps(name: str) -> None:
+    # the inner count was renamed inner_steps (steps= is meta_train's outer count): the old keyword says the fix
+    omega = maml(tiny_mlp(), lr=0.3)
+    before = {n: p.detach().clone() for n, p in omega.named_parameters()}
+    call = _old_steps_calls(omega, regression(n_tasks=2))[name]
+    with pytest.raises(TypeError, match=rf"{name}\(\) takes inner_steps=, not steps=.*inner_steps=1"):
+        call()
+    assert all(torch.equal(p, before[n]) for n, p in omega.named_parameters())  # refused before any work
+    assert all(p.grad is None for p in omega.parameters())
+
+
+def test_inner_steps_positional_and_keyword_agree() -> None:
+    omega = maml(tiny_mlp(), lr=0.3)
+    task = regression(n_tasks=1)[0]
+    by_position = adapt(omega, task.train, 2).params
+    by_keyword = adapt(omega, task.train, inner_steps=2).params
+    assert all(torch.equal(by_position[n], by_keyword[n]) for n in by_position)
+    assert not torch.equal(by_position["layers.0.weight"], omega.model_params()["layers.0.weight"])

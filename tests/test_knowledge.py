@@ -11,13 +11,13 @@ from torch import Tensor, nn
 
 import metalearn.knowledge as knowledge
 from metalearn.knowledge import (
-    SGD,
     AdaptAll,
     AdaptOnly,
     AdaptPart,
     ContractError,
     ContractReport,
     InitPart,
+    InnerSGD,
     MetaKnowledge,
     MetaSGD,
     OptimizerPart,
@@ -48,17 +48,17 @@ _MAYBE = {
     "ScaledInit": _exported("ScaledInit"),
     "MomentumSGD": _exported("MomentumSGD", 0.1, momentum=0.5, per="tensor"),
     "NesterovMomentumSGD": _exported("MomentumSGD", 0.1, momentum=0.5, nesterov=True),
-    "Adam": _exported("Adam", 0.05, betas=(0.8, 0.9), eps=1e-3),
-    "ElementwiseAdam": _exported("Adam", 0.05, betas=(0.8, 0.9), eps=1e-3, per="element"),
+    "InnerAdam": _exported("InnerAdam", 0.05, betas=(0.8, 0.9), eps=1e-3),
+    "ElementwiseInnerAdam": _exported("InnerAdam", 0.05, betas=(0.8, 0.9), eps=1e-3, per="element"),
 }
 if "OptimizerMixture" in knowledge.__all__ and "MomentumSGD" in knowledge.__all__:
     _MAYBE["OptimizerMixture"] = lambda: knowledge.OptimizerMixture(
-        [SGD(0.1), knowledge.MomentumSGD(0.05, momentum=0.5)], temperature=0.7
+        [InnerSGD(0.1), knowledge.MomentumSGD(0.05, momentum=0.5)], temperature=0.7
     )
 
 #: Every built-in part, with how to construct it (keys: class names, or labelled variants).
 BUILTINS: dict[str, Callable[[], nn.Module]] = {
-    "SGD": lambda: SGD(lr=0.1),
+    "InnerSGD": lambda: InnerSGD(lr=0.1),
     "MetaSGD": lambda: MetaSGD(init_lr=0.1),
     "PointInit": PointInit,
     "PrototypeInit": knowledge.PrototypeInit,
@@ -309,7 +309,7 @@ def test_global_rng_use_is_caught_without_consuming_the_global_stream() -> None:
 def test_optimizer_inputs_must_pair_up() -> None:
     params = {"w": torch.zeros(2, dtype=DT)}
     with pytest.raises(ValueError, match="same keys"):
-        check_part(SGD(0.1), inputs=(params, {"v": torch.zeros(2, dtype=DT)}))
+        check_part(InnerSGD(0.1), inputs=(params, {"v": torch.zeros(2, dtype=DT)}))
 
 
 # ---------------------------------------------------------------- MetaKnowledge and the recipes
@@ -319,7 +319,7 @@ def test_recipes_compose_the_parts() -> None:
     model = Conv4(5, hidden=4, image_size=16)
     names = [n for n, _ in model.named_parameters()]
     omega = maml(model, lr=0.4)
-    assert isinstance(omega.optimizer, SGD) and omega.optimizer.lr == 0.4
+    assert isinstance(omega.optimizer, InnerSGD) and omega.optimizer.lr == 0.4
     assert omega.adapted_names == names and omega.static_names == []
     assert [n for n, _ in omega.named_parameters()] == [f"model.{n}" for n in names]
     omega = anil(Conv4(5, hidden=4, image_size=16), lr=0.4)
@@ -357,7 +357,7 @@ def test_omega_runs_the_model_functionally() -> None:
 
 
 def test_inner_loss_can_be_replaced() -> None:
-    omega = MetaKnowledge(MLP((2, 1)), SGD(0.1), loss=lambda out, y: (out - y).abs().mean())
+    omega = MetaKnowledge(MLP((2, 1)), InnerSGD(0.1), loss=lambda out, y: (out - y).abs().mean())
     params = dict(omega.model.named_parameters())
     x, y = torch.randn(4, 2), torch.randn(4, 1)
     out = omega(params, x)
@@ -375,9 +375,9 @@ def test_default_loss_picks_cross_entropy_or_mse() -> None:
 
 def test_part_errors_tell_the_fix() -> None:
     with pytest.raises(ValueError, match="positive"):
-        SGD(lr=0.0)
+        InnerSGD(lr=0.0)
     with pytest.raises(ValueError, match="matches none"):
-        MetaKnowledge(MLP((2, 1)), SGD(0.1), adapt=AdaptOnly("head"))
+        MetaKnowledge(MLP((2, 1)), InnerSGD(0.1), adapt=AdaptOnly("head"))
     with pytest.raises(ValueError, match="at least one name pattern"):
         AdaptOnly()
     with pytest.raises(ValueError, match="track_running_stats=False"):
@@ -399,7 +399,7 @@ def test_native_norm_layers_are_found() -> None:
                           nn.GroupNorm(1, 2), nn.BatchNorm2d(2, affine=False, track_running_stats=False))
     assert native_norm_layers(model) == ["1"]
     assert native_norm_layers(Conv4(3, hidden=2)) == []
-    omega = MetaKnowledge(model, SGD(0.1), adapt=AdaptOnly("0"))
+    omega = MetaKnowledge(model, InnerSGD(0.1), adapt=AdaptOnly("0"))
     assert omega.native_norms_adapted() == []
 
 
@@ -410,7 +410,7 @@ def _scaled_omega_with_dropout() -> MetaKnowledge:
     from metalearn.knowledge import ScaledInit
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 1))
-    return MetaKnowledge(model, optimizer=SGD(0.1), init=ScaledInit())
+    return MetaKnowledge(model, optimizer=InnerSGD(0.1), init=ScaledInit())
 
 
 def test_template_model_is_registered_but_filtered_out_of_omega():
@@ -449,7 +449,7 @@ def test_template_state_dict_round_trip_keeps_keys_and_template():
 
 
 def test_point_init_lists_the_model_as_before():
-    omega = MetaKnowledge(MLP((1, 4, 1)), optimizer=SGD(0.1))
+    omega = MetaKnowledge(MLP((1, 4, 1)), optimizer=InnerSGD(0.1))
     assert [n for n, _ in omega.named_parameters()] == [
         "model.layers.0.weight", "model.layers.0.bias", "model.layers.2.weight", "model.layers.2.bias"
     ]
@@ -479,7 +479,7 @@ def test_unregistered_architecture_part_is_refused_with_the_fix():
             return self.lin(x) * self.architecture.g.exp()
 
     with pytest.raises(ValueError, match=r"model\.\(root\)\.architecture \(Gate\) is not a registered submodule"):
-        MetaKnowledge(Old(), optimizer=SGD(0.1))
+        MetaKnowledge(Old(), optimizer=InnerSGD(0.1))
 
 
 # ---------------------------------------------------------------- vmap-safety of module parts (a loss)

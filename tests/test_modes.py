@@ -182,8 +182,8 @@ def test_evaluate_and_fine_tune_solve_the_modes_problem() -> None:
     plain = evaluate(omega, tasks, 3)
     assert evaluate(omega, tasks, 3, mode="reptile").per_task_loss.tolist() == plain.per_task_loss.tolist()
     assert by_mode.mean != plain.mean  # λ matters: the check can fail
-    theta = fine_tune(omega, tasks[0].train, 3, mode="implicit")  # Implicit() has λ = 1
-    assert_equal(theta, fine_tune(omega, tasks[0].train, 3, mode=Implicit(lam=1.0)))
+    theta = fine_tune(omega, tasks[0].train, 3, mode="implicit").params  # Implicit() has λ = 1
+    assert_equal(theta, fine_tune(omega, tasks[0].train, 3, mode=Implicit(lam=1.0)).params)
     with pytest.raises(TypeError, match="proximal"):  # the old proximal=λ alias is gone: the mode names it
         evaluate(omega, tasks, 3, proximal=1.5)
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -12,8 +12,8 @@ from torch.func import functional_call
 
 import metalearn.knowledge.rules as rules_module
 from metalearn.knowledge import (
-    SGD,
-    Adam,
+    InnerAdam,
+    InnerSGD,
     MetaKnowledge,
     MomentumSGD,
     OptimizerMixture,
@@ -157,7 +157,7 @@ def test_momentum_sgd_with_nothing_learned_is_exactly_torch():
 @pytest.mark.parametrize("per", ["shared", "tensor", "element"])
 def test_adam_matches_torch_optim(per):
     params, loss = _problem()
-    part = Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, per=per)
+    part = InnerAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, per=per)
     part.bind(params)
     part.to(F64)
     name = next(iter(params))
@@ -174,7 +174,7 @@ def test_adam_matches_torch_optim(per):
 
 def test_adam_defaults_match_torch_optim_defaults():
     params, loss = _problem(seed=5)
-    part = Adam(lr=1e-3, learn=())
+    part = InnerAdam(lr=1e-3, learn=())
     part.bind(params)
     ours = _our_trajectory(part, params, loss, steps=5)
     theirs = _torch_trajectory(lambda ps: torch.optim.Adam(ps, lr=1e-3), params, loss, 5)
@@ -193,8 +193,8 @@ def _hyper_names(omega):
     [
         lambda: MomentumSGD(lr=0.2, momentum=0.6),
         lambda: MomentumSGD(lr=0.2, momentum=0.6, per="tensor", nesterov=True),
-        lambda: Adam(lr=0.05, betas=(0.8, 0.9), eps=1e-2),
-        lambda: Adam(lr=0.05, betas=(0.8, 0.9), eps=1e-2, per="element"),
+        lambda: InnerAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-2),
+        lambda: InnerAdam(lr=0.05, betas=(0.8, 0.9), eps=1e-2, per="element"),
     ],
     ids=["momentum", "nesterov-per-tensor", "adam", "adam-per-element"],
 )
@@ -209,7 +209,7 @@ def test_meta_gradient_wrt_hyper_parameters_matches_finite_differences(make):
 
 def test_loop_and_vmap_meta_gradients_agree():
     batch = _batch(n_tasks=4)
-    for part in (MomentumSGD(0.2, 0.6, per="element"), Adam(0.05, (0.8, 0.9), 1e-3, per="tensor")):
+    for part in (MomentumSGD(0.2, 0.6, per="element"), InnerAdam(0.05, (0.8, 0.9), 1e-3, per="tensor")):
         grads = _loop_vs_vmap(_omega(part), batch, steps=3)
         assert all(g.abs().max() > 0 for n, g in grads.items() if n.startswith("optimizer."))
 
@@ -218,7 +218,7 @@ def test_adam_meta_gradient_is_finite_when_an_inner_gradient_is_exactly_zero(mon
     # a zero input feature gives exactly-zero inner gradients for a column of the first layer,
     # so v = 0 there; torch's sqrt has an infinite derivative at 0 (NaN meta-gradient)
     batch = _batch(zero_feature=True)
-    omega = _omega(Adam(0.05, (0.8, 0.9), 1e-3))
+    omega = _omega(InnerAdam(0.05, (0.8, 0.9), 1e-3))
     grads = torch.autograd.grad(meta_loss(omega, batch, 3, batching="vmap"), list(omega.parameters()))
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     # the reference: the same update with a plain sqrt does give NaN here
@@ -232,7 +232,8 @@ def test_adam_meta_gradient_is_finite_when_an_inner_gradient_is_exactly_zero(mon
 
 def _mixture(**kwargs):
     return OptimizerMixture(
-        {"sgd": MomentumSGD(0.2, 0.5, learn=("lr",)), "adam": Adam(0.05, (0.8, 0.9), 1e-3, learn=("lr",))}, **kwargs
+        {"sgd": MomentumSGD(0.2, 0.5, learn=("lr",)), "adam": InnerAdam(0.05, (0.8, 0.9), 1e-3, learn=("lr",))},
+        **kwargs,
     )
 
 
@@ -317,14 +318,15 @@ def test_mixture_state_dict_keeps_temperature_and_choice():
 
 
 def test_mixture_names_and_validation():
-    mix = OptimizerMixture([MomentumSGD(0.1), Adam(0.01), MomentumSGD(0.2)])
+    mix = OptimizerMixture([MomentumSGD(0.1), InnerAdam(0.01), MomentumSGD(0.2)])
     assert mix.names == ["momentumsgd", "adam", "momentumsgd_1"]
+    assert OptimizerMixture([InnerSGD(0.1), InnerAdam(0.01)]).names == ["sgd", "adam"]  # unchanged by the rename
     with pytest.raises(TypeError, match="OptimizerPart"):
         OptimizerMixture({"a": nn.Linear(1, 1)})
     with pytest.raises(ValueError, match="at least one"):
         OptimizerMixture([])
     with pytest.raises(ValueError, match="'/'"):
-        OptimizerMixture({"a/b": SGD(0.1)})
+        OptimizerMixture({"a/b": InnerSGD(0.1)})
 
 
 def test_mixture_is_the_shared_soft_choice_with_its_state_dict_keys():
@@ -360,15 +362,15 @@ def test_hyper_parameter_validation():
     with pytest.raises(ValueError, match="strictly inside"):
         MomentumSGD(lr=0.1, momentum=0.0)  # learned momentum needs a logit
     with pytest.raises(ValueError, match="cannot learn 'beta'"):
-        Adam(lr=0.1, learn=("beta",))
+        InnerAdam(lr=0.1, learn=("beta",))
     with pytest.raises(ValueError, match="positive"):
-        Adam(lr=-1.0)
+        InnerAdam(lr=-1.0)
     with pytest.raises(ValueError, match="per must be"):
         MomentumSGD(lr=0.1, per="layer")
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        Adam(lr=0.1, betas=(1.0, 0.9), learn=("lr",))
+        InnerAdam(lr=0.1, betas=(1.0, 0.9), learn=("lr",))
     assert MomentumSGD(lr=0.1, learn="lr").learned == ("lr",)
-    assert Adam(lr=0.1, learn=("betas",)).learned == ("beta1", "beta2")
+    assert InnerAdam(lr=0.1, learn=("betas",)).learned == ("beta1", "beta2")
     part = MomentumSGD(lr=0.1, per="tensor")
     part.bind({"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="name the parameter"):
@@ -378,7 +380,7 @@ def test_hyper_parameter_validation():
 
 
 def test_learned_hyper_parameters_are_meta_parameters_of_omega():
-    omega = _omega(Adam(0.01, learn=("lr", "eps")))
+    omega = _omega(InnerAdam(0.01, learn=("lr", "eps")))
     names = _hyper_names(omega)
     assert names == ["optimizer.rules.0.log_eps.shared", "optimizer.rules.1.log_lr.shared"]
     assert all(p.dtype == F64 for p in omega.parameters())
@@ -389,8 +391,8 @@ def test_learned_hyper_parameters_are_meta_parameters_of_omega():
     [
         lambda: MomentumSGD(0.1, 0.9),
         lambda: MomentumSGD(0.1, 0.9, per="element", nesterov=True),
-        lambda: Adam(0.01, eps=1e-3),
-        lambda: Adam(0.01, eps=1e-3, per="tensor"),
+        lambda: InnerAdam(0.01, eps=1e-3),
+        lambda: InnerAdam(0.01, eps=1e-3, per="tensor"),
         lambda: _mixture(temperature=0.5),
     ],
     ids=["momentum", "nesterov-element", "adam", "adam-tensor", "mixture"],

@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call
 
 from metalearn.knowledge import (
-    SGD,
-    Adam,
+    InnerAdam,
+    InnerSGD,
     MetaKnowledge,
     MetaSGD,
     MomentumSGD,
@@ -57,7 +57,7 @@ def _max_diff(a, b):
 def test_step_is_update_then_apply_updates_and_sgd_is_bit_for_bit_the_old_formula():
     params, loss = _problem()
     grads = torch.func.grad(loss)(params)
-    part = SGD(0.3)
+    part = InnerSGD(0.3)
     updates, _ = part.update(grads, {}, params, 0)
     new, _ = part.step(params, grads, {}, 0)
     assert all(torch.equal(new[n], apply_updates(params, updates)[n]) for n in params)
@@ -75,13 +75,13 @@ def test_meta_sgd_is_learned_scale_by_learning_rate_per_entry():
 def test_adam_and_momentum_are_chains_of_rules():
     params, loss = _problem(seed=1)
     adam = chain(scale_by_adam(0.8, 0.95, 1e-6), scale_by_learning_rate(0.05))
-    preset_adam = Adam(0.05, (0.8, 0.95), 1e-6, learn=())
+    preset_adam = InnerAdam(0.05, (0.8, 0.95), 1e-6, learn=())
     assert _max_diff(_trajectory(adam, params, loss), _trajectory(preset_adam, params, loss)) == 0
     heavy = chain(trace(0.7, nesterov=True), scale(-0.3))
     preset = MomentumSGD(0.3, 0.7, learn=(), nesterov=True)
     assert _max_diff(_trajectory(heavy, params, loss), _trajectory(preset, params, loss)) < 1e-15
     moved = _trajectory(chain(trace(0.7), scale(-0.3)), params, loss)
-    assert _max_diff(moved, _trajectory(SGD(0.3), params, loss)) > 1e-3  # momentum matters
+    assert _max_diff(moved, _trajectory(InnerSGD(0.3), params, loss)) > 1e-3  # momentum matters
 
 
 def test_learned_makes_any_rules_hyper_parameter_a_meta_parameter_in_thetas_dtype():
@@ -127,8 +127,8 @@ def test_a_mixture_candidate_that_overrides_only_step_contributes_its_step():
             return {n: p - 0.3 * grads[n] for n, p in params.items()}, state
 
     params, loss = _problem()
-    mix = OptimizerMixture({"a": StepOnlySGD(), "b": SGD(0.3)})
-    assert _max_diff(_trajectory(mix, params, loss), _trajectory(SGD(0.3), params, loss)) < 1e-14
+    mix = OptimizerMixture({"a": StepOnlySGD(), "b": InnerSGD(0.3)})
+    assert _max_diff(_trajectory(mix, params, loss), _trajectory(InnerSGD(0.3), params, loss)) < 1e-14
 
 
 def _bound_names(part, params):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalearn.tasks import ClassSplit, TensorDataset, split_classes
+from metalearn.tasks import ClassSplit, TensorLabelledDataset, split_classes
 
 
 def gen(seed: int) -> torch.Generator:
@@ -64,7 +64,7 @@ def test_split_is_random_not_a_prefix():
 
 def test_accepts_a_dataset_and_sequences():
     labels = torch.tensor([5, 5, 9, 9, 2, 2, 7, 7])
-    ds = TensorDataset(torch.zeros(8, 1), labels)
+    ds = TensorLabelledDataset(torch.zeros(8, 1), labels)
     split = split_classes(ds, (0.5, 0.5), generator=gen(1))
     assert_partition(split, torch.tensor([2, 5, 7, 9]))
     assert_partition(split_classes([3, 1, 2, 0], (0.5, 0.5)), torch.arange(4))
@@ -125,7 +125,7 @@ def test_bad_fractions(fractions, match):
 
 
 def test_classes_not_in_the_dataset():
-    ds = TensorDataset(torch.zeros(4, 1), torch.tensor([0, 1, 2, 3]))
+    ds = TensorLabelledDataset(torch.zeros(4, 1), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"target pool has classes \[7, 8\] that are not in the dataset"):
         split_classes(ds, source=[0, 1], target=[2, 7, 8])
 

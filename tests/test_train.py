@@ -278,12 +278,12 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
 
 
 def test_meta_train_drives_the_schedules_of_parts_by_outer_step():
-    from metalearn.knowledge import SGD, MomentumSGD, OptimizerMixture
+    from metalearn.knowledge import InnerSGD, MomentumSGD, OptimizerMixture
     from metalearn.knowledge.optimizers import geometric_anneal
 
     torch.manual_seed(0)
     schedule = geometric_anneal(2.0, 0.5, 4)
-    mixture = OptimizerMixture({"sgd": SGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=schedule)
+    mixture = OptimizerMixture({"sgd": InnerSGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=schedule)
     omega = MetaKnowledge(MLP((1, 8, 1)), optimizer=mixture)
     seen = []
     meta_train(
@@ -295,13 +295,13 @@ def test_meta_train_drives_the_schedules_of_parts_by_outer_step():
 
 
 def test_an_annealed_mixture_resumes_bit_identically(tmp_path):
-    from metalearn.knowledge import SGD, MomentumSGD, OptimizerMixture
+    from metalearn.knowledge import InnerSGD, MomentumSGD, OptimizerMixture
     from metalearn.knowledge.optimizers import geometric_anneal
 
     def build():
         torch.manual_seed(0)
         mixture = OptimizerMixture(
-            {"sgd": SGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=geometric_anneal(2.0, 0.5, 4)
+            {"sgd": InnerSGD(0.01), "momentum": MomentumSGD(0.01, 0.5)}, anneal=geometric_anneal(2.0, 0.5, 4)
         )
         omega = MetaKnowledge(MLP((1, 8, 1)), optimizer=mixture)
         return omega, torch.optim.Adam(omega.parameters(), lr=1e-2)

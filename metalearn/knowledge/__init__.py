@@ -1,7 +1,8 @@
 """ω: `MetaKnowledge` and the parts it is made of. Knows nothing of datasets."""
 
+from metalearn.deprecated import renamed_attribute
 from metalearn.knowledge.architecture import ArchitectureWeights, with_architecture
-from metalearn.knowledge.builtins import SGD, AdaptAll, AdaptOnly, MetaSGD, PointInit
+from metalearn.knowledge.builtins import AdaptAll, AdaptOnly, InnerSGD, MetaSGD, PointInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.heads import PrototypeInit, prototype_head
 from metalearn.knowledge.higher_rule import higher_rule
@@ -13,7 +14,7 @@ from metalearn.knowledge.meta_knowledge import (
     native_norm_layers,
     theta_parameters,
 )
-from metalearn.knowledge.optimizers import Adam, Choice, MomentumSGD, OptimizerMixture, geometric_anneal
+from metalearn.knowledge.optimizers import Choice, InnerAdam, MomentumSGD, OptimizerMixture, geometric_anneal
 from metalearn.knowledge.parts import (
     AdaptPart,
     ArchitecturePart,
@@ -38,7 +39,6 @@ from metalearn.knowledge.rules import (
 from metalearn.knowledge.soft_choice import SoftChoice
 
 __all__ = [
-    "Adam",
     "AdaptAll",
     "AdaptOnly",
     "AdaptPart",
@@ -50,6 +50,8 @@ __all__ = [
     "ContractReport",
     "GaussianInit",
     "InitPart",
+    "InnerAdam",
+    "InnerSGD",
     "Learned",
     "LossFn",
     "MetaKnowledge",
@@ -60,7 +62,6 @@ __all__ = [
     "Params",
     "PointInit",
     "PrototypeInit",
-    "SGD",
     "ScaledInit",
     "SoftChoice",
     "State",
@@ -86,3 +87,8 @@ __all__ = [
     "trace",
     "with_architecture",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """A name renamed in `metalearn.deprecated.RENAMED`: the new object, with a `DeprecationWarning`."""
+    return renamed_attribute(__name__, name, globals())

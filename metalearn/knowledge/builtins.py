@@ -11,7 +11,7 @@ from torch import Tensor
 from metalearn.knowledge.parts import AdaptPart, InitPart, Params
 from metalearn.knowledge.rules import Learned, _ScaleByLearningRate
 
-__all__ = ["AdaptAll", "AdaptOnly", "MetaSGD", "PointInit", "SGD"]
+__all__ = ["AdaptAll", "AdaptOnly", "InnerSGD", "MetaSGD", "PointInit"]
 
 
 class PointInit(InitPart):
@@ -23,7 +23,7 @@ class PointInit(InitPart):
         return {name: p.expand(n_tasks, *p.shape) for name, p in model_params.items()}
 
 
-class SGD(_ScaleByLearningRate):
+class InnerSGD(_ScaleByLearningRate):
     r"""Plain gradient descent with a fixed step size: :math:`\theta \leftarrow \theta - \alpha \nabla\theta`.
 
     The rule ``scale_by_learning_rate(lr)``: its update is ``-lr * g``.

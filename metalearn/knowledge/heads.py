@@ -78,8 +78,8 @@ class PrototypeInit(InitPart):
             (same result up to rounding).
 
     Example:
-        >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=SGD(0.1), init=PrototypeInit())
-        >>> meta_step(omega, opt, batch, steps=0)  # ProtoNets
+        >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=InnerSGD(0.1), init=PrototypeInit())
+        >>> meta_step(omega, opt, batch, inner_steps=0)  # ProtoNets
     """
 
     uses_model_parameters = True

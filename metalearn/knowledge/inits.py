@@ -69,8 +69,8 @@ class GaussianInit(InitPart):
         mode: ``"sample"`` (draw θ0, needs a generator) or ``"mean"`` (θ0 = μ).
 
     Example:
-        >>> omega = MetaKnowledge(MLP(), optimizer=SGD(0.01), init=GaussianInit(init_scale=0.01))
-        >>> meta_step(omega, opt, batch, steps=1, generator=torch.Generator().manual_seed(0))
+        >>> omega = MetaKnowledge(MLP(), optimizer=InnerSGD(0.01), init=GaussianInit(init_scale=0.01))
+        >>> meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
     """
 
     uses_model_parameters = True

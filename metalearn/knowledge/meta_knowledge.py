@@ -163,7 +163,7 @@ class MetaKnowledge(nn.Module):
     ω owns the model (the architecture), four parts and an optional inner loss:
 
     * ``init`` (`InitPart`) — where θ starts; `PointInit` (MAML) by default;
-    * ``optimizer`` (`OptimizerPart`) — the inner update rule (`SGD`, `MetaSGD`, ...);
+    * ``optimizer`` (`OptimizerPart`) — the inner update rule (`InnerSGD`, `MetaSGD`, ...);
     * ``adapt`` (`AdaptPart`) — which parameters adapt; `AdaptAll` by default,
       ``AdaptOnly("head.*")`` for ANIL;
     * ``architecture`` (`ArchitecturePart`, found in the model) — meta-parameters of the
@@ -201,7 +201,7 @@ class MetaKnowledge(nn.Module):
             with (the meta-objective, and `evaluate`'s) is always `default_loss`.
 
     Example:
-        >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=SGD(lr=0.4))  # MAML
+        >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=InnerSGD(lr=0.4))  # MAML
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Each is a composition of the rules in `metalearn.knowledge.rules` (an `Optimizer
 `update` returns updates, applied by `apply_updates`):
 
 * ``MomentumSGD(lr, momentum)`` is ``chain(trace(momentum), scale_by_learning_rate(lr))``;
-* ``Adam(lr, betas, eps)`` is ``chain(scale_by_adam(*betas, eps), scale_by_learning_rate(lr))``;
+* ``InnerAdam(lr, betas, eps)`` is ``chain(scale_by_adam(*betas, eps), scale_by_learning_rate(lr))``;
 * `OptimizerMixture` mixes its candidates' updates (the choice is a `SoftChoice`).
 
 The hyper-parameters named in ``learn`` are `Learned` (meta-parameters, stored unconstrained:
@@ -33,7 +33,7 @@ from metalearn.knowledge.soft_choice import Choice, SoftChoice
 
 __all__ = [
     "HYPER_GROUPS",
-    "Adam",
+    "InnerAdam",
     "Choice",
     "MomentumSGD",
     "OptimizerMixture",
@@ -106,7 +106,7 @@ class MomentumSGD(_Preset):
         self.learned, self.per, self.nesterov = learned, per, bool(nesterov)
 
 
-class Adam(_Preset):
+class InnerAdam(_Preset):
     r"""Adam (Kingma & Ba, 2015) with learnable lr, β1, β2 and ε; ``torch.optim.Adam``'s update.
 
     With :math:`t = k + 1` at inner step k:
@@ -142,7 +142,7 @@ class Adam(_Preset):
         per: str = "shared",
     ) -> None:
         known = ("lr", "beta1", "beta2", "eps")
-        learned = _learned_names("Adam", learn, known, {"betas": ("beta1", "beta2")})
+        learned = _learned_names("InnerAdam", learn, known, {"betas": ("beta1", "beta2")})
         beta1, beta2 = betas
         spec = _specs({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}, learned, per)
         super().__init__(
@@ -159,11 +159,16 @@ def _updates_of(part: OptimizerPart, grads: Params, state: State, params: Params
     return {n: new_params[n] - p for n, p in params.items()}, state
 
 
+#: candidate names of the renamed built-ins: their names before the rename, so a mixture's names (and ω's
+#: state-dict keys under ``optimizer.*``) did not change when ``SGD``/``Adam`` became ``InnerSGD``/``InnerAdam``
+_RULE_NAMES = {"InnerSGD": "sgd", "InnerAdam": "adam"}
+
+
 def _name_rules(parts: Sequence[OptimizerPart]) -> dict[str, OptimizerPart]:
-    """Rules named after their classes, lower-case, with ``_1``, ``_2``... on repeats."""
+    """Rules named after their classes, lower-case (``InnerSGD``: ``sgd``), with ``_1``, ``_2``... on repeats."""
     named: dict[str, OptimizerPart] = {}
     for part in parts:
-        base = type(part).__name__.lower()
+        base = _RULE_NAMES.get(type(part).__name__, type(part).__name__.lower())
         name, i = base, 0
         while name in named:
             i += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from metalearn.knowledge.builtins import SGD, AdaptOnly, MetaSGD
+from metalearn.knowledge.builtins import AdaptOnly, InnerSGD, MetaSGD
 from metalearn.knowledge.heads import PrototypeInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 
@@ -17,7 +17,7 @@ __all__ = ["anil", "maml", "meta_sgd", "proto_maml", "protonet"]
 
 def maml(model: nn.Module, lr: float) -> MetaKnowledge:
     """MAML (Finn et al., 2017): a learned point init, fixed-step SGD on every parameter."""
-    return MetaKnowledge(model, optimizer=SGD(lr))
+    return MetaKnowledge(model, optimizer=InnerSGD(lr))
 
 
 def meta_sgd(model: nn.Module, lr: float) -> MetaKnowledge:
@@ -27,7 +27,7 @@ def meta_sgd(model: nn.Module, lr: float) -> MetaKnowledge:
 
 def anil(model: nn.Module, lr: float, head: str = "head") -> MetaKnowledge:
     """ANIL (Raghu et al., 2020): MAML whose inner loop adapts only the head's parameters."""
-    return MetaKnowledge(model, optimizer=SGD(lr), adapt=AdaptOnly(head))
+    return MetaKnowledge(model, optimizer=InnerSGD(lr), adapt=AdaptOnly(head))
 
 
 def protonet(model: nn.Module, head: str = "head") -> MetaKnowledge:
@@ -38,7 +38,7 @@ def protonet(model: nn.Module, head: str = "head") -> MetaKnowledge:
     optimizer is never stepped; the one given is a placeholder. ``model`` must compute
     ``head(features(x))`` with a linear head, as `metalearn.models.Conv4`.
     """
-    return MetaKnowledge(model, optimizer=SGD(1.0), init=PrototypeInit(head=head), adapt=AdaptOnly(head))
+    return MetaKnowledge(model, optimizer=InnerSGD(1.0), init=PrototypeInit(head=head), adapt=AdaptOnly(head))
 
 
 def proto_maml(model: nn.Module, lr: float, head: str = "head", adapt_all: bool = True) -> MetaKnowledge:
@@ -50,5 +50,5 @@ def proto_maml(model: nn.Module, lr: float, head: str = "head", adapt_all: bool 
     only the head (an ANIL-style variant).
     """
     return MetaKnowledge(
-        model, optimizer=SGD(lr), init=PrototypeInit(head=head), adapt=None if adapt_all else AdaptOnly(head)
+        model, optimizer=InnerSGD(lr), init=PrototypeInit(head=head), adapt=None if adapt_all else AdaptOnly(head)
     )

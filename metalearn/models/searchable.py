@@ -37,13 +37,13 @@ autograd, on the loop path and under ``torch.func.vmap`` alike.
 
 **Meta-test.** `SearchableConvNet.derive` returns the plain network of the argmax ops
 (no α, no softmax) carrying the trained weights; `SearchableConvNet.derive_params` maps any
-θ (e.g. from `metalearn.evaluate.fine_tune`) onto it. Alternatively `ArchitectureWeights.fix`
+θ (e.g. ``fine_tune(...).params``, `metalearn.evaluate.fine_tune`) onto it. Alternatively `ArchitectureWeights.fix`
 keeps ω as it is and runs only the chosen op of each edge (the same outputs as the derived
 network), so learned init and optimizer parts are kept for meta-testing.
 
 Example:
     >>> model = SearchableConvNet(num_classes=5, hidden=16, cells=4, image_size=28)
-    >>> omega = MetaKnowledge(model, optimizer=SGD(lr=0.1))  # lists α as omega.architecture
+    >>> omega = MetaKnowledge(model, optimizer=InnerSGD(lr=0.1))  # lists α as omega.architecture
     >>> outer = torch.optim.Adam(omega.parameters(), lr=1e-3)  # op weights and α
     >>> # ... meta_train(omega, tasks, outer, ...) ...
     >>> model.chosen_ops()  # doctest: +SKIP

@@ -2,7 +2,7 @@
 
 A mode is one object that says three things (`MetaGradientMode`):
 
-* ``accumulate(omega, batch, steps, batching, generator)`` — add the mode's meta-gradient of the
+* ``accumulate(omega, batch, inner_steps, batching, generator)`` — add the mode's meta-gradient of the
   batch's mean val loss (or the direction that replaces it, e.g. Reptile's) to the ``.grad`` of
   ω's parameters, and return the per-task val losses, val metrics and inner losses;
 * ``batchings`` — which ways of mapping over the tasks it supports (``"loop"``, ``"vmap"``);
@@ -62,7 +62,7 @@ class MetaGradientMode:
         self,
         omega: MetaKnowledge,
         batch: TaskBatch,
-        steps: int,
+        inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,19 +71,19 @@ class MetaGradientMode:
         Args:
             omega: the meta-knowledge.
             batch: the tasks (checked by the caller: non-empty, labels within the head).
-            steps: inner steps K.
+            inner_steps: inner steps K.
             batching: ``"loop"`` or ``"vmap"``, one of `batchings` (resolved by the caller).
             generator: randomness for a stochastic init.
 
         Returns:
-            (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, steps]``), detached
+            (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, inner_steps]``), detached
             or not; the caller detaches them.
 
         Raises:
             NonFiniteError: a NaN/Inf inner or val loss (`metalearn.mapping.check_losses`), raised
                 before the gradient of a batch is complete where the mode can.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement accumulate(omega, batch, steps, ...)")
+        raise NotImplementedError(f"{type(self).__name__} must implement accumulate(omega, batch, inner_steps, ...)")
 
 
 def add_grad(p: Tensor, g: Tensor) -> None:
@@ -107,7 +107,7 @@ def require_theta0_only(omega: MetaKnowledge, mode: str, allow_static: bool) -> 
         raise ValueError(
             f"mode={mode!r} gives a gradient to θ0 only, but ω has other meta-parameters that would get none: "
             f"{others[:5]}{' ...' if len(others) > 5 else ''} (e.g. Meta-SGD step sizes, a learned loss). "
-            "Use a parameter-free inner optimizer such as SGD(lr), or mode='unrolled'"
+            "Use a parameter-free inner optimizer such as InnerSGD(lr), or mode='unrolled'"
         )
     if not allow_static and omega.static_names:
         raise ValueError(

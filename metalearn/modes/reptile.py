@@ -21,7 +21,7 @@ class Reptile(MetaGradientMode):
     """Reptile: ``θ0.grad = mean over tasks of (θ0 − φ_K)``.
 
     Adapts K steps without a graph, so any ``torch.optim`` outer optimizer follows it;
-    ``SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0). It is not the gradient of any objective.
+    ``InnerSGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0). It is not the gradient of any objective.
     φ_K adapts on each task's train half only (the val half is scored, for the statistics).
     Parameters that do not adapt (ANIL's body) get a zero gradient, as the definition gives.
     Gives a gradient to θ0 only, so ω must have no other meta-parameters (refused otherwise).

@@ -1,7 +1,8 @@
 """The task layer: tasks, task sets, class splits, datasets. Knows nothing of ω or training."""
 
+from metalearn.deprecated import renamed_attribute
 from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
-from metalearn.tasks.datasets import LabelledDataset, TensorDataset
+from metalearn.tasks.datasets import LabelledDataset, TensorLabelledDataset
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
 from metalearn.tasks.episodes import EpisodicTaskSet
 from metalearn.tasks.image_folder import ImageFolderDataset
@@ -36,10 +37,15 @@ __all__ = [
     "TaskBatch",
     "TaskSet",
     "TaskStream",
-    "TensorDataset",
+    "TensorLabelledDataset",
     "download_file",
     "rotations",
     "split_classes",
     "stack_tasks",
     "task_seed",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """A name renamed in `metalearn.deprecated.RENAMED`: the new object, with a `DeprecationWarning`."""
+    return renamed_attribute(__name__, name, globals())

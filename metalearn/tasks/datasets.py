@@ -16,7 +16,7 @@ from torch import Tensor
 
 from metalearn.tasks.describe import describe_attributes
 
-__all__ = ["LabelledDataset", "TensorDataset"]
+__all__ = ["LabelledDataset", "TensorLabelledDataset"]
 
 
 class LabelledDataset(ABC):
@@ -55,7 +55,7 @@ class LabelledDataset(ABC):
         return torch.unique(self.labels)
 
 
-class TensorDataset(LabelledDataset):
+class TensorLabelledDataset(LabelledDataset):
     """An in-memory dataset: ``inputs[i]`` has class ``labels[i]``.
 
     Args:

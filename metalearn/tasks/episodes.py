@@ -110,7 +110,7 @@ class EpisodicTaskSet(TaskSet):
         if not isinstance(dataset, LabelledDataset):
             raise TypeError(
                 f"dataset must be a LabelledDataset (with a labels tensor), got {type(dataset).__name__}; "
-                "wrap in-memory data in metalearn.tasks.TensorDataset(inputs, labels)"
+                "wrap in-memory data in metalearn.tasks.TensorLabelledDataset(inputs, labels)"
             )
         self.dataset = dataset
         self.ways = ways

@@ -244,7 +244,8 @@ def meta_train(
     check_grad_mode("meta_train")
     if not isinstance(omega, MetaKnowledge):
         raise TypeError(
-            f"omega must be a MetaKnowledge, got {type(omega).__name__}; wrap the model: MetaKnowledge(model, SGD(lr))"
+            f"omega must be a MetaKnowledge, got {type(omega).__name__}; "
+            "wrap the model: MetaKnowledge(model, InnerSGD(lr))"
         )
     check_task_collection("tasks", tasks, iterable=True)
     check_task_collection("val_tasks", val_tasks, optional=True)
