@@ -81,7 +81,7 @@ class Implicit(MetaGradientMode):
         self,
         omega: MetaKnowledge,
         batch: TaskBatch,
-        steps: int,
+        inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +97,7 @@ class Implicit(MetaGradientMode):
 
         def one_task(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor) -> tuple[Tensor, ...]:
             proximal = Proximal(self.lam, anchor)
-            phi, losses = inner_loop(omega, anchor, x_tr, y_tr, steps, graph="none", regulariser=proximal)
+            phi, losses = inner_loop(omega, anchor, x_tr, y_tr, inner_steps, graph="none", regulariser=proximal)
             solved = self._implicit_solution(omega, phi, anchor, (x_tr, y_tr), (x_val, y_val))
             solution, val_loss, out, unsolved = solved
             for k, g in zip(omega.adapted_names, solution, strict=True):

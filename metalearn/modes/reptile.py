@@ -34,7 +34,7 @@ class Reptile(MetaGradientMode):
         self,
         omega: MetaKnowledge,
         batch: TaskBatch,
-        steps: int,
+        inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -45,7 +45,7 @@ class Reptile(MetaGradientMode):
         n = len(batch)
 
         def one_task(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            phi, losses = adapt_params(omega, start, x_tr, y_tr, steps, first_order=True)
+            phi, losses = adapt_params(omega, start, x_tr, y_tr, inner_steps, first_order=True)
             phi = {k: t.detach() for k, t in phi.items()}
             with torch.no_grad():
                 out = omega(phi, x_val)

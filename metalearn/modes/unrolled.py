@@ -33,25 +33,25 @@ class ThroughInnerLoop(MetaGradientMode):
     batchings: ClassVar[tuple[str, ...]] = ("loop", "vmap")
 
     def adapt_task(
-        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, steps: int, first_order: bool
+        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
     ) -> tuple[Params, Tensor]:
         """The inner loop of one task (signature of `metalearn.inner.adapt_params`); vmap-safe if
         ``"vmap"`` is in ``batchings``."""
-        return adapt_params(omega, theta0, x, y, steps, first_order)
+        return adapt_params(omega, theta0, x, y, inner_steps, first_order)
 
     def accumulate(
         self,
         omega: MetaKnowledge,
         batch: TaskBatch,
-        steps: int,
+        inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Backpropagates the mean val loss of ``batch`` into ω's ``.grad``; see `MetaGradientMode.accumulate`."""
         objective = partial(task_objective, adapt_fn=self.adapt_task)
         if batching == "vmap":
-            return _vmap_backward(omega, batch, steps, self.first_order, generator, objective)
-        return _loop_backward(omega, batch, steps, self.first_order, generator, objective)
+            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective)
+        return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,14 @@ class Unrolled(ThroughInnerLoop):
 
 
 def _vmap_backward(
-    omega: MetaKnowledge, batch: TaskBatch, steps: int, first_order: bool, generator, objective
+    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vmap path: every task in one batched computation, one backward over the mean val loss."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     theta0, dims = vmap_theta0(omega, len(batch), generator, batch.train)
     val_losses, metrics, inner = map_tasks(
-        objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, steps, first_order, batching="vmap"
+        objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
+        batching="vmap",
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()
@@ -82,7 +83,7 @@ def _vmap_backward(
 
 
 def _loop_backward(
-    omega: MetaKnowledge, batch: TaskBatch, steps: int, first_order: bool, generator, objective
+    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loop path: backpropagates task by task, so only one task's graph is alive at a time.
 
@@ -103,7 +104,7 @@ def _loop_backward(
 
     def one_task(i: int, theta0_i: Params, *task: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         leaves = theta0_i if point else {k: v.detach().requires_grad_(v.requires_grad) for k, v in theta0_i.items()}
-        val_loss, met, inner_i = objective(omega, leaves, *task, steps, first_order)
+        val_loss, met, inner_i = objective(omega, leaves, *task, inner_steps, first_order)
         if val_loss.requires_grad:
             (val_loss / n).backward()
         for k, leaf in ({} if point else leaves).items():
