@@ -257,3 +257,18 @@ def image_batch(
     x_tr = torch.randn(n_tasks, ways * shots, channels, size, size, generator=g, dtype=dtype)
     x_val = torch.randn(n_tasks, ways * queries, channels, size, size, generator=g, dtype=dtype)
     return x_tr, y_tr, x_val, y_val
+
+
+def rule_trajectory(part, params, loss, steps=4):
+    """θ after each of ``steps`` applications of an inner-optimizer part to the gradient of ``loss``."""
+    part.bind(params)
+    state, out = part.init_state(params), []
+    for k in range(steps):
+        params, state = part.step(params, torch.func.grad(loss)(params), state, k)
+        out.append(params)
+    return out
+
+
+def max_param_diff(a, b):
+    """The largest entry-wise difference between two trajectories of parameter dicts."""
+    return max((x[n] - y[n]).abs().max().item() for x, y in zip(a, b, strict=True) for n in x)

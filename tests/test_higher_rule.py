@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import reference
 import torch
 from fd_check import fd_check
 from torch.func import functional_call
@@ -51,16 +52,10 @@ def _trajectory(part, steps=4):
         return (functional_call(model, params, (x,)) - y).square().mean()
 
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    part.bind(params)
-    state, out = part.init_state(params), []
-    for k in range(steps):
-        params, state = part.step(params, torch.func.grad(loss)(params), state, k)
-        out.append(params)
-    return out
+    return reference.rule_trajectory(part, params, loss, steps)
 
 
-def _max_diff(a, b):
-    return max((x[n] - y[n]).abs().max().item() for x, y in zip(a, b, strict=True) for n in x)
+_max_diff = reference.max_param_diff
 
 
 def test_sgd_and_adam_through_the_adapter_equal_the_builtin_rules():

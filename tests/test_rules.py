@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from torch.func import functional_call
 
@@ -41,17 +42,8 @@ def _problem(seed=0):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, loss
 
 
-def _trajectory(part, params, loss, steps=4):
-    part.bind(params)
-    state, out = part.init_state(params), []
-    for k in range(steps):
-        params, state = part.step(params, torch.func.grad(loss)(params), state, k)
-        out.append(params)
-    return out
-
-
-def _max_diff(a, b):
-    return max((x[n] - y[n]).abs().max().item() for x, y in zip(a, b, strict=True) for n in x)
+_trajectory = reference.rule_trajectory
+_max_diff = reference.max_param_diff
 
 
 def test_step_is_update_then_apply_updates_and_sgd_is_bit_for_bit_the_old_formula():
