@@ -30,7 +30,7 @@ ops in place of the Conv-4.
 
 The run is limited by ``--iterations`` and by a wall-clock ``--budget-minutes``; it writes
 checkpoints (and resumes from them when run again with the same ``--run-dir``), a JSONL log,
-``curve.png`` (the learning curve) and ``results.json``::
+``curves.png`` (the learning curves, drawn by ``python -m metalearn.plot RUN_DIR``) and ``results.json``::
 
     python examples/omniglot.py --root path/to/omniglot --budget-minutes 60
     python examples/omniglot.py --root path/to/omniglot --smoke      # seconds (CI uses a fixture)
@@ -63,6 +63,7 @@ from metalearn import (
 )
 from metalearn.knowledge import proto_maml, protonet
 from metalearn.models import SEARCH_OPS, CellConvNet, SearchableConvNet
+from metalearn.plot import plot_run
 from metalearn.tasks import split_classes
 
 METHODS = ("maml", "fomaml", "anil", "protonet", "proto-maml", "imaml", "darts")
@@ -179,32 +180,13 @@ def build_tasks(args: argparse.Namespace) -> tuple[EpisodicTaskSet, EpisodicTask
     return source, val, target
 
 
-def plot_curve(log_path: Path, out: Path) -> bool:
+def plot_curves(run_dir: Path) -> Path | None:
+    """The run's learning curves (`metalearn.plot`) as ``curves.png``; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'torch-metalearn[examples]'): no plot")
-        return False
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("kind", "train") == "train" and "meta_loss" in r]
-    val = [r for r in rows if r.get("kind") == "val"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot([r["step"] for r in train], [r["meta_loss"] for r in train], lw=0.5)
-    a.set_xlabel("outer step")
-    a.set_ylabel("meta-loss (val half, after adaptation)")
-    b.plot([r["step"] for r in train], [r["val_metric"] for r in train], lw=0.5, alpha=0.5, label="meta-batch")
-    if val:
-        b.errorbar([r["step"] for r in val], [r["mean"] for r in val], yerr=[r["ci95"] for r in val],
-                   marker="o", label="validation tasks")
-    b.set_xlabel("outer step")
-    b.set_ylabel("accuracy")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return True
+        return plot_run(run_dir, run_dir / "curves.png", title=f"Omniglot: {run_dir.name}")
+    except ImportError as err:
+        print(f"{err}: no plot")
+        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -239,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         mode=imaml or "unrolled",
         val_inner_steps=args.test_inner_steps, log_path=args.run_dir / "log.jsonl",
         checkpoint_dir=args.run_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
-        seed=args.seed, config=config, progress=not args.no_progress, callback=out_of_time,
+        seed=args.seed, config=config, progress=False if args.no_progress else f"meta-train {args.method}",
+        callback=out_of_time,
     )
     train_minutes = (time.monotonic() - start) / 60
     proximal = None if imaml is None else imaml.lam  # iMAML's inner problem at meta-test too
@@ -257,20 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
         for i, c in enumerate(choices):
             weights = ", ".join(f"{n} {w:.3f}" for n, w in c.weights.items())
             print(f"cell {i}: {c.name}  ({weights})")
-        mixed = evaluate(omega, target, inner_steps=args.test_inner_steps)
+        mixed = evaluate(omega, target, inner_steps=args.test_inner_steps,
+                         progress=not args.no_progress and "meta-test (mixture)")
         summary["mixture_test_accuracy"], summary["mixture_ci95"] = mixed.mean, mixed.ci95
         summary["derived_ops"] = omega.architecture.fix()  # the derived network: argmax ops, trained weights
         summary["alpha_weights"] = [c.weights for c in choices]
         torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
         print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
               f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
-    test = evaluate(omega, target, inner_steps=args.test_inner_steps, mode=imaml)  # its proximal problem (or plain)
+    test = evaluate(omega, target, inner_steps=args.test_inner_steps, mode=imaml,  # its proximal problem (or plain)
+                    progress=not args.no_progress and f"meta-test {args.method}")
     summary.update(test_accuracy=test.mean, ci95=test.ci95, test_tasks=test.n)
     (args.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    plotted = plot_curve(args.run_dir / "log.jsonl", args.run_dir / "curve.png")
+    plotted = plot_curves(args.run_dir)
     print(f"meta-test accuracy {100 * test.mean:.2f}% ± {100 * test.ci95:.2f}% over {test.n} target tasks "
           f"after {result.steps} iterations ({train_minutes:.1f} min this run)")
-    print(f"wrote {args.run_dir / 'results.json'}" + (f" and {args.run_dir / 'curve.png'}" if plotted else ""))
+    print(f"wrote {args.run_dir / 'results.json'}" + (f" and {plotted}" if plotted else ""))
     return summary
 
 

@@ -18,7 +18,9 @@ Run::
     python examples/sinusoid.py --smoke               # seconds: the CI setting
 
 It prints a table, writes ``results.json`` and ``fits.png`` (fits before and after
-adaptation on a few target tasks) to ``--out``.
+adaptation on a few target tasks) to ``--out``, and each run's JSONL log to
+``--out/METHOD-KK/log.jsonl`` (draw its learning curves with ``python -m metalearn.plot
+--out/METHOD-KK``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
     omega = METHODS[method](MLP((1, 40, 40, 1)), lr=args.inner_lr).to(args.device)
     source = Sinusoid(shots, shots, seed=args.seed, length=None)  # endless meta-training stream
     target = Sinusoid(shots, args.eval_queries, seed=10_000 + args.seed, length=args.eval_tasks)
+    label = f"{method} K={shots}"
+    log = args.out / f"{method}-K{shots}" / "log.jsonl"
+    log.unlink(missing_ok=True)  # each run of the example starts afresh (no checkpoints to resume from)
     start = time.perf_counter()
     meta_train(
         omega,
@@ -100,12 +105,14 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
         inner_steps=args.inner_steps,
         meta_batch_size=args.meta_batch,
         seed=args.seed,
-        progress=not args.no_progress,
+        log_path=log,
+        progress=False if args.no_progress else f"meta-train {label}",
     )
     seconds = time.perf_counter() - start
     if isinstance(omega.init, GaussianInit):
         omega.init.mode = "mean"  # meta-test from the learned mean (sampling would need S adaptations per task)
-    result = evaluate(omega, target, inner_steps=args.inner_steps)
+    result = evaluate(omega, target, inner_steps=args.inner_steps,
+                      progress=False if args.no_progress else f"meta-test {label}")
     row = {
         "method": method,
         "shots": shots,
@@ -114,6 +121,7 @@ def train_one(method: str, shots: int, args: argparse.Namespace) -> tuple[MetaKn
         "tasks": result.n,
         "iterations": args.iterations,
         "train_seconds": round(seconds, 1),
+        "log": str(log),
     }
     if isinstance(omega.optimizer, OptimizerMixture):
         choice = omega.optimizer.chosen()

@@ -68,7 +68,16 @@ from metalearn.tasks import (
     split_classes,
     stack_tasks,
 )
-from metalearn.train import TaskSetWrapWarning, TrainConfig, TrainResult, meta_train
+from metalearn.train import (
+    CallbackLogger,
+    JsonlLogger,
+    Logger,
+    TaskSetWrapWarning,
+    TensorBoardLogger,
+    TrainConfig,
+    TrainResult,
+    meta_train,
+)
 
 __version__ = "0.1.0"
 
@@ -80,6 +89,7 @@ __all__ = [
     "ArchitecturePart",
     "ArchitectureWeights",
     "BatchNorm",
+    "CallbackLogger",
     "CellConvNet",
     "Chain",
     "CheckpointLoadError",
@@ -97,8 +107,10 @@ __all__ = [
     "InnerAdam",
     "InnerProblem",
     "InnerSGD",
+    "JsonlLogger",
     "LabelledDataset",
     "Learned",
+    "Logger",
     "MLP",
     "MetaGradientMode",
     "MetaKnowledge",
@@ -123,6 +135,7 @@ __all__ = [
     "TaskBatch",
     "TaskSet",
     "TaskSetWrapWarning",
+    "TensorBoardLogger",
     "TensorLabelledDataset",
     "TrainConfig",
     "TrainResult",

@@ -24,9 +24,11 @@ import math
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
 from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
@@ -217,6 +219,7 @@ def evaluate(
     batching: str = "auto",
     seed: int = 0,
     mode: str | MetaGradientMode | None = None,
+    progress: bool | str = False,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -238,6 +241,8 @@ def evaluate(
         mode: the meta-gradient mode ω was trained with; tasks are fine-tuned on its
             ``meta_test_problem()`` (see `fine_tune`; iMAML's proximal problem runs task by task).
             None: the plain inner loop.
+        progress: show a tqdm bar over the tasks (600 tasks x many steps take minutes on CPU); a
+            string shows it with that label. The bar is removed when evaluate returns.
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -257,6 +262,7 @@ def evaluate(
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     problem = meta_test_problem(mode)
+    bar = _progress_bar(tasks, progress)  # checks ``progress`` too, before any work
     was_training = omega.training
     omega.eval()
     try:
@@ -265,9 +271,10 @@ def evaluate(
         if not problem.vmappable:
             how = "loop"  # the proximal problem takes plain autograd gradients: task by task
         with torch.no_grad():
-            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem)
+            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem, bar)
     finally:
         omega.train(was_training)
+        bar.close()
     if not metrics:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     per_task = torch.stack(metrics).to("cpu", torch.float64)
@@ -290,6 +297,7 @@ def _evaluate_chunks(
     batching: str,
     seed: int,
     problem: InnerProblem,
+    bar: Any = None,
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
     """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind)."""
     device = omega_device(omega)
@@ -334,4 +342,15 @@ def _evaluate_chunks(
         if kind is None:
             kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
         offset += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
     return losses, metrics, kind
+
+
+def _progress_bar(tasks: Any, progress: bool | str) -> Any:
+    """A tqdm bar over the tasks (disabled when ``progress`` is falsy), removed when closed."""
+    if not isinstance(progress, (bool, str)):
+        raise TypeError(f"progress must be a bool or a label (str), got {progress!r}")
+    total = len(tasks) if isinstance(tasks, Sized) else None
+    label = progress if isinstance(progress, str) else "meta-test"
+    return tqdm(total=total, disable=not progress, desc=label, unit="task", leave=False, dynamic_ncols=True)

@@ -37,6 +37,8 @@ def test_sinusoid_example(tmp_path):
     for row in rows:
         assert row["tasks"] == 20 and row["mse"] > 0 and row["ci95"] > 0
     assert "MSE" in out
+    for row in rows:  # each run's JSONL log, one train row per outer step
+        assert len(Path(row["log"]).read_text().splitlines()) == 20
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -58,6 +60,12 @@ def test_omniglot_example_on_fixture(tmp_path):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert "meta-test accuracy" in out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # checkpoints were written
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the learning curves, drawn by metalearn.plot from the run's log
+        assert (run_dir / "curves.png").stat().st_size > 0 and "curves.png" in out
     # a second run resumes from the last checkpoint instead of starting over
     out = run_example("omniglot.py", *args)
     assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4

@@ -17,24 +17,31 @@ checkpoint, before the run stopped) are dropped and new lines are appended.
 
 Modules: `config` (`TrainConfig`, the frozen settings whose identity fields are the run
 identity), `sources` (the meta-batch of each step), `schedule` (the outer LR scheduler),
-`log` (the JSONL log), `run` (resume, validate, checkpoint: the `Run` object) and `loop`
+`log` (the JSONL log), `loggers` (logger objects: JSONL, TensorBoard, a callback), `run` (resume,
+validate, checkpoint: the `Run` object) and `loop`
 (`meta_train` and the short loop).
 """
 
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import JsonlLog
+from metalearn.train.loggers import CallbackLogger, JsonlLogger, Logger, TensorBoardLogger, scalars_of
 from metalearn.train.loop import meta_train, set_outer_step
 from metalearn.train.run import TrainResult
 from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator
 
 __all__ = [
+    "CallbackLogger",
     "JsonlLog",
+    "JsonlLogger",
+    "Logger",
+    "TensorBoardLogger",
     "TaskSetWrapWarning",
     "TrainConfig",
     "TrainResult",
     "batch_for_step",
     "describe_tasks",
     "meta_train",
+    "scalars_of",
     "set_outer_step",
     "step_generator",
 ]

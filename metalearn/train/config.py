@@ -67,7 +67,8 @@ class TrainConfig:
         keep_last: keep only this many newest checkpoints (``None`` keeps all).
         resume: continue from the newest checkpoint in ``checkpoint_dir``; if ``False``, a
             ``checkpoint_dir`` that already holds checkpoints is refused.
-        progress: show a tqdm progress bar (and write the resume line through it).
+        progress: show a tqdm progress bar (and write the resume line through it); a string shows
+            it with that label (e.g. ``"maml K=5"``: several runs in a row stay apart).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -89,7 +90,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int | None = 2
     resume: bool = True
-    progress: bool = True
+    progress: bool | str = True
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ class TrainConfig:
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
         if self.checkpoint_dir is not None:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
+        if not isinstance(self.progress, (bool, str)):
+            raise TypeError(f"progress must be a bool or a label (str), got {self.progress!r}")
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ sets derived values

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from metalearn.outer import meta_step
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import Row
+from metalearn.train.loggers import Logger
 from metalearn.train.run import Run, TrainResult, reraise_with_step
 from metalearn.train.schedule import check_scheduler, scheduler_identity, step_scheduler
 from metalearn.train.sources import (
@@ -119,7 +120,7 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
     _check_omega_finite(omega, step)
     step_scheduler(run.scheduler, stats)
     row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
-    run.log.write(row)
+    run.emit(row)
     run.result.history.append(row)
     run.result.steps = step + 1
     return row
@@ -142,9 +143,10 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     """Outer steps ``start .. steps - 1`` under a progress bar; closes the log at the end."""
     cfg = run.config
     device = omega_device(run.omega)
-    run.log.open(start)
+    run.open_logs(start)
+    label = cfg.progress if isinstance(cfg.progress, str) else "meta-train"
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, desc="meta-train", unit="step", dynamic_ncols=True
+        total=cfg.steps, initial=start, disable=not cfg.progress, desc=label, unit="step", dynamic_ncols=True
     )
     try:
         for step in range(start, cfg.steps):
@@ -159,7 +161,7 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
                 break
     finally:
         bar.close()
-        run.log.close()
+        run.close_logs()
 
 
 def meta_train(
@@ -172,6 +174,7 @@ def meta_train(
     val_tasks: Any = None,
     callback: Any = None,
     scheduler: Any = None,
+    loggers: Sequence[Logger] | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Meta-trains ω for ``steps`` outer steps in total (resuming from ``checkpoint_dir`` if it holds any).
@@ -204,6 +207,9 @@ def meta_train(
             validation tasks are scored if that step was not a validation step).
         scheduler: a ``torch.optim.lr_scheduler`` of ``outer_optimizer``, stepped once after each
             outer step (``ReduceLROnPlateau`` with the step's meta-loss) and saved in every checkpoint.
+        loggers: where the rows go besides ``log_path`` and the result: `metalearn.train.Logger`
+            objects (`TensorBoardLogger`, `CallbackLogger`, your own; a plain callable is wrapped
+            in a `CallbackLogger`), each opened with the start step and closed at the end.
         **settings: the fields of `TrainConfig` (``steps``, ``inner_steps``, ``meta_batch_size``, ...).
 
     Interrupting a run loses at most the steps since its last checkpoint: run the same call
@@ -252,7 +258,9 @@ def meta_train(
     check_outer_optimizer(omega, outer_optimizer)
     cfg = _config(run, settings)
     check_scheduler(scheduler, outer_optimizer)
-    state = Run(omega, outer_optimizer, cfg, _run_identity(cfg, tasks, config, scheduler), val_tasks, scheduler)
+    state = Run(
+        omega, outer_optimizer, cfg, _run_identity(cfg, tasks, config, scheduler), val_tasks, scheduler, loggers
+    )
     warn_if_wrapping(tasks, cfg.steps, cfg.meta_batch_size)
     source = open_source(tasks, cfg.meta_batch_size)
     # the folder is checked, locked and tidied before anything else: a second run on it, or a folder

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from metalearn.evaluate import evaluate
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import JsonlLog, Row
+from metalearn.train.loggers import Logger, check_loggers
 
 __all__ = ["Run", "TrainResult", "logger"]
 
@@ -108,10 +109,12 @@ class Run:
         identity: Mapping[str, Any],
         val_tasks: Any,
         scheduler: Any = None,
+        loggers: Iterable[Any] | None = None,
     ) -> None:
         self.omega, self.outer_optimizer, self.config = omega, outer_optimizer, config
         self.identity, self.val_tasks, self.scheduler = dict(identity), val_tasks, scheduler
         self.log = JsonlLog(config.log_path)  # type: ignore[arg-type]  # a Path after TrainConfig checked it
+        self.loggers: list[Logger] = check_loggers(loggers)
         self.result = TrainResult(omega=omega, steps=0)
         self.ckpt_dir: Path | None = config.checkpoint_dir  # type: ignore[assignment]
         self._rng_state: dict[str, Any] | None = None
@@ -121,6 +124,26 @@ class Run:
         logger.info(message)
         if self.config.progress:
             tqdm.write(message, file=sys.stderr)
+
+    def open_logs(self, start: int) -> None:
+        """Readies the JSONL log and every logger for the rows of steps ``>= start``."""
+        self.log.open(start)
+        for logger_ in self.loggers:
+            logger_.open(start)
+
+    def emit(self, row: Row) -> None:
+        """Sends one row to the JSONL log and to every logger."""
+        self.log.write(row)
+        for logger_ in self.loggers:
+            logger_.log(row)
+
+    def close_logs(self) -> None:
+        """Closes the JSONL log and every logger (all of them, even if one raises)."""
+        try:
+            self.log.close()
+        finally:
+            for logger_ in self.loggers:
+                logger_.close()
 
     def resume(self) -> int:
         """Loads the newest checkpoint (if any) and returns the completed steps to start after."""
@@ -161,7 +184,8 @@ class Run:
         inner_steps = cfg.validation_inner_steps
         try:  # the mode names the inner problem meta-test solves (iMAML's: the proximal one)
             ev = evaluate(
-                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode
+                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode,
+                progress="validate" if cfg.progress else False,
             )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
@@ -175,7 +199,7 @@ class Run:
             "inner_steps": inner_steps,
             "time": time.perf_counter() - began,
         }
-        self.log.write(row)
+        self.emit(row)
         self.result.validations.append(row)
         return row
 
