@@ -41,12 +41,15 @@ from metalearn.tasks.benchmark import (
 __all__ = ["MiniImageNet"]
 
 IMAGE_SIZE = 84
-_WHERE_TO_GET = (
-    "mini-ImageNet is not downloadable from a source with a published checksum: put either the pickles "
-    "mini-imagenet-cache-{train,val,test}.pkl, or Ravi & Larochelle's split files {train,val,test}.csv "
-    "(github.com/twitter/meta-learning-lstm, data/miniImagenet) with the images in an images/ folder, in "
-    "{root} (see docs/datasets.md)"
-)
+
+
+def _where_to_get(root: Path) -> str:
+    return (
+        "mini-ImageNet is not downloadable from a source with a published checksum: put either the pickles "
+        "mini-imagenet-cache-{train,val,test}.pkl, or Ravi & Larochelle's split files {train,val,test}.csv "
+        f"(github.com/twitter/meta-learning-lstm, data/miniImagenet) with the images in an images/ folder, in {root} "
+        "(see docs/datasets.md)"
+    )
 
 
 def _pickle_path(root: Path, pool: str) -> Path:
@@ -187,4 +190,4 @@ class MiniImageNet(BenchmarkImages):
                 )
             return "csv", [csv_path, self.root / "images"]
         where = "does not exist" if not self.root.exists() else f"has neither {pkl.name} nor {pool}.csv"
-        raise FileNotFoundError(f"mini-ImageNet: {self.root} {where}. " + _WHERE_TO_GET.format(root=self.root))
+        raise FileNotFoundError(f"mini-ImageNet: {self.root} {where}. " + _where_to_get(self.root))
