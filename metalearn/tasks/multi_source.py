@@ -235,8 +235,9 @@ class MultiSourceEpisodes(TaskSet):
         width = int(counts.max())
         keys = torch.rand(ways, width, generator=generator)
         keys.masked_fill_(torch.arange(width) >= counts[:, None], 2.0)
-        positions = torch.argsort(keys, dim=1)
-        items = pool.items[pool.offsets[chosen, None] + positions]  # row c: class c's items in random order
+        # row c: class c's items in random order (positions past a class's count are padding, never used)
+        positions = torch.minimum(torch.argsort(keys, dim=1), counts[:, None] - 1)
+        items = pool.items[pool.offsets[chosen, None] + positions]
 
         support = torch.cat([items[c, : int(shots[c])] for c in range(ways)])
         queries = torch.cat([items[c, int(shots[c]) : int(shots[c]) + query] for c in range(ways)])
