@@ -389,6 +389,14 @@ def test_unknown_split_is_refused_before_reading(tmp_path, make):
         make(tmp_path / "nowhere", split="validation")
 
 
+@pytest.mark.parametrize(("make", "where"), [(MiniImageNet, "docs/datasets.md"), (TieredImageNet, "renmengye"),
+                                             (CUB, "caltech")])
+def test_download_is_refused_where_no_checksum_is_published(tmp_path, make, where):
+    with pytest.raises(ValueError, match=f"cannot be downloaded.*{where}.*download=False"):
+        make(tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_few_shot_split_needs_all(cifar_root, tmp_path):
     with pytest.raises(ValueError, match="split='all'"):
         CIFARFS(cifar_root, split="val", cache_dir=tmp_path).few_shot_split()

@@ -138,6 +138,17 @@ def test_bad_arguments_name_the_fix(sources, make, error, match):
         make(sources)
 
 
+def test_a_transform_brings_sources_to_one_shape(sources):
+    odd = _dataset([9] * 8, 1e7, size=5)
+    with pytest.raises(ValueError, match="transform="):
+        MultiSourceEpisodes([sources[0], EpisodeSource(odd)])
+    crop = EpisodeSource(odd, name="odd", transform=lambda x: x[..., :4, :4] * 2)
+    tasks = MultiSourceEpisodes([sources[0], crop], seed=0, length=30)
+    i = next(i for i in range(30) if tasks.source_of(i) == "odd")
+    x = tasks[i].train[0]
+    assert x.shape[1:] == (1, 4, 4) and (x >= 2e7).all()  # transformed inputs of the odd source
+
+
 def test_batches_of_several_episodes_are_refused(sources):
     tasks = MultiSourceEpisodes(sources, seed=0, length=10)
     assert len(tasks.batch([3])) == 1

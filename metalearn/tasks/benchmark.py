@@ -78,6 +78,15 @@ def check_split_name(split: str) -> None:
         raise ValueError(f"split must be one of {list(BENCHMARK_SPLITS)}, got {split!r}")
 
 
+def refuse_download(download: bool, dataset: str, where_to_get: str) -> None:
+    """Raises `ValueError` for ``download=True`` on a benchmark that has no verifiable download."""
+    if download:
+        raise ValueError(
+            f"{dataset} cannot be downloaded: no stable source publishes a checksum it could be verified against. "
+            f"{where_to_get}, and load it with download=False"
+        )
+
+
 def split_pools(split: str) -> tuple[str, ...]:
     """The pools a split reads: one, or all three for ``"all"``."""
     return _POOLS if split == "all" else (split,)

@@ -32,6 +32,7 @@ from metalearn.tasks.benchmark import (
     fingerprint,
     load_or_decode,
     published_split,
+    refuse_download,
     split_pools,
 )
 
@@ -118,6 +119,8 @@ class CUB(BenchmarkImages):
         split: ``"train"`` (100 classes), ``"val"`` (50), ``"test"`` (50) or ``"all"`` (200;
             `few_shot_split` gives the three pools).
         image_size: side of the square images (84 is the usual size).
+        download: must be false: there is no verifiable download (``True`` raises `ValueError`
+            saying where to get the archive).
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
@@ -136,9 +139,11 @@ class CUB(BenchmarkImages):
         *,
         split: str = "train",
         image_size: int = 84,
+        download: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         check_split_name(split)
+        refuse_download(download, "CUB-200-2011", f"Get the official {ARCHIVE_NAME} from {_HOME} and put it in {root}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root)

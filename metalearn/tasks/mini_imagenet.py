@@ -34,6 +34,7 @@ from metalearn.tasks.benchmark import (
     fingerprint,
     load_or_decode,
     published_split,
+    refuse_download,
     safe_unpickle,
     split_pools,
 )
@@ -133,6 +134,8 @@ class MiniImageNet(BenchmarkImages):
             (the pickle is read when both are there).
         split: ``"train"`` (64 classes), ``"val"`` (16), ``"test"`` (20) or ``"all"`` (100;
             `few_shot_split` gives the three pools).
+        download: must be false: there is no verifiable download (``True`` raises `ValueError`
+            saying where to get the files).
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
@@ -155,9 +158,11 @@ class MiniImageNet(BenchmarkImages):
         root: str | os.PathLike,
         *,
         split: str = "train",
+        download: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         check_split_name(split)
+        refuse_download(download, "mini-ImageNet", f"Put its files in {root} (see docs/datasets.md)")
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
         published = published_split("mini_imagenet")

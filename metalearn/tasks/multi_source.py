@@ -29,7 +29,7 @@ head must have `MultiSourceEpisodes.max_ways` outputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,12 +93,21 @@ class EpisodeSource:
         classes: the class pool (e.g. ``split.source``); ``None`` means every class of the dataset.
         weight: relative probability of drawing an episode from this source (positive).
         name: a label for the source (shown by `MultiSourceEpisodes.source_of`).
+        transform: applied to each episode's gathered inputs ``[k, ...]`` of this source, e.g. to
+            bring every source to one shape (``lambda x: F.interpolate(x, size=84)``, or
+            ``lambda x: x.expand(-1, 3, -1, -1)`` for grayscale images among RGB ones).
     """
 
     dataset: LabelledDataset
     classes: Tensor | Sequence[int] | None = None
     weight: float = 1.0
     name: str = ""
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def gather(self, indices: Tensor) -> Tensor:
+        """The inputs at ``indices``, transformed."""
+        x = self.dataset.gather(indices)
+        return x if self.transform is None else self.transform(x)
 
     def describe(self) -> dict[str, Any]:
         """What makes this source's episodes (for a run's identity)."""
@@ -109,6 +118,7 @@ class EpisodeSource:
             "classes": describe_value(None if self.classes is None else torch.as_tensor(self.classes)),
             "weight": float(self.weight),
             "name": self.name,
+            "transform": describe_value(self.transform),
         }
 
 
@@ -197,12 +207,13 @@ class MultiSourceEpisodes(TaskSet):
         self.sampling = sampling if sampling is not None else MetaDatasetSampling()
         names = [s.name or f"#{i}" for i, s in enumerate(sources)]
         self._pools = [_group(n, s, self.sampling.min_ways) for n, s in zip(names, sources, strict=True)]
-        shapes = {n: tuple(s.dataset.gather(p.items[:1]).shape[1:]) for n, s, p in zip(names, sources, self._pools,
-                                                                                      strict=True)}
+        first_items = [p.items[:1] for p in self._pools]
+        shapes = {n: tuple(s.gather(i).shape[1:]) for n, s, i in zip(names, sources, first_items, strict=True)}
         if len(set(shapes.values())) > 1:
             raise ValueError(
                 f"the sources give inputs of different shapes ({shapes}), so one model cannot take them all; load "
-                "them at one size and channel count (e.g. image_size=84, RGB)"
+                "them at one size and channel count (e.g. image_size=84, RGB), or give a source a transform= that "
+                "resizes its inputs"
             )
         self.sources = tuple(sources)
         self._names = names
@@ -241,7 +252,7 @@ class MultiSourceEpisodes(TaskSet):
 
         support = torch.cat([items[c, : int(shots[c])] for c in range(ways)])
         queries = torch.cat([items[c, int(shots[c]) : int(shots[c]) + query] for c in range(ways)])
-        x = self.sources[d].dataset.gather(torch.cat((support, queries)))
+        x = self.sources[d].gather(torch.cat((support, queries)))
         labels = torch.arange(ways)
         n_train = support.numel()
         return Task(

@@ -37,6 +37,7 @@ from metalearn.tasks.benchmark import (
     fingerprint,
     load_or_decode,
     published_split,
+    refuse_download,
     safe_unpickle,
     split_pools,
 )
@@ -107,6 +108,8 @@ class TieredImageNet(BenchmarkImages):
         root: folder with ``<split>_images_png.pkl`` and ``<split>_labels.pkl`` (or their
             ``tiered-imagenet/`` folder).
         split: ``"train"`` (351 classes), ``"val"`` (97), ``"test"`` (160) or ``"all"`` (608).
+        download: must be false: there is no verifiable download (``True`` raises `ValueError`
+            saying where to get the files).
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
@@ -125,9 +128,13 @@ class TieredImageNet(BenchmarkImages):
         root: str | os.PathLike,
         *,
         split: str = "train",
+        download: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         check_split_name(split)
+        refuse_download(
+            download, "tiered-ImageNet", f"Get the pickles published with {_ORIGIN} and extract them into {root}"
+        )
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
         pools = split_pools(split)
