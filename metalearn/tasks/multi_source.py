@@ -12,7 +12,7 @@ github.com/google-research/meta-dataset), for one episode:
 3. **query**: the same ``q = min(max_query, min_c floor(n_c / 2))`` examples for every class
    (``max_query = 10``), ``n_c`` the examples of class ``c``.
 4. **support size**: ``β ~ U[0, 1)``, ``|S| = min(max_support_set_size,
-   Σ_c floor(β · min(max_support_per_class, n_c − q)) + 1)`` (500 and 100 in the paper).
+   Σ_c (floor(β · min(max_support_per_class, n_c − q)) + 1))`` (500 and 100 in the paper).
 5. **shots**: ``R_c = n_c · exp(α_c)`` with ``α_c ~ U[log ½, log 2)``,
    ``k_c = min(floor(R_c / Σ R · (|S| − N)) + 1, n_c − q)``: at least one shot each, roughly
    in proportion to the class sizes, perturbed.
