@@ -242,6 +242,18 @@ def test_unpickler_reads_arrays_and_python2_keys(tmp_path):
     assert set(obj) == {"a", "b"} and obj["a"].tolist() == [0, 1, 2]
 
 
+def test_unpickler_reads_arrays_pickled_by_numpy_1(tmp_path):
+    # the distributed pickles were written by numpy 1.x, whose arrays name numpy.core.multiarray
+    data = pickle.dumps(np.arange(4, dtype=np.uint8), protocol=2)
+    data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in data
+    path = tmp_path / "old.pkl"
+    path.write_bytes(data)
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert safe_unpickle(f, str(path)).tolist() == [0, 1, 2, 3]
+
+
 # -- mini-ImageNet -----------------------------------------------------------------------------
 
 
@@ -256,6 +268,11 @@ def test_mini_imagenet_pickle(tmp_path, split):
         mine = data.images[data.labels == c]
         assert mine.shape[0] == 2 and (mine[:, 0] == image_value(c)).all() and (mine[:, 2] == 128).all()
     assert torch.equal(data.labels, data.labels.sort().values)  # grouped by class
+
+
+def test_mini_imagenet_val_pickle_under_learn2learns_name(tmp_path):
+    write_mini_pickle(tmp_path, "val", per_class=1).rename(tmp_path / "mini-imagenet-cache-validation.pkl")
+    assert MiniImageNet(tmp_path, split="val").num_classes == 16
 
 
 def test_mini_imagenet_all_and_split(tmp_path):

@@ -3,7 +3,8 @@
 100 ImageNet classes, 600 images each, at 84x84: 64 train, 16 val and 20 test classes
 (``split_lists/mini_imagenet.json``). Two local forms are read, in this order of preference:
 
-1. the widely used pickles ``mini-imagenet-cache-{train,val,test}.pkl``: each a dict with
+1. the widely used pickles ``mini-imagenet-cache-{train,val,test}.pkl`` (the val one also as
+   ``mini-imagenet-cache-validation.pkl``, the name learn2learn saves it under): each a dict with
    ``"image_data"`` (``uint8 [N, 84, 84, 3]``) and ``"class_dict"`` (``{wnid: [indices]}``);
 2. the split files of Ravi & Larochelle, ``{train,val,test}.csv`` (a ``filename,label``
    header, then one ``<file>,<wnid>`` row per image), with the images in ``images/``
@@ -54,7 +55,11 @@ def _where_to_get(root: Path) -> str:
 
 
 def _pickle_path(root: Path, pool: str) -> Path:
-    return root / f"mini-imagenet-cache-{pool}.pkl"
+    """``mini-imagenet-cache-<pool>.pkl``; for val also the name learn2learn downloads it under."""
+    path = root / f"mini-imagenet-cache-{pool}.pkl"
+    if pool == "val" and not path.is_file() and (root / "mini-imagenet-cache-validation.pkl").is_file():
+        return root / "mini-imagenet-cache-validation.pkl"
+    return path
 
 
 def _from_pickle(path: Path, pool: str, classes: list[str]) -> Decoded:
