@@ -7,6 +7,7 @@ nothing is downloaded except from a loopback server.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import warnings
 
@@ -27,6 +28,7 @@ from fewshot_fixtures import (
     write_mini_pickle,
     write_tiered,
 )
+from PIL import Image
 from test_download import LoopbackServer
 
 import metalearn
@@ -217,6 +219,16 @@ def test_cache_follows_the_source(tmp_path):
     first = MiniImageNet(root, split="val")
     write_mini_pickle(root, "val", per_class=2)  # the source changed: the cache must not be used
     assert len(MiniImageNet(root, split="val")) == 2 * len(first)
+
+
+def test_cache_sees_an_image_replaced_in_place(tmp_path):
+    write_mini_csv(tmp_path, "val", per_class=1)
+    first = MiniImageNet(tmp_path, split="val")
+    path = next((tmp_path / "images").iterdir())
+    Image.fromarray(np.zeros((84, 84, 3), dtype=np.uint8)).save(path)  # same name, new content
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = MiniImageNet(tmp_path, split="val")
+    assert not torch.equal(first.images, again.images) and int(again.images.sum()) < int(first.images.sum())
 
 
 # -- safe pickles ------------------------------------------------------------------------------

@@ -283,11 +283,20 @@ def check_classes(found: Sequence[str], published: Sequence[str], what: str, whe
 
 
 def fingerprint(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """What identifies the source files cheaply: name, size and mtime of each."""
+    """What identifies the source files cheaply: name, size and mtime of each file; for a folder, the
+    number, total size and latest mtime of the files under it (a file replaced in place shows)."""
     out = []
     for path in paths:
-        st = path.stat()
-        out.append({"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        if path.is_dir():
+            files = total = latest = 0
+            for dirpath, _, names in os.walk(path):
+                for name in names:
+                    st = os.stat(os.path.join(dirpath, name))
+                    files, total, latest = files + 1, total + st.st_size, max(latest, st.st_mtime_ns)
+            out.append({"name": path.name, "files": files, "bytes": total, "mtime_ns": latest})
+        else:
+            st = path.stat()
+            out.append({"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 

@@ -155,7 +155,7 @@ class CUB(BenchmarkImages):
         parts, digests = [], []
         for pool in pools:
             classes = list(published[pool])
-            files = [source] if source.is_file() else [source] + [source / c for c in classes if (source / c).is_dir()]
+            files = [source] if source.is_file() else [source / c for c in classes if (source / c).is_dir()]
             header = {"dataset": "cub", "pool": pool, "image_size": image_size, "source": fingerprint(files)}
             cache_file = self.cache_dir / f"cub-{pool}-{image_size}px.npz"
             decode = functools.partial(_decode, source, classes, image_size)
