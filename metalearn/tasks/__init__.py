@@ -2,27 +2,43 @@
 
 from metalearn.deprecated import renamed_attribute
 from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
+from metalearn.tasks.benchmark import BenchmarkFormatError, BenchmarkImages, published_split
+from metalearn.tasks.cifar_fs import CIFAR100_ARCHIVE, CIFARFS, FC100
+from metalearn.tasks.cub import CUB
 from metalearn.tasks.datasets import LabelledDataset, TensorLabelledDataset
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
 from metalearn.tasks.episodes import EpisodicTaskSet
 from metalearn.tasks.image_folder import ImageFolderDataset
+from metalearn.tasks.mini_imagenet import MiniImageNet
+from metalearn.tasks.multi_source import EpisodeSource, MetaDatasetSampling, MultiSourceEpisodes
 from metalearn.tasks.omniglot import OMNIGLOT_ARCHIVES, Omniglot, OmniglotCharacter, OmniglotFormatError, RemoteFile
 from metalearn.tasks.regression import Harmonics, Linear, Polynomial, RegressionFamily, Sinusoid, Step
 from metalearn.tasks.splits import ClassSplit, split_classes
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, TaskStream, task_seed
+from metalearn.tasks.tiered_imagenet import TieredImageNet
 
 __all__ = [
+    "BenchmarkFormatError",
+    "BenchmarkImages",
+    "CIFAR100_ARCHIVE",
+    "CIFARFS",
+    "CUB",
     "ChecksumMismatchError",
     "ClassAugmentation",
     "ClassSplit",
     "DownloadError",
+    "EpisodeSource",
     "EpisodicTaskSet",
+    "FC100",
     "Harmonics",
     "ImageFolderDataset",
     "IncompleteDownloadError",
     "LabelledDataset",
     "Linear",
+    "MetaDatasetSampling",
+    "MiniImageNet",
+    "MultiSourceEpisodes",
     "OMNIGLOT_ARCHIVES",
     "Omniglot",
     "OmniglotCharacter",
@@ -38,7 +54,9 @@ __all__ = [
     "TaskSet",
     "TaskStream",
     "TensorLabelledDataset",
+    "TieredImageNet",
     "download_file",
+    "published_split",
     "rotations",
     "split_classes",
     "stack_tasks",
