@@ -21,14 +21,16 @@ function transform ignores an outer ``no_grad``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
+from metalearn.distributed import Shard, check_distributed_option, shard_scope
 from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
@@ -217,6 +219,7 @@ def evaluate(
     batching: str = "auto",
     seed: int = 0,
     mode: str | MetaGradientMode | None = None,
+    distributed: Any = None,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -238,6 +241,11 @@ def evaluate(
         mode: the meta-gradient mode ω was trained with; tasks are fine-tuned on its
             ``meta_test_problem()`` (see `fine_tune`; iMAML's proximal problem runs task by task).
             None: the plain inner loop.
+        distributed: ``None`` (default) shares the tasks among the ranks of an initialised
+            ``torch.distributed`` group, ``True``/``False`` force it on/off, or a
+            `metalearn.DistributedOptions`. The groups of ``batch_size`` tasks go round the ranks
+            and every rank gets every task's metric back, so each rank returns exactly the
+            `Evaluation` one process computes (collective: call it on every rank).
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -257,6 +265,7 @@ def evaluate(
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     problem = meta_test_problem(mode)
+    check_distributed_option(distributed)
     was_training = omega.training
     omega.eval()
     try:
@@ -264,8 +273,13 @@ def evaluate(
         how = resolve_batching(omega, batching, omega_device(omega))
         if not problem.vmappable:
             how = "loop"  # the proximal problem takes plain autograd gradients: task by task
-        with torch.no_grad():
-            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem)
+        with torch.no_grad(), shard_scope(distributed, omega_device(omega)) as shard:
+            if shard is None:
+                losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem)
+            else:
+                losses, metrics, kind = _evaluate_sharded(
+                    shard, omega, tasks, inner_steps, batch_size, how, seed, problem
+                )
     finally:
         omega.train(was_training)
     if not metrics:
@@ -282,7 +296,8 @@ def evaluate(
     )
 
 
-def _evaluate_chunks(
+def _evaluate_sharded(
+    shard: Shard,
     omega: MetaKnowledge,
     tasks: Iterable[Task] | TaskBatch,
     inner_steps: int,
@@ -291,14 +306,61 @@ def _evaluate_chunks(
     seed: int,
     problem: InnerProblem,
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
-    """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind)."""
+    """`_evaluate_chunks` with the chunks dealt round the ranks (chunk k to rank k mod N), then every
+    rank's results gathered and put back in task order. Each chunk is computed exactly as in one
+    process (same tasks together, same seeds), so the per-task values are the same bits."""
+    world = shard.world_size
+    error: Exception | None = None
+    mine: tuple[list[Tensor], list[Tensor], str | None] = ([], [], None)
+    try:
+        mine = _evaluate_chunks(
+            omega, tasks, inner_steps, batch_size, batching, seed, problem, owned=lambda k: k % world == shard.rank
+        )
+    except Exception as err:  # raised on every rank below, not only here
+        error = err
+    cpu = ([t.cpu() for t in mine[0]], [t.cpu() for t in mine[1]], mine[2])
+    gathered = shard.all_gather_objects(cpu, "gathering the per-task metrics of evaluate")
+    shard.raise_if_failed(error, "evaluating its share of the tasks")
+    kind = next((g[2] for g in gathered if g[2] is not None), None)
+    losses: list[Tensor] = []
+    metrics: list[Tensor] = []
+    taken = [0] * world
+    k = 0
+    while any(taken[r] < len(gathered[r][1]) for r in range(world)):  # chunk k came from rank k mod N
+        r = k % world
+        losses.extend(gathered[r][0][taken[r] : taken[r] + batch_size])
+        metrics.extend(gathered[r][1][taken[r] : taken[r] + batch_size])
+        taken[r] += batch_size
+        k += 1
+    return losses, metrics, kind
+
+
+def _evaluate_chunks(
+    omega: MetaKnowledge,
+    tasks: Iterable[Task] | TaskBatch,
+    inner_steps: int,
+    batch_size: int,
+    batching: str,
+    seed: int,
+    problem: InnerProblem,
+    owned: Callable[[int], bool] | None = None,
+) -> tuple[list[Tensor], list[Tensor], str | None]:
+    """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind).
+
+    ``owned(k)`` says whether this process computes chunk ``k`` (all when ``None``); the others are
+    skipped, their tasks still counted, so task ``i`` keeps its seed ``(seed, i)``."""
     device = omega_device(omega)
     metrics: list[Tensor] = []
     losses: list[Tensor] = []
     kind: str | None = None
     offset = 0
     objective = partial(task_objective, adapt_fn=problem.solve)
-    for chunk in _chunks(tasks, batch_size):
+    for k, chunk in enumerate(_chunks(tasks, batch_size)):
+        if owned is not None and not owned(k):
+            if kind is None:
+                kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
+            offset += len(chunk)
+            continue
         for j, task in enumerate(chunk):
             check_labels(
                 omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
+from metalearn.distributed import DistributedOptions, distributed_options
 from metalearn.mapping import BATCHING_MODES
 from metalearn.modes import MetaGradientMode, resolve_mode
 
@@ -68,6 +69,10 @@ class TrainConfig:
         resume: continue from the newest checkpoint in ``checkpoint_dir``; if ``False``, a
             ``checkpoint_dir`` that already holds checkpoints is refused.
         progress: show a tqdm progress bar (and write the resume line through it).
+        distributed: run on ``torch.distributed`` (`metalearn.distributed`): ``None`` uses an
+            initialised process group if there is one, ``True``/``False`` force it on/off, or
+            `metalearn.DistributedOptions` (timeout, ω checksum interval, bucket size). Not part of
+            the identity: a run may resume with another world size (same tasks, other summation order).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -90,6 +95,7 @@ class TrainConfig:
     keep_last: int | None = 2
     resume: bool = True
     progress: bool = True
+    distributed: bool | DistributedOptions | None = None
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +117,7 @@ class TrainConfig:
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
         if self.checkpoint_dir is not None:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
+        distributed_options(self.distributed)  # a bad value is refused when the config is built
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ sets derived values
