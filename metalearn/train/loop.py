@@ -249,6 +249,11 @@ def meta_train(
     count and torch version (otherwise `ResumeEnvironmentWarning`) and, for an iterable source,
     when it yields the same items again (see `metalearn.train.sources`).
 
+    Under ``torch.distributed`` (``torchrun``; the ``distributed`` setting, see
+    `metalearn.distributed` and ``docs/distributed.md``) every rank adapts its contiguous share of
+    each meta-batch, the meta-gradient is all-reduced once per step, ω stays identical on every
+    rank, rank 0 writes the log and checkpoints, and an error on one rank is raised on all.
+
     The ``checkpoint_dir`` is opened before step 0 (`metalearn.run_folder`): a file or an
     unwritable folder is refused, the folder is locked for this run (a second run on it is
     refused with `metalearn.run_folder.RunFolderInUseError` naming the first; the lock of a
@@ -274,6 +279,8 @@ def meta_train(
         NotADirectoryError: ``checkpoint_dir`` is a file (or lies under one).
         PermissionError: nothing can be created in ``checkpoint_dir``.
         RunFolderInUseError: another process is running on ``checkpoint_dir``.
+        DistributedError: under torch.distributed, another rank died, hangs past the timeout or
+            failed (its error is named), or ω diverged across ranks.
         OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint (the message
             names the last good checkpoint, which is intact) or the log.
     """

@@ -14,6 +14,10 @@ Two kinds of source, and when a resume is exact:
   ``generator=torch.Generator().manual_seed(...)`` (the DataLoader then seeds its workers from
   it too). A re-iterable source that runs out starts again (warned once); a one-shot
   iterator that runs out stops the run with an error (its last checkpoint is intact).
+
+Under torch.distributed (`metalearn.distributed`) each rank takes its contiguous slice of the
+same meta-batch (``shard_batch``): an indexable source builds only the rank's own tasks, an
+iterable one is read whole by every rank and sliced.
 """
 
 from __future__ import annotations
