@@ -158,7 +158,7 @@ class Shard:
         world_size: the number of ranks.
         group: the library's own process group (created with ``options.timeout``).
         options: the `DistributedOptions`.
-        device: where collective buffers live: the current CUDA device for NCCL, else the CPU.
+        device: where collective buffers live: ω's CUDA device for NCCL, else the CPU.
     """
 
     rank: int
@@ -278,11 +278,16 @@ def _init_from_environment(device: torch.device) -> None:
     dist.init_process_group(backend=backend)
 
 
-def _collective_device(backend: str) -> torch.device:
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ValueError("the process group uses NCCL, which needs CUDA; use backend='gloo' on CPU")
-        return torch.device("cuda", torch.cuda.current_device())
+def _collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where the library's collective buffers live: ω's GPU when the group can reduce CUDA tensors with
+    NCCL, else the CPU (gloo); an NCCL-only group with ω off the GPU is refused."""
+    if "nccl" in backend and device.type == "cuda":
+        return device
+    if "nccl" in backend and "gloo" not in backend:
+        raise ValueError(
+            f"the process group uses NCCL but ω is on {device}: move ω to the rank's GPU, e.g. "
+            "torch.cuda.set_device(local_rank); omega.to(f'cuda:{local_rank}'), or initialise the group with gloo"
+        )
     return torch.device("cpu")
 
 
@@ -316,12 +321,7 @@ def open_shard(distributed: Any, device: torch.device) -> Shard | None:
     if world_size == 1 and options.enabled is None:
         return None
     backend = str(dist.get_backend())
-    comm_device = _collective_device(backend)
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError(
-            f"the process group uses NCCL but ω is on {device}: move ω to the rank's GPU, e.g. "
-            "torch.cuda.set_device(local_rank); omega.to(f'cuda:{local_rank}'), or initialise the group with gloo"
-        )
+    comm_device = _collective_device(backend, device)
     try:  # collective: waits for every rank (within the default group's timeout)
         group = dist.new_group(backend=backend, timeout=timedelta(seconds=float(options.timeout)))
     except (RuntimeError, ValueError, OSError) as err:

@@ -9,12 +9,20 @@ checks (a launch costs seconds; the tests that need one are marked slow). The NC
 from __future__ import annotations
 
 import json
+import shutil
 
 import distributed_cases as cases
 import pytest
 import torch
 
-from metalearn import DistributedError, DistributedOptions, evaluate, meta_gradient, meta_train
+from metalearn import (
+    DistributedError,
+    DistributedOptions,
+    ResumeEnvironmentWarning,
+    evaluate,
+    meta_gradient,
+    meta_train,
+)
 from metalearn.checkpoint import list_checkpoints
 from metalearn.distributed import drawing_window, shard_bounds
 from metalearn.outer import _explained_meta_gradient
@@ -179,3 +187,15 @@ def test_a_rank_that_exits_early_makes_the_other_raise_distributed_error(resumed
     assert kind == DistributedError.__name__, message
     assert "rank 0 of 2" in message and "checkpoint" in message
 
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_in_one_process_with_a_warning(main_run, tmp_path):
+    out, reports = main_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "full", run_dir)
+    omega, opt = cases.train_omega()
+    with pytest.warns(ResumeEnvironmentWarning, match="world size 2 in the checkpoint, 1 now"):
+        result = meta_train(omega, cases.TRAIN_TASKS, opt, steps=7, checkpoint_dir=run_dir,
+                            log_path=run_dir / "log.jsonl", **cases.train_settings())
+    assert result.resumed_from == 6 and result.steps == 7
