@@ -25,6 +25,7 @@ from metalearn.train.schedule import check_scheduler, scheduler_identity, step_s
 from metalearn.train.sources import (
     IndexedSource,
     IterableSource,
+    RankBatch,
     check_task_collection,
     describe_tasks,
     open_source,
@@ -98,15 +99,12 @@ def _run_identity(cfg: TrainConfig, tasks: Any, user: Mapping[str, Any] | None, 
     return identity
 
 
-def _sharded_stats(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> tuple[
-    dict[str, Any], list[int] | None
-]:
+def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -> dict[str, Any]:
     """Meta-step ``step`` on this rank's share of the meta-batch, reduced over the ranks (`metalearn.distributed`)."""
     cfg, shard = run.config, run.shard
     assert shard is not None
-    mine = source.shard_batch(step, shard)
     set_outer_step(run.omega, step)
-    stats = sharded_meta_step(
+    return sharded_meta_step(
         shard,
         run.omega,
         run.outer_optimizer,
@@ -121,7 +119,6 @@ def _sharded_stats(run: Run, source: IndexedSource | IterableSource, step: int, 
         mode=cfg.gradient_mode,
         step=step,
     )
-    return stats, mine.indices
 
 
 def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> Row:
@@ -131,7 +128,9 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
     indices: list[int] | None = None
     try:
         if run.shard is not None:
-            stats, indices = _sharded_stats(run, source, step, device)
+            mine = source.shard_batch(step, run.shard)
+            indices = mine.indices
+            stats = _sharded_stats(run, mine, step, device)
         else:
             batch, indices = source.batch(step)
             set_outer_step(omega, step)
