@@ -20,6 +20,13 @@ from metalearn.tasks import Sinusoid
 #: tasks per meta-batch: uneven on 2 ranks (3 + 2)
 META_BATCH = 5
 WORKER = Path(__file__).with_name("distributed_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment of a launched rank: this checkout first on the path, one thread."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **extra}
 
 #: (name, model kind, method)
 GRADIENT_CASES = [
@@ -110,11 +117,10 @@ def launch(scenario: str, out: Path, world_size: int = 2, timeout: float = 240.0
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        }
+        env = child_environment(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
         procs.append((subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log))

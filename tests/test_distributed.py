@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import distributed_cases as cases
 import pytest
@@ -199,3 +201,20 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_with_a_warning(main_run, t
         result = meta_train(omega, cases.TRAIN_TASKS, opt, steps=7, checkpoint_dir=run_dir,
                             log_path=run_dir / "log.jsonl", **cases.train_settings())
     assert result.resumed_from == 6 and result.steps == 7
+
+
+@pytest.mark.slow
+def test_the_omniglot_example_runs_under_torchrun(tmp_path):
+    from omniglot_fixture import write_omniglot
+
+    root, run_dir = tmp_path / "omniglot", tmp_path / "run"
+    write_omniglot(root)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(cases.ROOT / "examples" / "omniglot.py"), "--root", str(root), "--run-dir", str(run_dir),
+               "--smoke", "--no-progress", "--ways", "2", "--n-source", "7", "--n-val", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=cases.child_environment())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("meta-test accuracy") == 1  # rank 0 alone prints
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["iterations"] == 4 and summary["test_tasks"] == 10
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 4]
