@@ -34,6 +34,11 @@ checkpoints (and resumes from them when run again with the same ``--run-dir``), 
 
     python examples/omniglot.py --root path/to/omniglot --budget-minutes 60
     python examples/omniglot.py --root path/to/omniglot --smoke      # seconds (CI uses a fixture)
+    torchrun --standalone --nproc_per_node=2 examples/omniglot.py --root path/to/omniglot  # 2 ranks
+
+Under ``torchrun`` each rank adapts its share of every meta-batch and of the test tasks
+(``docs/distributed.md``; on GPUs each rank takes ``cuda:LOCAL_RANK``); only rank 0 prints and
+writes files.
 
 ``--root`` holds ``images_background.zip`` and ``images_evaluation.zip`` (or their extracted
 folders); the decoded images are cached there (or in ``--cache-dir``) after the first load.
@@ -43,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from metalearn import (
     ClassAugmentation,
@@ -162,7 +169,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_tasks(args: argparse.Namespace) -> tuple[EpisodicTaskSet, EpisodicTaskSet, EpisodicTaskSet]:
+def start_ranks(args: argparse.Namespace) -> bool:
+    """Joins torchrun's process group when launched by it (the GPU of ``LOCAL_RANK`` on CUDA);
+    returns whether this process is the one that prints and writes (rank 0, or the only one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return True
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank() == 0
+
+
+def build_tasks(
+    args: argparse.Namespace, say=print
+) -> tuple[EpisodicTaskSet, EpisodicTaskSet, EpisodicTaskSet]:
     data = Omniglot(args.root, cache_dir=args.cache_dir)
     split = data.few_shot_split(args.n_source)
     # hold out n_val source characters for validation; the rest, rotated, are the training classes
@@ -175,8 +197,8 @@ def build_tasks(args: argparse.Namespace) -> tuple[EpisodicTaskSet, EpisodicTask
     source = EpisodicTaskSet(rotated, **episode, classes=rotated.classes_of(train_chars), seed=args.seed, length=None)
     val = EpisodicTaskSet(data, **episode, classes=val_chars, seed=args.seed + 1, length=args.val_tasks)
     target = EpisodicTaskSet(data, **episode, classes=split.target, seed=args.seed + 2, length=args.test_tasks)
-    print(f"Omniglot: {len(train_chars)} source characters x 4 rotations, {len(val_chars)} validation, "
-          f"{len(split.target)} target characters", flush=True)
+    say(f"Omniglot: {len(train_chars)} source characters x 4 rotations, {len(val_chars)} validation, "
+        f"{len(split.target)} target characters", flush=True)
     return source, val, target
 
 
@@ -193,8 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    main_rank = start_ranks(args)
+    say = print if main_rank else _quiet
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    source, val, target = build_tasks(args)
+    source, val, target = build_tasks(args, say)
     torch.manual_seed(args.seed)
     omega = build_omega(args.method, args.ways, args.hidden, args.inner_lr, args.architecture).to(args.device)
     imaml = Implicit(args.imaml_lambda, args.imaml_cg_steps, args.imaml_damping) if args.method == "imaml" else None
@@ -239,24 +263,33 @@ def main(argv: list[str] | None = None) -> dict:
         choices = omega.architecture.chosen()
         for i, c in enumerate(choices):
             weights = ", ".join(f"{n} {w:.3f}" for n, w in c.weights.items())
-            print(f"cell {i}: {c.name}  ({weights})")
+            say(f"cell {i}: {c.name}  ({weights})")
         mixed = evaluate(omega, target, inner_steps=args.test_inner_steps,
                          progress=not args.no_progress and "meta-test (mixture)")
         summary["mixture_test_accuracy"], summary["mixture_ci95"] = mixed.mean, mixed.ci95
         summary["derived_ops"] = omega.architecture.fix()  # the derived network: argmax ops, trained weights
         summary["alpha_weights"] = [c.weights for c in choices]
-        torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
-        print(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
+        if main_rank:
+            torch.save(omega.model.derive().state_dict(), args.run_dir / "derived.pt")
+        say(f"mixture meta-test accuracy {100 * mixed.mean:.2f}% ± {100 * mixed.ci95:.2f}%; derived network "
               f"{summary['derived_ops']} (weights in {args.run_dir / 'derived.pt'})")
     test = evaluate(omega, target, inner_steps=args.test_inner_steps, mode=imaml,  # its proximal problem (or plain)
                     progress=not args.no_progress and f"meta-test {args.method}")
     summary.update(test_accuracy=test.mean, ci95=test.ci95, test_tasks=test.n)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not main_rank:
+        return summary  # rank 0 writes the results
     (args.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plotted = plot_curves(args.run_dir)
     print(f"meta-test accuracy {100 * test.mean:.2f}% ± {100 * test.ci95:.2f}% over {test.n} target tasks "
           f"after {result.steps} iterations ({train_minutes:.1f} min this run)")
     print(f"wrote {args.run_dir / 'results.json'}" + (f" and {plotted}" if plotted else ""))
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print for ranks other than 0: nothing."""
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
 
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
 from metalearn.deprecated import renamed_attribute
+from metalearn.distributed import DistributedError, DistributedOptions
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
 from metalearn.inner import Adapted, InnerProblem, adapt
@@ -108,6 +109,8 @@ __all__ = [
     "ClassAugmentation",
     "ClassSplit",
     "Conv4",
+    "DistributedError",
+    "DistributedOptions",
     "EpisodeSource",
     "EpisodicTaskSet",
     "Evaluation",

@@ -21,7 +21,7 @@ function transform ignores an outer ``no_grad``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
+from metalearn.distributed import Shard, check_distributed_option, shard_scope
 from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
@@ -220,6 +221,7 @@ def evaluate(
     seed: int = 0,
     mode: str | MetaGradientMode | None = None,
     progress: bool | str = False,
+    distributed: Any = None,
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -243,6 +245,11 @@ def evaluate(
             None: the plain inner loop.
         progress: show a tqdm bar over the tasks (600 tasks x many steps take minutes on CPU); a
             string shows it with that label. The bar is removed when evaluate returns.
+        distributed: ``None`` (default) shares the tasks among the ranks of an initialised
+            ``torch.distributed`` group, ``True``/``False`` force it on/off, or a
+            `metalearn.DistributedOptions`. The groups of ``batch_size`` tasks go round the ranks
+            and every rank gets every task's metric back, so each rank returns exactly the
+            `Evaluation` one process computes (collective: call it on every rank).
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -262,7 +269,9 @@ def evaluate(
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     problem = meta_test_problem(mode)
-    bar = _progress_bar(tasks, progress)  # checks ``progress`` too, before any work
+    _check_progress(progress)
+    check_distributed_option(distributed)
+    bar = None
     was_training = omega.training
     omega.eval()
     try:
@@ -270,11 +279,20 @@ def evaluate(
         how = resolve_batching(omega, batching, omega_device(omega))
         if not problem.vmappable:
             how = "loop"  # the proximal problem takes plain autograd gradients: task by task
-        with torch.no_grad():
-            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem, bar)
+        with torch.no_grad(), shard_scope(distributed, omega_device(omega)) as shard:
+            bar = _progress_bar(tasks, progress if shard is None or shard.is_main else False)  # one bar: rank 0's
+            if shard is None:
+                losses, metrics, kind = _evaluate_chunks(
+                    omega, tasks, inner_steps, batch_size, how, seed, problem, bar
+                )
+            else:
+                losses, metrics, kind = _evaluate_sharded(
+                    shard, omega, tasks, inner_steps, batch_size, how, seed, problem, bar
+                )
     finally:
         omega.train(was_training)
-        bar.close()
+        if bar is not None:
+            bar.close()
     if not metrics:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     per_task = torch.stack(metrics).to("cpu", torch.float64)
@@ -289,7 +307,8 @@ def evaluate(
     )
 
 
-def _evaluate_chunks(
+def _evaluate_sharded(
+    shard: Shard,
     omega: MetaKnowledge,
     tasks: Iterable[Task] | TaskBatch,
     inner_steps: int,
@@ -299,14 +318,62 @@ def _evaluate_chunks(
     problem: InnerProblem,
     bar: Any = None,
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
-    """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind)."""
+    """`_evaluate_chunks` with the chunks dealt round the ranks (chunk k to rank k mod N), then every
+    rank's results gathered and put back in task order. Each chunk is computed exactly as in one
+    process (same tasks together, same seeds), so the per-task values are the same bits."""
+    world = shard.world_size
+    error: Exception | None = None
+    mine: tuple[list[Tensor], list[Tensor], str | None] = ([], [], None)
+    try:
+        mine = _evaluate_chunks(
+            omega, tasks, inner_steps, batch_size, batching, seed, problem, bar, owned=lambda k: k % world == shard.rank,
+        )
+    except Exception as err:  # raised on every rank below, not only here
+        error = err
+    cpu = ([t.cpu() for t in mine[0]], [t.cpu() for t in mine[1]], mine[2])
+    gathered = shard.all_gather_objects(cpu, "gathering the per-task metrics of evaluate")
+    shard.raise_if_failed(error, "evaluating its share of the tasks")
+    kind = next((g[2] for g in gathered if g[2] is not None), None)
+    losses: list[Tensor] = []
+    metrics: list[Tensor] = []
+    taken = [0] * world
+    k = 0
+    while any(taken[r] < len(gathered[r][1]) for r in range(world)):  # chunk k came from rank k mod N
+        r = k % world
+        losses.extend(gathered[r][0][taken[r] : taken[r] + batch_size])
+        metrics.extend(gathered[r][1][taken[r] : taken[r] + batch_size])
+        taken[r] += batch_size
+        k += 1
+    return losses, metrics, kind
+
+
+def _evaluate_chunks(
+    omega: MetaKnowledge,
+    tasks: Iterable[Task] | TaskBatch,
+    inner_steps: int,
+    batch_size: int,
+    batching: str,
+    seed: int,
+    problem: InnerProblem,
+    bar: Any = None,
+    owned: Callable[[int], bool] | None = None,
+) -> tuple[list[Tensor], list[Tensor], str | None]:
+    """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind).
+
+    ``owned(k)`` says whether this process computes chunk ``k`` (all when ``None``); the others are
+    skipped, their tasks still counted, so task ``i`` keeps its seed ``(seed, i)``."""
     device = omega_device(omega)
     metrics: list[Tensor] = []
     losses: list[Tensor] = []
     kind: str | None = None
     offset = 0
     objective = partial(task_objective, adapt_fn=problem.solve)
-    for chunk in _chunks(tasks, batch_size):
+    for k, chunk in enumerate(_chunks(tasks, batch_size)):
+        if owned is not None and not owned(k):
+            if kind is None:
+                kind = "mse" if chunk[0].val[1].is_floating_point() else "accuracy"
+            offset += len(chunk)
+            continue
         for j, task in enumerate(chunk):
             check_labels(
                 omega, task.train[0], (("train", task.train[1]), ("val", task.val[1])), batched=False,
@@ -347,10 +414,13 @@ def _evaluate_chunks(
     return losses, metrics, kind
 
 
-def _progress_bar(tasks: Any, progress: bool | str) -> Any:
-    """A tqdm bar over the tasks (disabled when ``progress`` is falsy), removed when closed."""
+def _check_progress(progress: object) -> None:
     if not isinstance(progress, (bool, str)):
         raise TypeError(f"progress must be a bool or a label (str), got {progress!r}")
+
+
+def _progress_bar(tasks: Any, progress: bool | str) -> Any:
+    """A tqdm bar over the tasks (disabled when ``progress`` is falsy), removed when closed."""
     total = len(tasks) if isinstance(tasks, Sized) else None
     label = progress if isinstance(progress, str) else "meta-test"
     return tqdm(total=total, disable=not progress, desc=label, unit="task", leave=False, dynamic_ncols=True)

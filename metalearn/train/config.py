@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
+from metalearn.distributed import DistributedOptions, distributed_options
 from metalearn.mapping import BATCHING_MODES
 from metalearn.modes import MetaGradientMode, resolve_mode
 
@@ -69,6 +70,10 @@ class TrainConfig:
             ``checkpoint_dir`` that already holds checkpoints is refused.
         progress: show a tqdm progress bar (and write the resume line through it); a string shows
             it with that label (e.g. ``"maml K=5"``: several runs in a row stay apart).
+        distributed: run on ``torch.distributed`` (`metalearn.distributed`): ``None`` uses an
+            initialised process group if there is one, ``True``/``False`` force it on/off, or
+            `metalearn.DistributedOptions` (timeout, ω checksum interval, bucket size). Not part of
+            the identity: a run may resume with another world size (same tasks, other summation order).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -91,6 +96,7 @@ class TrainConfig:
     keep_last: int | None = 2
     resume: bool = True
     progress: bool | str = True
+    distributed: bool | DistributedOptions | None = None
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +120,7 @@ class TrainConfig:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
         if not isinstance(self.progress, (bool, str)):
             raise TypeError(f"progress must be a bool or a label (str), got {self.progress!r}")
+        distributed_options(self.distributed)  # a bad value is refused when the config is built
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ sets derived values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -11,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from metalearn.checks import check_grad_mode, check_outer_optimizer
+from metalearn.distributed import check_identical, checksum_due, shard_scope, sharded_meta_step
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
@@ -24,6 +26,7 @@ from metalearn.train.schedule import check_scheduler, scheduler_identity, step_s
 from metalearn.train.sources import (
     IndexedSource,
     IterableSource,
+    RankBatch,
     check_task_collection,
     describe_tasks,
     open_source,
@@ -97,24 +100,52 @@ def _run_identity(cfg: TrainConfig, tasks: Any, user: Mapping[str, Any] | None, 
     return identity
 
 
+def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -> dict[str, Any]:
+    """Meta-step ``step`` on this rank's share of the meta-batch, reduced over the ranks (`metalearn.distributed`)."""
+    cfg, shard = run.config, run.shard
+    assert shard is not None
+    set_outer_step(run.omega, step)
+    return sharded_meta_step(
+        shard,
+        run.omega,
+        run.outer_optimizer,
+        mine.batch.to(device),
+        cfg.inner_steps,
+        lo=mine.lo,
+        total=mine.total,
+        first_order=cfg.first_order,
+        batching=cfg.batching,
+        clip_grad_norm=cfg.clip_grad_norm,
+        generator=step_generator(cfg.seed, step),
+        mode=cfg.gradient_mode,
+        step=step,
+    )
+
+
 def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> Row:
     """Meta-step ``step`` (data, schedule, meta_step, checks, scheduler); returns its log row."""
     cfg, omega = run.config, run.omega
     began = time.perf_counter()
-    batch, indices = source.batch(step)
-    set_outer_step(omega, step)
+    indices: list[int] | None = None
     try:
-        stats = meta_step(
-            omega,
-            run.outer_optimizer,
-            batch.to(device),
-            cfg.inner_steps,
-            first_order=cfg.first_order,
-            batching=cfg.batching,
-            clip_grad_norm=cfg.clip_grad_norm,
-            generator=step_generator(cfg.seed, step),
-            mode=cfg.gradient_mode,
-        )
+        if run.shard is not None:
+            mine = source.shard_batch(step, run.shard)
+            indices = mine.indices
+            stats = _sharded_stats(run, mine, step, device)
+        else:
+            batch, indices = source.batch(step)
+            set_outer_step(omega, step)
+            stats = meta_step(
+                omega,
+                run.outer_optimizer,
+                batch.to(device),
+                cfg.inner_steps,
+                first_order=cfg.first_order,
+                batching=cfg.batching,
+                clip_grad_norm=cfg.clip_grad_norm,
+                generator=step_generator(cfg.seed, step),
+                mode=cfg.gradient_mode,
+            )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
     _check_omega_finite(omega, step)
@@ -132,6 +163,11 @@ def _after_step(run: Run, step: int, row: Row, callback: Any) -> tuple[Row | Non
     due = run.val_tasks is not None and (completed % cfg.val_every == 0 or completed == cfg.steps)
     val_row = run.validate(step) if due else None
     stop = bool(callback(step, row, val_row)) if callback is not None else False
+    if run.shard is not None:
+        if callback is not None:  # a callback that stops one rank stops them all, after the same step
+            stop = run.shard.any(stop, f"agreeing whether to stop after outer step {step}")
+        if checksum_due(run.shard, completed):
+            check_identical(run.shard, run.omega, step)
     if stop and val_row is None and run.val_tasks is not None:
         run.validate(step)  # the run ends here: its last state is validated too
     if run.checkpoint_due(completed, stop):
@@ -144,10 +180,9 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     cfg = run.config
     device = omega_device(run.omega)
     run.open_logs(start)
+    quiet = not cfg.progress or not run.writes_files  # under torch.distributed, one bar: rank 0's
     label = cfg.progress if isinstance(cfg.progress, str) else "meta-train"
-    bar = tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, desc=label, unit="step", dynamic_ncols=True
-    )
+    bar = tqdm(total=cfg.steps, initial=start, disable=quiet, desc=label, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.steps):
             row = _one_step(run, source, step, device)
@@ -219,6 +254,11 @@ def meta_train(
     count and torch version (otherwise `ResumeEnvironmentWarning`) and, for an iterable source,
     when it yields the same items again (see `metalearn.train.sources`).
 
+    Under ``torch.distributed`` (``torchrun``; the ``distributed`` setting, see
+    `metalearn.distributed` and ``docs/distributed.md``) every rank adapts its contiguous share of
+    each meta-batch, the meta-gradient is all-reduced once per step, ω stays identical on every
+    rank, rank 0 writes the log and checkpoints, and an error on one rank is raised on all.
+
     The ``checkpoint_dir`` is opened before step 0 (`metalearn.run_folder`): a file or an
     unwritable folder is refused, the folder is locked for this run (a second run on it is
     refused with `metalearn.run_folder.RunFolderInUseError` naming the first; the lock of a
@@ -244,6 +284,8 @@ def meta_train(
         NotADirectoryError: ``checkpoint_dir`` is a file (or lies under one).
         PermissionError: nothing can be created in ``checkpoint_dir``.
         RunFolderInUseError: another process is running on ``checkpoint_dir``.
+        DistributedError: under torch.distributed, another rank died, hangs past the timeout or
+            failed (its error is named), or ω diverged across ranks.
         OSError: the disk is full (``errno.ENOSPC``) while writing a checkpoint (the message
             names the last good checkpoint, which is intact) or the log.
     """
@@ -258,18 +300,31 @@ def meta_train(
     check_outer_optimizer(omega, outer_optimizer)
     cfg = _config(run, settings)
     check_scheduler(scheduler, outer_optimizer)
-    state = Run(
-        omega, outer_optimizer, cfg, _run_identity(cfg, tasks, config, scheduler), val_tasks, scheduler, loggers
-    )
-    warn_if_wrapping(tasks, cfg.steps, cfg.meta_batch_size)
-    source = open_source(tasks, cfg.meta_batch_size)
-    # the folder is checked, locked and tidied before anything else: a second run on it, or a folder
-    # that cannot be written, is refused here rather than after checkpoint_every steps
-    with open_run_folder(state.ckpt_dir, log_path=state.log.path):
-        start = state.resume()
-        if start >= cfg.steps:
+    identity = _run_identity(cfg, tasks, config, scheduler)
+    with shard_scope(cfg.distributed, omega_device(omega)) as shard:
+        state = Run(omega, outer_optimizer, cfg, identity, val_tasks, scheduler, loggers, shard=shard)
+        warn_if_wrapping(tasks, cfg.steps, cfg.meta_batch_size)
+        source = open_source(tasks, cfg.meta_batch_size)
+        # the folder is checked, locked and tidied before anything else: a second run on it, or a folder
+        # that cannot be written, is refused here rather than after checkpoint_every steps
+        with contextlib.ExitStack() as folder:
+            _open_folder(state, folder)
+            start = state.resume()
+            if start >= cfg.steps:
+                return state.result
+            source.start(start)
+            state.restore_rng()
+            _loop(state, source, start, callback)
             return state.result
-        source.start(start)
-        state.restore_rng()
-        _loop(state, source, start, callback)
-        return state.result
+
+
+def _open_folder(run: Run, stack: contextlib.ExitStack) -> None:
+    """Opens (checks, locks, tidies) the run folder; under torch.distributed on rank 0 only, and a
+    refusal there is raised on every rank."""
+    def enter() -> None:
+        stack.enter_context(open_run_folder(run.ckpt_dir, log_path=run.log.path))
+
+    if run.shard is None:
+        enter()
+    else:
+        run.shard.main_only(enter, "opening checkpoint_dir")

@@ -30,6 +30,7 @@ from metalearn.checkpoint import (
     resume_environment_differences,
     save_checkpoint,
 )
+from metalearn.distributed import Shard
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import evaluate
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
@@ -84,9 +85,12 @@ def reraise_with_step(err: NonFiniteError, step: int, indices: Sequence[int] | N
     return new
 
 
-def _warn_if_not_bit_identical(info: CheckpointInfo, omega: MetaKnowledge) -> None:
-    """Warns once when the resumed run's thread count, device or torch differ from the checkpoint's."""
+def _warn_if_not_bit_identical(info: CheckpointInfo, omega: MetaKnowledge, shard: Shard | None = None) -> None:
+    """Warns once when the resumed run's thread count, device, torch or world size differ from the checkpoint's."""
     differences = resume_environment_differences(info, omega)
+    then, now = int(info.extra.get("world_size", 1)), 1 if shard is None else shard.world_size
+    if then != now:  # same tasks, but each rank's share and the order of the sums change
+        differences.append(f"world size {then} in the checkpoint, {now} now")
     if differences:
         warnings.warn(
             f"resuming from {info.path} with another {', '.join(differences)}: the run continues correctly, but "
@@ -110,17 +114,25 @@ class Run:
         val_tasks: Any,
         scheduler: Any = None,
         loggers: Iterable[Any] | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.omega, self.outer_optimizer, self.config = omega, outer_optimizer, config
         self.identity, self.val_tasks, self.scheduler = dict(identity), val_tasks, scheduler
-        self.log = JsonlLog(config.log_path)  # type: ignore[arg-type]  # a Path after TrainConfig checked it
-        self.loggers: list[Logger] = check_loggers(loggers)
+        self.shard = shard
+        # under torch.distributed only rank 0 writes the log and the checkpoints (and feeds the loggers)
+        self.writes_files = shard is None or shard.is_main
+        log_path = config.log_path if self.writes_files else None
+        self.log = JsonlLog(log_path)  # type: ignore[arg-type]  # a Path after TrainConfig checked it
+        loggers_ = check_loggers(loggers)  # checked on every rank: a bad value fails everywhere alike
+        self.loggers: list[Logger] = loggers_ if self.writes_files else []
         self.result = TrainResult(omega=omega, steps=0)
         self.ckpt_dir: Path | None = config.checkpoint_dir  # type: ignore[assignment]
         self._rng_state: dict[str, Any] | None = None
 
     def say(self, message: str) -> None:
         """One line for the user: an INFO record of `logger`, and a line above the progress bar."""
+        if not self.writes_files:
+            return  # one line per run, from rank 0
         logger.info(message)
         if self.config.progress:
             tqdm.write(message, file=sys.stderr)
@@ -146,7 +158,41 @@ class Run:
                 logger_.close()
 
     def resume(self) -> int:
-        """Loads the newest checkpoint (if any) and returns the completed steps to start after."""
+        """Loads the newest checkpoint (if any) and returns the completed steps to start after.
+
+        Under torch.distributed rank 0 reads the checkpoint and every rank takes ω, the outer
+        optimizer and the scheduler from it (`sync_from_main`), so all ranks resume from the same
+        file, also without a shared file system, and start bit-identical."""
+        if self.shard is None:
+            return self._resume_here()
+        start = self.shard.main_only(self._resume_here, "resuming from checkpoint_dir")
+        self.sync_from_main()
+        return start
+
+    def sync_from_main(self) -> None:
+        """Every rank takes rank 0's ω, outer optimizer, scheduler and resume record (one broadcast)."""
+        assert self.shard is not None
+        state = None
+        if self.shard.is_main:
+            state = {
+                "omega": {k: v.detach().cpu() for k, v in self.omega.state_dict().items()},
+                "optimizer": _to_cpu(self.outer_optimizer.state_dict()),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "resumed_from": self.result.resumed_from,
+                "last_checkpoint": self.result.last_checkpoint,
+            }
+        state = self.shard.broadcast_object(state, "taking ω and the outer optimizer from rank 0")
+        if self.shard.is_main:
+            return
+        self.omega.load_state_dict(state["omega"])
+        self.outer_optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.result.resumed_from = state["resumed_from"]
+        self.result.steps = state["resumed_from"] or 0
+        self.result.last_checkpoint = state["last_checkpoint"]
+
+    def _resume_here(self) -> int:
         latest = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None
         if latest is None:
             self.log.check_fresh()
@@ -159,7 +205,7 @@ class Run:
         info = load_checkpoint(latest, omega=self.omega, outer_optimizer=self.outer_optimizer, config=self.identity)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(info.scheduler_state)
-        _warn_if_not_bit_identical(info, self.omega)
+        _warn_if_not_bit_identical(info, self.omega, self.shard)
         self._rng_state = info.rng_state
         self.result.resumed_from = self.result.steps = info.step
         self.result.last_checkpoint = latest
@@ -185,7 +231,8 @@ class Run:
         try:  # the mode names the inner problem meta-test solves (iMAML's: the proximal one)
             ev = evaluate(
                 self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode,
-                progress="validate" if cfg.progress else False,
+                progress="validate" if cfg.progress and self.writes_files else False,
+                distributed=False if self.shard is None else self.shard,
             )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
@@ -209,19 +256,44 @@ class Run:
         return self.ckpt_dir is not None and (completed % cfg.checkpoint_every == 0 or completed == cfg.steps or stop)
 
     def checkpoint(self, completed: int, stats: Mapping[str, Any]) -> None:
-        """Writes the checkpoint of ``completed`` steps atomically, then drops the oldest beyond ``keep_last``."""
+        """Writes the checkpoint of ``completed`` steps atomically, then drops the oldest beyond ``keep_last``.
+
+        Under torch.distributed rank 0 writes it while the others wait (a failed write raises on every rank)."""
+        if self.shard is None:
+            self.result.last_checkpoint = self._write_checkpoint(completed, stats)
+        else:
+            self.result.last_checkpoint = self.shard.main_only(
+                lambda: self._write_checkpoint(completed, stats), f"writing the checkpoint of step {completed}"
+            )
+
+    def _write_checkpoint(self, completed: int, stats: Mapping[str, Any]) -> Path:
         assert self.ckpt_dir is not None
-        self.result.last_checkpoint = save_checkpoint(
+        extra: dict[str, Any] = {"meta_loss": float(stats["meta_loss"])}
+        if self.shard is not None:  # a resume with another world size is warned about
+            extra["world_size"] = self.shard.world_size
+        path = save_checkpoint(
             checkpoint_path(self.ckpt_dir, completed),
             omega=self.omega,
             outer_optimizer=self.outer_optimizer,
             step=completed,
             rng_state=capture_rng_state(),
             config=self.identity,
-            extra={"meta_loss": float(stats["meta_loss"])},
+            extra=extra,
             scheduler_state=None if self.scheduler is None else self.scheduler.state_dict(),
         )
         keep_last = self.config.keep_last
         if keep_last is not None:
             for _, old in list_checkpoints(self.ckpt_dir)[:-keep_last]:
                 old.unlink(missing_ok=True)
+        return path
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` (an optimizer ``state_dict``) with every tensor on the CPU, for a broadcast."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

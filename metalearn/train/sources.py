@@ -14,6 +14,10 @@ Two kinds of source, and when a resume is exact:
   ``generator=torch.Generator().manual_seed(...)`` (the DataLoader then seeds its workers from
   it too). A re-iterable source that runs out starts again (warned once); a one-shot
   iterator that runs out stops the run with an error (its last checkpoint is intact).
+
+Under torch.distributed (`metalearn.distributed`) each rank takes its contiguous slice of the
+same meta-batch (``shard_batch``): an indexable source builds only the rank's own tasks, an
+iterable one is read whole by every rank and sliced.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from metalearn.distributed import Shard, slice_for_rank
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, task_seed
 
@@ -36,6 +42,23 @@ __all__ = [
     "open_source",
     "step_generator",
 ]
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """One rank's share of a step's meta-batch (`metalearn.distributed`).
+
+    Attributes:
+        batch: the rank's tasks ``lo .. lo+len(batch)-1`` (possibly none).
+        indices: task-set indices of the whole meta-batch (``None`` for an iterable source).
+        lo: the position of the rank's first task in the meta-batch.
+        total: the size of the whole meta-batch.
+    """
+
+    batch: TaskBatch
+    indices: list[int] | None
+    lo: int
+    total: int
 
 
 class TaskSetWrapWarning(UserWarning):
@@ -165,6 +188,17 @@ class IndexedSource:
         indices = step_indices(self.tasks, step, self.batch_size)
         return batch_for_step(self.tasks, step, self.batch_size), indices
 
+    def shard_batch(self, step: int, shard: Shard) -> RankBatch:
+        """This rank's slice of the batch of step ``step``: only its own tasks are built."""
+        indices = step_indices(self.tasks, step, self.batch_size)
+        lo, hi = shard.bounds(len(indices))
+        mine = indices[lo:hi] or indices[:1]  # a rank without tasks slices one task's batch to zero
+        if isinstance(self.tasks, TaskSet):
+            built = self.tasks.batch(mine)
+        else:
+            built = stack_tasks([self.tasks[i] for i in mine])
+        return RankBatch(built if hi > lo else slice_for_rank(built, shard), indices, lo, len(indices))
+
 
 _END = object()
 
@@ -230,6 +264,13 @@ class IterableSource:
                 "lists of Task (for a DataLoader over a TaskSet pass collate_fn=metalearn.stack_tasks)"
             )
         return stack_tasks(tasks), None
+
+    def shard_batch(self, step: int, shard: Shard) -> RankBatch:
+        """This rank's slice of the next batch: every rank consumes the whole item (the source is
+        the same on every rank) and keeps its own tasks."""
+        batch, _ = self.batch(step)
+        lo, _hi = shard.bounds(len(batch))
+        return RankBatch(slice_for_rank(batch, shard), None, lo, len(batch))
 
 
 def open_source(tasks: Any, batch_size: int) -> IndexedSource | IterableSource:
