@@ -326,7 +326,8 @@ def _evaluate_sharded(
     mine: tuple[list[Tensor], list[Tensor], str | None] = ([], [], None)
     try:
         mine = _evaluate_chunks(
-            omega, tasks, inner_steps, batch_size, batching, seed, problem, bar, owned=lambda k: k % world == shard.rank,
+            omega, tasks, inner_steps, batch_size, batching, seed, problem, bar,
+            owned=lambda k: k % world == shard.rank,
         )
     except Exception as err:  # raised on every rank below, not only here
         error = err
