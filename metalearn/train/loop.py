@@ -14,6 +14,7 @@ from metalearn.checks import check_grad_mode, check_outer_optimizer
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.modes.multi_step import mode_at_outer_step
 from metalearn.outer import meta_step
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
@@ -112,7 +113,7 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
             batching=cfg.batching,
             clip_grad_norm=cfg.clip_grad_norm,
             generator=step_generator(cfg.seed, step),
-            mode=cfg.gradient_mode,
+            mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
         )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
