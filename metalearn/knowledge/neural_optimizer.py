@@ -78,7 +78,7 @@ class NeuralOptimizer(OptimizerPart):
             weight = torch.zeros(fan_out, fan_in) if last else uniform  # the last layer at 0: SGD at first
             self.layers.append(nn.Parameter(weight))
             self.layers.append(nn.Parameter(torch.zeros(fan_out)))
-        self.log_lr = nn.Parameter(torch.tensor(math.log(lr)))
+        self.log_lr = nn.Parameter(torch.tensor(math.log(lr), dtype=torch.float64))  # bind casts it to θ's dtype
         self.output_scale = nn.Parameter(torch.tensor(float(output_scale)))
 
     def bind(self, adapted: Mapping[str, Tensor]) -> None:
