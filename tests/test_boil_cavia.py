@@ -90,7 +90,8 @@ def test_boil_meta_gradient_reaches_the_head_and_matches_finite_differences() ->
     loop, vm = _grads(omega, batch, 2, "loop"), _grads(omega, batch, 2, "vmap")
     _assert_close(loop, vm)
     assert loop["model.head.weight"].abs().max() > 0
-    fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop"), ["model.head.weight", "model.features.0.weight"])
+    names = ["model.head.weight", "model.features.0.weight"]
+    fd_check(omega, lambda: meta_loss(omega, batch, 2, batching="loop"), names)
 
 
 def test_adapt_except_checks_its_patterns() -> None:
