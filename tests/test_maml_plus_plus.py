@@ -4,6 +4,7 @@ derivative-order annealing, the recipe, and the run it trains in (meta_train, co
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -331,3 +332,25 @@ def test_meta_train_tells_the_mode_each_outer_step_and_cosine_annealing_runs() -
     for (n, a), b in zip(trained.named_parameters(), by_hand.parameters(), strict=True):
         assert torch.equal(a, b), n
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # the cosine schedule reached eta_min
+
+
+def _record(seen: list, k: int, params: dict[str, torch.Tensor]) -> None:
+    seen.append((k, params))
+
+
+def test_inner_loop_after_step_sees_every_intermediate_theta() -> None:
+    from metalearn.inner import inner_loop
+
+    omega = maml(_mlp(), lr=0.1)
+    batch = _regression_batch(n_tasks=1)
+    x, y = batch.train[0][0], batch.train[1][0]
+    for graph in ("full", "first_order", "none"):
+        seen: list[tuple[int, dict[str, torch.Tensor]]] = []
+        final, _ = inner_loop(omega, omega.model_params(), x, y, 3, graph=graph, after_step=partial(_record, seen))
+        assert [k for k, _ in seen] == [0, 1, 2]
+        assert all(torch.equal(seen[-1][1][n], final[n]) for n in final)
+        assert (seen[0][1]["layers.0.weight"].requires_grad) == (graph != "none")
+        one, _ = inner_loop(omega, omega.model_params(), x, y, 1, graph=graph)
+        assert torch.allclose(seen[0][1]["layers.0.weight"], one["layers.0.weight"])  # θ_1 after step 0
+    with pytest.raises(ValueError, match="segment=None"):
+        inner_loop(omega, omega.model_params(), x, y, 2, segment=1, after_step=lambda k, p: None)

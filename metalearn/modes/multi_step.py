@@ -34,7 +34,7 @@ from metalearn.mapping import metric, task_objective
 from metalearn.modes.unrolled import ThroughInnerLoop, _loop_backward, _vmap_backward
 from metalearn.tasks.task import TaskBatch
 
-__all__ = ["MultiStepLoss", "multi_step_objective", "multi_step_weights"]
+__all__ = ["MultiStepLoss", "mode_at_outer_step", "multi_step_objective", "multi_step_weights"]
 
 
 def _check_int(who: str, name: str, value: object, least: int) -> None:
