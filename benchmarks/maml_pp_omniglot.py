@@ -84,6 +84,7 @@ def run(method: str, args: argparse.Namespace, source: EpisodicTaskSet, target: 
         model = Conv4(5, in_channels=channels, hidden=args.hidden, image_size=size)
     plus = method == "maml++"
     omega = maml_plus_plus(model, args.inner_lr, args.inner_steps) if plus else maml(model, args.inner_lr)
+    omega = omega.to(args.device)
     outer = torch.optim.Adam(omega.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(outer, T_max=args.iterations, eta_min=1e-5) if plus else None
     mode = (
@@ -97,10 +98,10 @@ def run(method: str, args: argparse.Namespace, source: EpisodicTaskSet, target: 
     began = time.perf_counter()
     result = meta_train(
         omega, source, outer, steps=args.iterations, inner_steps=args.inner_steps, meta_batch_size=args.meta_batch,
-        mode=mode, scheduler=scheduler, callback=out_of_time, progress=False, batching="loop",
+        mode=mode, scheduler=scheduler, callback=out_of_time, progress=False, batching=args.batching,
     )
     seconds = time.perf_counter() - began
-    test = evaluate(omega, target, args.inner_steps, batching="loop")
+    test = evaluate(omega, target, args.inner_steps, batching=args.batching)
     print(f"{method:>7}: {result.steps} outer steps in {seconds:.0f} s; target accuracy "
           f"{100 * test.mean:.2f} ± {100 * test.ci95:.2f}% ({len(target)} tasks)", flush=True)
     return {"outer_steps": result.steps, "seconds": seconds, "accuracy": test.mean, "ci95": test.ci95}
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--backbone", choices=["conv4", "resnet12"], default="conv4")
     p.add_argument("--hidden", type=int, default=None, help="Conv-4 filters (default 64; 32 with --image-folder)")
     p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batching", choices=["auto", "loop", "vmap"], default="auto",
+                   help="auto: the per-task loop for these conv nets on CPU, vmap on CUDA")
     p.add_argument("--minutes", type=float, default=60.0, help="meta-training budget of each method")
     p.add_argument("--iterations", type=int, default=4000, help="most outer steps (and the cosine's T_max)")
     p.add_argument("--inner-steps", type=int, default=5)
