@@ -19,6 +19,8 @@ every meta-gradient mode in `metalearn.modes` picks its options:
   λ/2 ‖θ − θ0‖²).
 * ``segment`` — with ``"full"``, wrap every ``segment`` steps in ``torch.utils.checkpoint``: the
   same θK and meta-gradient, with each segment's graph recomputed in the backward.
+* ``after_step`` — called as ``after_step(k, θ_{k+1})`` (every parameter) after each step k, e.g. to
+  score every intermediate θ on the val half (MAML++'s multi-step loss, `metalearn.modes.MultiStepLoss`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Adapted:
 GRAPHS = ("full", "first_order", "none")
 #: a term added to the inner loss of the adapted parameters, e.g. `Proximal`
 Regulariser = Callable[[Params], Tensor]
+#: called after inner step k with θ_{k+1} (every parameter), e.g. to score it on the val half
+AfterStep = Callable[[int, Params], None]
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ def inner_loop(
     regulariser: Regulariser | None = None,
     segment: int | None = None,
     first_order_steps: int = 0,
+    after_step: AfterStep | None = None,
 ) -> tuple[Params, Tensor]:
     """The one inner loop: ``inner_steps`` updates of ω's optimizer on the inner loss (+ ``regulariser``).
 
@@ -205,6 +210,8 @@ def inner_loop(
         regulariser: R(θ_adapted) added to the inner loss (its value is in the returned losses).
         segment: with ``graph="full"``, checkpoint every ``segment`` steps (not under ``torch.func``).
         first_order_steps: with ``graph="full"``, steps ``k < first_order_steps`` are first order.
+        after_step: ``after_step(k, θ_{k+1})`` after each step k (every parameter; detached for
+            ``"none"``); not with ``segment``, whose steps run inside a checkpoint.
 
     Returns:
         θK (every parameter: static ones as given, detached for ``"none"``) and the inner objective
@@ -212,11 +219,14 @@ def inner_loop(
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if after_step is not None and segment is not None:
+        raise ValueError("after_step cannot see the steps inside a checkpointed segment; pass segment=None")
     static = {n: theta0[n] for n in omega.static_names}
     fast = {n: theta0[n] for n in omega.adapted_names}
     objective = _inner_objective(omega, x, y, regulariser)
     if graph == "none":
-        return _detached_loop(omega, {n: t.detach() for n, t in static.items()}, fast, objective, inner_steps, x)
+        detached = {n: t.detach() for n, t in static.items()}
+        return _detached_loop(omega, detached, fast, objective, inner_steps, x, after_step)
     if graph == "first_order":
         first_order_steps = inner_steps
     plain = _use_plain_autograd(omega, theta0, first_order_steps >= inner_steps)
@@ -228,6 +238,8 @@ def inner_loop(
         fo = k < first_order_steps
         fast, state, loss = _step(omega, static, fast, state, objective, k, fo, plain and not fo)
         losses.append(loss)
+        if after_step is not None:
+            after_step(k, {**static, **fast})
     losses_t = torch.stack(losses) if losses else x.new_zeros(0)
     return {**static, **fast}, losses_t
 
@@ -300,6 +312,7 @@ def _detached_loop(
     objective: Callable[[Params, Params], Tensor],
     steps: int,
     x: Tensor,
+    after_step: AfterStep | None = None,
 ) -> tuple[Params, Tensor]:
     """``graph="none"``: each step's gradient from fresh detached leaves, the update under ``no_grad``;
     no graph outlives a step (memory independent of ``steps``)."""
@@ -315,6 +328,8 @@ def _detached_loop(
                 {n: t.detach() for n, t in leaves.items()}, dict(zip(leaves, grads, strict=True)), state, k
             )
         losses.append(loss.detach())
+        if after_step is not None:
+            after_step(k, {**static, **{n: t.detach() for n, t in fast.items()}})
     losses_t = torch.stack(losses) if losses else x.new_zeros(0)
     return {**static, **{n: t.detach() for n, t in fast.items()}}, losses_t
 

@@ -52,10 +52,14 @@ def metric(output: Tensor, target: Tensor) -> Tensor:
 
 def random_layers(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` that draw random numbers in their forward as it is now
-    (dropout with ``p > 0`` and ``RReLU``, in training mode): vmap refuses random operations."""
+    (dropout with ``p > 0``, ``RReLU``, and modules that declare ``random_in_training = True`` such
+    as `metalearn.models.DropBlock` with a positive rate, in training mode): vmap refuses random operations."""
     return [
         name for name, m in model.named_modules()
-        if m.training and ((isinstance(m, _DROPOUTS) and m.p > 0) or isinstance(m, nn.RReLU))
+        if m.training and (
+            (isinstance(m, _DROPOUTS) and m.p > 0) or isinstance(m, nn.RReLU)
+            or (getattr(m, "random_in_training", False) and getattr(m, "active", True))
+        )
     ]
 
 

@@ -75,6 +75,13 @@ BUILTINS: dict[str, Callable[[], nn.Module]] = {
         "beta2", per="tensor",
     ),
     "ScaleLearnedShared": lambda: knowledge.learned(knowledge.scale(-0.1), "factor"),
+    # MAML++, BOIL, CAVIA and the neural optimizer (docs/methods.md); the default check model is
+    # Linear(2, 3), Tanh, Linear(3, 1): its first bias stands in for CAVIA's context
+    "AdaptExcept": lambda: knowledge.AdaptExcept("head"),
+    "ContextInit": lambda: knowledge.ContextInit(("0.bias",)),
+    "NeuralOptimizer": lambda: knowledge.NeuralOptimizer(0.1, hidden=(4,), output_scale=0.5),
+    "PerStepLR": lambda: knowledge.PerStepLR(0.1, steps=2),
+    "PerStepNormWeights": lambda: knowledge.PerStepNormWeights(knowledge.PerStepLR(0.1, 2), 2, ["layer.bias"]),
 }
 #: Base classes: exported for subclassing, not parts one constructs.
 _BASES = {"InitPart", "OptimizerPart", "AdaptPart"}

@@ -2,11 +2,13 @@
 
 from metalearn.deprecated import renamed_attribute
 from metalearn.knowledge.architecture import ArchitectureWeights, with_architecture
-from metalearn.knowledge.builtins import AdaptAll, AdaptOnly, InnerSGD, MetaSGD, PointInit
+from metalearn.knowledge.builtins import AdaptAll, AdaptExcept, AdaptOnly, InnerSGD, MetaSGD, PointInit
+from metalearn.knowledge.context import ConcatContext, ContextInit
 from metalearn.knowledge.contract import ContractError, ContractReport, check_part
 from metalearn.knowledge.heads import PrototypeInit, prototype_head
 from metalearn.knowledge.higher_rule import higher_rule
 from metalearn.knowledge.inits import GaussianInit, ScaledInit
+from metalearn.knowledge.lslr import PerStepLR, PerStepNormWeights, norm_parameter_names
 from metalearn.knowledge.meta_knowledge import (
     LossFn,
     MetaKnowledge,
@@ -14,6 +16,7 @@ from metalearn.knowledge.meta_knowledge import (
     native_norm_layers,
     theta_parameters,
 )
+from metalearn.knowledge.neural_optimizer import NeuralOptimizer
 from metalearn.knowledge.optimizers import Choice, InnerAdam, MomentumSGD, OptimizerMixture, geometric_anneal
 from metalearn.knowledge.parts import (
     AdaptPart,
@@ -25,7 +28,7 @@ from metalearn.knowledge.parts import (
     apply_updates,
     param_key,
 )
-from metalearn.knowledge.recipes import anil, maml, meta_sgd, proto_maml, protonet
+from metalearn.knowledge.recipes import anil, boil, cavia, maml, maml_plus_plus, meta_sgd, proto_maml, protonet
 from metalearn.knowledge.rules import (
     Chain,
     Learned,
@@ -40,12 +43,15 @@ from metalearn.knowledge.soft_choice import SoftChoice
 
 __all__ = [
     "AdaptAll",
+    "AdaptExcept",
     "AdaptOnly",
     "AdaptPart",
     "ArchitecturePart",
     "ArchitectureWeights",
     "Chain",
     "Choice",
+    "ConcatContext",
+    "ContextInit",
     "ContractError",
     "ContractReport",
     "GaussianInit",
@@ -57,9 +63,12 @@ __all__ = [
     "MetaKnowledge",
     "MetaSGD",
     "MomentumSGD",
+    "NeuralOptimizer",
     "OptimizerMixture",
     "OptimizerPart",
     "Params",
+    "PerStepLR",
+    "PerStepNormWeights",
     "PointInit",
     "PrototypeInit",
     "ScaledInit",
@@ -67,6 +76,8 @@ __all__ = [
     "State",
     "anil",
     "apply_updates",
+    "boil",
+    "cavia",
     "chain",
     "check_part",
     "default_loss",
@@ -74,8 +85,10 @@ __all__ = [
     "higher_rule",
     "learned",
     "maml",
+    "maml_plus_plus",
     "meta_sgd",
     "native_norm_layers",
+    "norm_parameter_names",
     "param_key",
     "proto_maml",
     "protonet",

@@ -11,7 +11,7 @@ from torch import Tensor
 from metalearn.knowledge.parts import AdaptPart, InitPart, Params
 from metalearn.knowledge.rules import Learned, _ScaleByLearningRate
 
-__all__ = ["AdaptAll", "AdaptOnly", "InnerSGD", "MetaSGD", "PointInit"]
+__all__ = ["AdaptAll", "AdaptExcept", "AdaptOnly", "InnerSGD", "MetaSGD", "PointInit"]
 
 
 class PointInit(InitPart):
@@ -107,3 +107,25 @@ class AdaptOnly(AdaptPart):
 
     def extra_repr(self) -> str:
         return ", ".join(repr(p) for p in self.patterns)
+
+
+class AdaptExcept(AdaptOnly):
+    """Every parameter adapts except those whose names match one of ``patterns``.
+
+    ``AdaptExcept("head")`` is BOIL (Oh et al., 2021): the body adapts in the inner loop, the head
+    is meta-learned and frozen there (an inner step size of 0 for the head). Patterns as `AdaptOnly`.
+
+    Args:
+        patterns: one or more name patterns of the parameters that do *not* adapt.
+    """
+
+    def select(self, names: list[str]) -> list[str]:
+        if not any(self._matches(n) for n in names):
+            raise ValueError(
+                f"AdaptExcept{self.patterns} matches none of the model's parameters {names}; "
+                "pass patterns such as 'head' that name the parameters to freeze"
+            )
+        chosen = [n for n in names if not self._matches(n)]
+        if not chosen:
+            raise ValueError(f"AdaptExcept{self.patterns} freezes every parameter of {names}: nothing would adapt")
+        return chosen

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from metalearn.knowledge.builtins import AdaptOnly, InnerSGD, MetaSGD
+from metalearn.knowledge.builtins import AdaptExcept, AdaptOnly, InnerSGD, MetaSGD
+from metalearn.knowledge.context import ContextInit
 from metalearn.knowledge.heads import PrototypeInit
+from metalearn.knowledge.lslr import PerStepLR, PerStepNormWeights, norm_parameter_names
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.knowledge.parts import OptimizerPart
 
-__all__ = ["anil", "maml", "meta_sgd", "proto_maml", "protonet"]
+__all__ = ["anil", "boil", "cavia", "maml", "maml_plus_plus", "meta_sgd", "proto_maml", "protonet"]
 
 
 def maml(model: nn.Module, lr: float) -> MetaKnowledge:
@@ -52,3 +55,44 @@ def proto_maml(model: nn.Module, lr: float, head: str = "head", adapt_all: bool 
     return MetaKnowledge(
         model, optimizer=InnerSGD(lr), init=PrototypeInit(head=head), adapt=None if adapt_all else AdaptOnly(head)
     )
+
+
+def maml_plus_plus(model: nn.Module, lr: float, inner_steps: int, per_step_norms: bool = True) -> MetaKnowledge:
+    """MAML++'s ω (Antoniou et al., 2019): learned per-layer per-step step sizes (`PerStepLR`) and
+    per-step norm weights and biases (`PerStepNormWeights`, for every norm of ``model``).
+
+    The rest of MAML++ belongs to training, not to ω: the multi-step loss and derivative-order
+    annealing are the mode `metalearn.modes.MultiStepLoss`, the cosine annealing of the outer
+    learning rate is ``scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)``
+    (docs/methods.md shows the whole run).
+
+    Args:
+        model: the network (e.g. `metalearn.models.Conv4`).
+        lr: initial inner step size of every layer and step.
+        inner_steps: K, the inner steps of meta-training (the length of the per-step tables).
+        per_step_norms: use per-step norm weights (BNWB); ``False``, or a model without norms,
+            gives LSLR alone.
+    """
+    optimizer: OptimizerPart = PerStepLR(lr, inner_steps)
+    norms = norm_parameter_names(model) if per_step_norms else []
+    if norms:
+        optimizer = PerStepNormWeights(optimizer, inner_steps, norms)
+    return MetaKnowledge(model, optimizer=optimizer)
+
+
+def boil(model: nn.Module, lr: float, head: str = "head") -> MetaKnowledge:
+    """BOIL (Oh et al., 2021): MAML whose inner loop adapts the body and freezes the head.
+
+    The head is meta-learned but has an inner step size of 0 (`AdaptExcept`), the converse of ANIL.
+    """
+    return MetaKnowledge(model, optimizer=InnerSGD(lr), adapt=AdaptExcept(head))
+
+
+def cavia(model: nn.Module, lr: float, context: str = "context") -> MetaKnowledge:
+    """CAVIA (Zintgraf et al., 2019): only the context parameters adapt, from 0 for every task.
+
+    ``model`` holds the context parameter ``context`` and reads it, e.g.
+    ``ConcatContext(MLP((1 + 4, 40, 40, 1)), num_context=4)``; its other weights are meta-learned
+    only (`ContextInit`: θ0 is the model's weights and φ0 = 0).
+    """
+    return MetaKnowledge(model, optimizer=InnerSGD(lr), init=ContextInit((context,)), adapt=AdaptOnly(context))

@@ -8,6 +8,7 @@ meta-gradients under ``vmap`` when its affine weights are adapted in the inner l
 
 * `conv4` — `Conv4`, `conv4_feature_size`;
 * `mlp` — `MLP`;
+* `resnet12` — `ResNet12` and `DropBlock` (its block: `metalearn.models.resnet12.ResidualBlock`);
 * `batchnorm` — `BatchNorm`;
 * `searchable` — the DARTS search space: the op library (`SEARCH_OPS`), `MixedOp`,
   `SearchableConvNet` and the plain `CellConvNet` it derives (its α, `ArchitectureWeights`,
@@ -17,6 +18,7 @@ meta-gradients under ``vmap`` when its affine weights are adapted in the inner l
 from metalearn.models.batchnorm import BatchNorm, inside_vmap
 from metalearn.models.conv4 import Conv4, conv4_feature_size
 from metalearn.models.mlp import MLP
+from metalearn.models.resnet12 import DropBlock, ResNet12
 from metalearn.models.searchable import (
     DEFAULT_CANDIDATES,
     SEARCH_OPS,
@@ -36,8 +38,10 @@ __all__ = [
     "Cell",
     "CellConvNet",
     "Conv4",
+    "DropBlock",
     "MixedOp",
     "OpFactory",
+    "ResNet12",
     "SearchableConvNet",
     "Zero",
     "conv4_feature_size",

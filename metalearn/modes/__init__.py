@@ -11,6 +11,8 @@
 * `Implicit` (``"implicit"``): iMAML's implicit meta-gradient by conjugate gradient; meta-test
   solves its proximal inner problem. Loop.
 * `Reptile` (``"reptile"``): ``θ0.grad = mean(θ0 − φ_K)``. Loop.
+* `MultiStepLoss` (``"multi_step"``): MAML++'s multi-step loss with annealed weights and
+  derivative-order annealing (Antoniou et al., 2019), scheduled by the outer step. Loop or vmap.
 
 `Implicit` and `Reptile` give a gradient to θ0 only, so they accept only an ω whose meta-parameters
 are the model's own parameters (`PointInit`, no Meta-SGD step sizes, no learned loss, no
@@ -26,6 +28,7 @@ from __future__ import annotations
 from metalearn.modes.base import MetaGradientMode
 from metalearn.modes.checkpointed import Checkpointed
 from metalearn.modes.implicit import Implicit, conjugate_gradient
+from metalearn.modes.multi_step import MultiStepLoss, mode_at_outer_step, multi_step_weights
 from metalearn.modes.reptile import Reptile
 from metalearn.modes.truncated import Truncated
 from metalearn.modes.unrolled import ThroughInnerLoop, Unrolled
@@ -35,15 +38,18 @@ __all__ = [
     "Checkpointed",
     "Implicit",
     "MetaGradientMode",
+    "MultiStepLoss",
     "Reptile",
     "ThroughInnerLoop",
     "Truncated",
     "Unrolled",
     "conjugate_gradient",
+    "mode_at_outer_step",
+    "multi_step_weights",
     "resolve_mode",
 ]
 
-MODE_NAMES = ("unrolled", "first_order", "truncated", "checkpointed", "implicit", "reptile")
+MODE_NAMES = ("unrolled", "first_order", "truncated", "checkpointed", "implicit", "reptile", "multi_step")
 
 
 def resolve_mode(mode: str | MetaGradientMode, first_order: bool = False) -> MetaGradientMode:
@@ -62,6 +68,7 @@ def resolve_mode(mode: str | MetaGradientMode, first_order: bool = False) -> Met
             "checkpointed": Checkpointed(),
             "implicit": Implicit(),
             "reptile": Reptile(),
+            "multi_step": MultiStepLoss(),
         }[mode]
     if not isinstance(mode, MetaGradientMode):
         raise TypeError(

@@ -16,6 +16,7 @@ from metalearn.distributed import check_identical, checksum_due, shard_scope, sh
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
+from metalearn.modes.multi_step import mode_at_outer_step
 from metalearn.outer import meta_step
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
@@ -117,7 +118,7 @@ def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -
         batching=cfg.batching,
         clip_grad_norm=cfg.clip_grad_norm,
         generator=step_generator(cfg.seed, step),
-        mode=cfg.gradient_mode,
+        mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
         step=step,
     )
 
@@ -144,7 +145,7 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
                 batching=cfg.batching,
                 clip_grad_norm=cfg.clip_grad_norm,
                 generator=step_generator(cfg.seed, step),
-                mode=cfg.gradient_mode,
+                mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
             )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
