@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
-from metalearn.mapping import BATCHING_MODES
+from metalearn.mapping import BATCHING_MODES, check_chunk_size
 from metalearn.modes import MetaGradientMode, resolve_mode
 
 __all__ = ["TrainConfig"]
@@ -68,6 +68,12 @@ class TrainConfig:
         resume: continue from the newest checkpoint in ``checkpoint_dir``; if ``False``, a
             ``checkpoint_dir`` that already holds checkpoints is refused.
         progress: show a tqdm progress bar (and write the resume line through it).
+        chunk_size: under vmap, tasks per chunk (``"auto"``: from ``memory_budget``; ``None``: the
+            whole meta-batch at once); see `metalearn.outer.meta_gradient`. Not part of the
+            identity: it changes memory, not the result (beyond rounding), so a run that ran out
+            of memory can resume with smaller chunks.
+        memory_budget: bytes of one chunk's graph for ``chunk_size="auto"`` (``None``: half the
+            free memory of a CUDA device; no chunking on the CPU).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -90,6 +96,8 @@ class TrainConfig:
     keep_last: int | None = 2
     resume: bool = True
     progress: bool = True
+    chunk_size: int | str | None = None
+    memory_budget: int | None = None
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +119,7 @@ class TrainConfig:
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
         if self.checkpoint_dir is not None:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
+        check_chunk_size(self.chunk_size, self.memory_budget)
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ sets derived values

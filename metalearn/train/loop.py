@@ -27,6 +27,7 @@ from metalearn.train.sources import (
     describe_tasks,
     open_source,
     step_generator,
+    to_device,
     warn_if_wrapping,
 )
 
@@ -106,13 +107,15 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
         stats = meta_step(
             omega,
             run.outer_optimizer,
-            batch.to(device),
+            to_device(batch, device),
             cfg.inner_steps,
             first_order=cfg.first_order,
             batching=cfg.batching,
             clip_grad_norm=cfg.clip_grad_norm,
             generator=step_generator(cfg.seed, step),
             mode=cfg.gradient_mode,
+            chunk_size=cfg.chunk_size,
+            memory_budget=cfg.memory_budget,
         )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
