@@ -87,11 +87,13 @@ def _warn_if_not_bit_identical(info: CheckpointInfo, omega: MetaKnowledge) -> No
     """Warns once when the resumed run's thread count, device or torch differ from the checkpoint's."""
     differences = resume_environment_differences(info, omega)
     if differences:
+        move = any(d.startswith("device ") for d in differences)
         warnings.warn(
             f"resuming from {info.path} with another {', '.join(differences)}: the run continues correctly, but "
             "not bit-identically to an uninterrupted run (reductions sum in another order; a Conv-4 drifted by "
             "3e-3 in 12 steps). For a bit-identical resume, run with the checkpoint's settings (e.g. "
-            "torch.set_num_threads, the same device)",
+            "torch.set_num_threads, the same device"
+            + (f": omega.to({info.device!r}) before meta_train)" if move else ")"),
             ResumeEnvironmentWarning,
             stacklevel=4,
         )
