@@ -25,7 +25,7 @@ from metalearn.train.config import TrainConfig
 from metalearn.train.log import JsonlLog
 from metalearn.train.loop import meta_train, set_outer_step
 from metalearn.train.run import TrainResult
-from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator
+from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator, to_device
 
 __all__ = [
     "JsonlLog",
@@ -37,4 +37,5 @@ __all__ = [
     "meta_train",
     "set_outer_step",
     "step_generator",
+    "to_device",
 ]
