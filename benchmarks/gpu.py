@@ -22,6 +22,8 @@ One command, under 8 minutes on one GPU::
    fixed shapes and replayed. CUDA graphs cannot be captured on a CPU: that variant is skipped
    there. ``torch.compile`` of a meta-step is not measured here (cold compiles of 34-276 s,
    FINDINGS.md, do not fit the 8-minute budget).
+3. Chunks: the vmap meta-step of Conv-4 Omniglot (1 step) with chunks of 32 (none), 16, 8, 4, 2 and
+   1 tasks: median ms and peak memory against the chunk size.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU it is the peak of the bytes
 allocated and not yet freed in torch.profiler's allocation events (one extra round).
@@ -324,6 +326,25 @@ def benchmark(device: str, quick: bool, rounds: int | None) -> dict[str, dict[st
     return results
 
 
+def chunk_sweep(device: str, quick: bool, rounds: int | None) -> dict[str, Any]:
+    """Speed and peak memory of the vmap meta-step of Conv-4 Omniglot (1 step) against the chunk size."""
+    w = workloads(quick)[1]
+    sizes: list[int | None] = [None] + [c for c in (16, 8, 4, 2, 1) if c < w.meta_batch]
+    rows: dict[str, Any] = {}
+    for chunk in sizes:
+        torch.manual_seed(0)
+        omega = maml(w.model(), w.inner_lr).to(device)
+        outer = torch.optim.Adam(omega.parameters(), 1e-3)
+        b = w.batch(device, torch.float32, seed=1)
+
+        def step(omega=omega, outer=outer, b=b, chunk=chunk) -> None:
+            meta_step(omega, outer, b, w.inner_steps, batching="vmap", chunk_size=chunk)
+
+        rows[str(chunk or w.meta_batch)] = time_contender(step, device, warmup=1 if quick else 3,
+                                                         rounds=rounds or (2 if quick else 10))
+    return {"workload": w.name, "meta_batch": w.meta_batch, "by_chunk_size": rows}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -349,7 +370,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{w:20s} {c:24s} failed: {r['failed']}")
             else:
                 print(f"{w:20s} {c:24s} {r['ms']:10.2f} {r['peak_mib']:10.1f} {r.get('x_higher', ''):>9}")
-    summary = {**info, "correctness": correctness, "figures": figures}
+    sweep = chunk_sweep(args.device, args.quick, args.rounds)
+    print(f"\n{sweep['workload']} under vmap, meta-batch {sweep['meta_batch']}, against the chunk size:")
+    for chunk, r in sweep["by_chunk_size"].items():
+        print(f"  chunk {chunk:>3s}: {r['ms']:10.2f} ms {r['peak_mib']:10.1f} MiB")
+    summary = {**info, "correctness": correctness, "figures": figures, "chunk_sweep": sweep}
     print(json.dumps(summary))
     return summary
 

@@ -36,3 +36,6 @@ def test_gpu_benchmark_runs_on_the_cpu_at_quick_sizes() -> None:
             assert row[key]["ms"] > 0 and row[key]["peak_mib"] >= 0
         chunked = next(r for k, r in row.items() if "+chunk" in k)
         assert chunked["ms"] > 0
+    sweep = summary["chunk_sweep"]["by_chunk_size"]
+    assert list(sweep) == ["4", "2", "1"] and all(r["ms"] > 0 for r in sweep.values())
+    assert sweep["1"]["peak_mib"] < sweep["4"]["peak_mib"]  # chunks lower the peak (profiler's CPU allocations)
