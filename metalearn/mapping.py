@@ -283,7 +283,8 @@ def graph_bytes(outputs: Sequence[Tensor], exclude: Collection[int] = ()) -> int
     """Bytes of the tensors the autograd graph of ``outputs`` has saved for its backward.
 
     Walks the graph from the outputs' ``grad_fn`` and adds up every distinct storage a node holds
-    in its ``_saved_*`` attributes, except those whose address is in ``exclude`` (e.g. the inputs,
+    in its ``_saved_*`` attributes (``saved_tensors`` for a custom ``autograd.Function``), except
+    those whose address is in ``exclude`` (e.g. the inputs,
     which outlive the graph). Device-agnostic and deterministic: the same graph gives the same
     count on the CPU and on CUDA. It is what a chunk's graph keeps alive until its backward; the
     backward's own buffers come on top (hence `AUTO_BUDGET_FRACTION`).
@@ -297,7 +298,11 @@ def graph_bytes(outputs: Sequence[Tensor], exclude: Collection[int] = ()) -> int
         if node is None or node in seen:
             continue
         seen.add(node)
-        names = saved_names.setdefault(type(node), [a for a in dir(node) if a.startswith("_saved_")])
+        # built-in nodes expose what they saved as _saved_* attributes; a custom autograd.Function's
+        # node (e.g. a fused kernel's) as saved_tensors
+        names = saved_names.setdefault(
+            type(node), [a for a in dir(node) if a.startswith("_saved_") or a == "saved_tensors"]
+        )
         for name in names:
             try:
                 value = getattr(node, name)

@@ -151,6 +151,21 @@ def test_graph_bytes_counts_saved_tensors_once_and_leaves_inputs_out() -> None:
     assert graph_bytes([w.sum()], exclude={x.untyped_storage().data_ptr()}) == 0
     assert graph_bytes([x.detach() * 2]) == 0  # no graph
 
+    class Square(torch.autograd.Function):  # a custom op (e.g. a fused kernel) saves through ctx
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t * t
+
+        @staticmethod
+        def backward(ctx, g):
+            (t,) = ctx.saved_tensors
+            return 2 * t * g
+
+    inputs = {x.untyped_storage().data_ptr()}
+    assert graph_bytes([Square.apply(x.sin()).sum()], exclude=inputs) == 800  # sin's output, saved by Square only
+    assert graph_bytes([Square.apply(x.exp()).sum()]) == 800  # exp's output, saved by both nodes: counted once
+
 
 def test_auto_sizes_chunks_from_the_probe_task() -> None:
     """"auto": the first task runs alone, its graph's bytes B set the rest to budget // B tasks."""
