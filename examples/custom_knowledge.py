@@ -223,7 +223,7 @@ def describe(omega: MetaKnowledge, inner_steps: int) -> list[str]:
                 sizes = [float(omega.optimizer.step_size(f"{layer}.weight", k)) for k in range(inner_steps)]
                 lines.append(f"    {layer:9s} " + "  ".join(f"{s:.4f}" for s in sizes))
     if isinstance(omega.loss, LearnedLoss):
-        residuals = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0])
+        residuals = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0], device=next(omega.loss.parameters()).device)
         lines.append("  learned loss: weight w(r², y) of a squared residual r² (1 = MSE):")
         with torch.no_grad():
             for y in (-3.0, 0.0, 3.0):

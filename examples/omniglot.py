@@ -106,6 +106,10 @@ def build_omega(
     return maml(model, inner_lr)  # maml, fomaml (first order) and imaml (implicit meta-gradient)
 
 
+def _chunk_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, required=True, help="folder with the Omniglot archives")
@@ -143,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where ω and the tasks live (default: cuda when present, else cpu)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=None,
+                   help="under vmap (the default on CUDA), tasks per chunk, or 'auto' (half the free GPU memory); "
+                        "bounds the memory of a meta-batch (docs/gpu.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own, e.g. from OMP_NUM_THREADS)")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
               if k not in ("budget_minutes", "no_progress", "run_dir", "root", "cache_dir", "iterations",
-                           "test_tasks", "device", "threads")}  # device/threads: a resume warns instead
+                           "test_tasks", "device", "threads", "chunk_size")}  # device/threads: a resume warns
+    # instead; chunk_size changes memory, not the run: a run may resume with smaller chunks
     start = time.monotonic()
     result = meta_train(
         omega, source, outer,
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint_dir=args.run_dir / "checkpoints", checkpoint_every=args.checkpoint_every,
         seed=args.seed, config=config, progress=False if args.no_progress else f"meta-train {args.method}",
         callback=out_of_time,
+        chunk_size=args.chunk_size,
     )
     train_minutes = (time.monotonic() - start) / 60
     proximal = None if imaml is None else imaml.lam  # iMAML's inner problem at meta-test too

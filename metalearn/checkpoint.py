@@ -26,6 +26,16 @@ torch version. A resume is bit-identical to the uninterrupted run when all three
 with another thread count or device, reductions sum in another order (a Conv-4 drifted by
 3e-3 after 12 steps), so `metalearn.meta_train` warns once (`ResumeEnvironmentWarning`)
 naming both values. Checkpoints written before these fields existed load as before.
+
+Devices: a file is read onto the CPU (``map_location="cpu"``) and its tensors are then copied
+into ω's own tensors and the optimizer's state, which torch puts on the device of the parameter
+it belongs to. So a checkpoint lands on whatever device ω is on when it is loaded: a run written
+on a GPU resumes on the GPU when ω is moved there first (``omega.to("cuda")``, as the run that
+wrote it did), and the same file loads on a machine without one (for meta-testing, or to go on
+on the CPU). Reading onto the CPU never needs GPU memory for a second copy of the state, and
+never needs the writer's device to exist. A resume on another device than the writer's is
+correct but not bit-identical, and warned about (`ResumeEnvironmentWarning`); CUDA random states
+are restored only where as many CUDA devices are visible (`restore_rng_state`).
 """
 
 from __future__ import annotations
@@ -514,6 +524,7 @@ def _refused_pickle(path: Path, err: BaseException) -> CheckpointLoadError:
 
 
 def _load_weights_only(path: Path) -> Any:
+    """The file's payload, every tensor on the CPU: loading then copies it into ω's tensors on their device."""
     with warnings.catch_warnings():
         # torch warns about the pickle protocol of a foreign file just before refusing it
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -715,6 +726,9 @@ def load_checkpoint(
     meta-testing) only ω's class and weights (names, shapes, dtypes) must match, so settings
     such as an init's ``mode`` may differ. Global RNG states are *not* restored here; pass
     ``info.rng_state`` to `restore_rng_state` to continue a run.
+
+    The tensors go to the device ω is on now (and the optimizer state to its parameters'), not
+    to the device that wrote the file (``info.device``): move ω first to resume on a GPU.
 
     Raises:
         FileNotFoundError: no file at ``path``.

@@ -43,6 +43,7 @@ from metalearn.checks import check_clip_grad_norm, check_outer_optimizer
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
+from metalearn.mapping import Chunking
 from metalearn.modes import MetaGradientMode
 from metalearn.outer import _check_grads, _explained_meta_gradient, _grad_norm, check_batch
 from metalearn.tasks.task import TaskBatch
@@ -487,6 +488,8 @@ def sharded_meta_step(
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode = "unrolled",
     step: int | None = None,
+    chunk_size: int | str | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, float | str]:
     """`metalearn.meta_step` on this rank's share ``batch`` (tasks ``lo .. lo+len(batch)-1`` of a
     meta-batch of ``total``): local meta-gradient, one all-reduce, then the same clipping and outer
@@ -502,6 +505,7 @@ def sharded_meta_step(
     """
     n = len(batch)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+    chunking = Chunking(chunk_size, memory_budget)  # each rank's share runs in chunks of this size
     check_outer_optimizer(omega, outer_optimizer)
     outer_optimizer.zero_grad(set_to_none=True)
     error: Exception | None = None
@@ -511,7 +515,9 @@ def sharded_meta_step(
         try:
             check_batch("meta_step", omega, batch, inner_steps)
             with drawing_window(omega, lo, total):
-                stats, _ = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
+                stats, _ = _explained_meta_gradient(
+                    omega, batch, inner_steps, first_order, batching, generator, mode, chunking
+                )
             summary = [getattr(stats, k) for k in _SUMMARY]
             ran = stats.batching
         except Exception as err:  # reported to every rank through the reduction's failure flag

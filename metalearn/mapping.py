@@ -5,11 +5,16 @@ Every per-task computation of the library goes through `map_tasks` (meta-gradien
 `run_vmapped`, which computes every norm from primitives while it runs (`metalearn.exact_norms`),
 so the loop and vmap give the same result for any model. `choose_batching` picks the faster
 for a model and device; `resolve_batching` checks a user's choice against what a mode supports.
+
+`map_chunks` is vmap over chunks of a batch's tasks (`Chunking`): a caller backpropagates each
+chunk's share before the next chunk runs, so at most one chunk's graph is alive at a time and the
+memory of a meta-batch under vmap is bounded by the chunk size instead of the batch size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,9 +28,15 @@ from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape
 from metalearn.knowledge.parts import Params
 
 __all__ = [
+    "AUTO_BUDGET_FRACTION",
     "BATCHING_MODES",
+    "Chunking",
+    "check_chunk_size",
     "check_losses",
     "choose_batching",
+    "chunk_bounds",
+    "graph_bytes",
+    "map_chunks",
     "map_tasks",
     "metric",
     "random_layers",
@@ -180,6 +191,173 @@ def _task_args(in_dims: tuple, args: tuple, i: int) -> list[Any]:
     return sliced
 
 
+#: the share of a CUDA device's free memory that ``chunk_size="auto"`` lets one chunk's graphs hold
+#: when no ``memory_budget`` is given (the rest is headroom for the backward's own buffers)
+AUTO_BUDGET_FRACTION = 0.5
+
+
+def check_chunk_size(chunk_size: int | str | None, memory_budget: int | None = None) -> None:
+    """Raises `ValueError` for a ``chunk_size`` or ``memory_budget`` that `Chunking` cannot use."""
+    if chunk_size is not None and chunk_size != "auto":
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(
+                f"chunk_size must be a positive int (tasks per chunk under vmap), 'auto' (from a memory budget) "
+                f"or None (the whole meta-batch at once), got {chunk_size!r}"
+            )
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
+    if chunk_size != "auto":
+        raise ValueError(
+            f"memory_budget={memory_budget} is read only with chunk_size='auto' (got chunk_size={chunk_size!r}); "
+            "pass chunk_size='auto', or drop memory_budget"
+        )
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many of a meta-batch's tasks run at once under vmap (`map_chunks`).
+
+    Attributes:
+        size: tasks per chunk, a positive int (the last chunk takes the rest); ``"auto"``: as many
+            as ``memory_budget`` holds, from the graph of the first task, which runs alone as a
+            probe (`graph_bytes`); ``None``: the whole batch in one call (no chunking).
+        memory_budget: bytes the saved tensors of one chunk's graph may take, for ``size="auto"``.
+            ``None``: `AUTO_BUDGET_FRACTION` of the free memory of a CUDA device
+            (``torch.cuda.mem_get_info``); on the CPU, no chunking.
+
+    Raises:
+        ValueError: a bad ``size`` or ``memory_budget`` (`check_chunk_size`), when it is built.
+    """
+
+    size: int | str | None = None
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.size, self.memory_budget)
+
+    @property
+    def active(self) -> bool:
+        """Whether the batch may be split (``size`` is not ``None``)."""
+        return self.size is not None
+
+    def budget(self, device: torch.device) -> int | None:
+        """The bytes ``"auto"`` fills on ``device``: the given budget, a share of a CUDA device's free memory,
+        or ``None`` (no chunking) on any other device."""
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * AUTO_BUDGET_FRACTION)
+        return None
+
+
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of ``size`` tasks covering ``0 .. n - 1`` (the last may be shorter)."""
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _chunk_args(in_dims: tuple, args: tuple, start: int, stop: int) -> list[Any]:
+    """Tasks ``start .. stop - 1`` of ``args``: 0-dims sliced (views, no copy), shared ones (``None``) as they are."""
+    sliced = []
+    for dim, arg in zip(in_dims, args, strict=True):
+        if isinstance(dim, dict):
+            sliced.append({k: (v if dim[k] is None else v[start:stop]) for k, v in arg.items()})
+        else:
+            sliced.append(arg if dim is None else arg[start:stop])
+    return sliced
+
+
+def _storages(args: Sequence[Any]) -> set[int]:
+    """Storage addresses of every tensor in ``args`` (tensors, dicts of them, modules' parameters and buffers)."""
+    found: set[int] = set()
+    for arg in args:
+        if isinstance(arg, nn.Module):
+            tensors: list[Any] = [*arg.parameters(), *arg.buffers()]
+        elif isinstance(arg, dict):
+            tensors = list(arg.values())
+        else:
+            tensors = [arg]
+        found.update(t.untyped_storage().data_ptr() for t in tensors if isinstance(t, Tensor))
+    return found
+
+
+def graph_bytes(outputs: Sequence[Tensor], exclude: Collection[int] = ()) -> int:
+    """Bytes of the tensors the autograd graph of ``outputs`` has saved for its backward.
+
+    Walks the graph from the outputs' ``grad_fn`` and adds up every distinct storage a node holds
+    in its ``_saved_*`` attributes (``saved_tensors`` for a custom ``autograd.Function``), except
+    those whose address is in ``exclude`` (e.g. the inputs,
+    which outlive the graph). Device-agnostic and deterministic: the same graph gives the same
+    count on the CPU and on CUDA. It is what a chunk's graph keeps alive until its backward; the
+    backward's own buffers come on top (hence `AUTO_BUDGET_FRACTION`).
+    """
+    stack: list[Any] = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
+    seen: set[Any] = set()
+    saved_names: dict[type, list[str]] = {}
+    storages: dict[int, int] = {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        # built-in nodes expose what they saved as _saved_* attributes; a custom autograd.Function's
+        # node (e.g. a fused kernel's) as saved_tensors
+        names = saved_names.setdefault(
+            type(node), [a for a in dir(node) if a.startswith("_saved_") or a == "saved_tensors"]
+        )
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a saved tensor already freed by a backward
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, Tensor):
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in exclude:
+                        storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def map_chunks(
+    fn: Callable[..., tuple[Tensor, ...]],
+    in_dims: tuple,
+    *args: Any,
+    chunking: Chunking,
+    after_chunk: Callable[[tuple[Tensor, ...], int], tuple[Tensor, ...]],
+) -> tuple[Tensor, ...]:
+    """``fn`` vmapped over consecutive chunks of the batch's tasks (`run_vmapped` per chunk).
+
+    ``after_chunk(outputs, start)`` is called with each chunk's outputs (still attached to their
+    graph) and the index of its first task, before the next chunk runs: the place to backpropagate
+    the chunk's share, which frees its graph. It returns what is kept of them (e.g. detached); those
+    are concatenated over the chunks, in task order. Under ``chunking.size="auto"`` the first task
+    runs alone and its graph's size (`graph_bytes`, inputs excluded) sets the size of the rest:
+    ``max(1, budget // bytes per task)``.
+    """
+    n = _task_count(in_dims, args)
+    kept: list[tuple[Tensor, ...]] = []
+    size, start = chunking.size, 0
+    if size == "auto":
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        budget = chunking.budget(tensors[0].device if tensors else torch.device("cpu"))
+        size = n
+        if budget is not None and n > 1:
+            probe = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, 0, 1))
+            per_task = graph_bytes(probe, exclude=_storages(args))
+            kept.append(after_chunk(probe, 0))
+            del probe  # its graph went with its backward
+            size, start = max(1, budget // max(per_task, 1)), 1
+    assert isinstance(size, int)
+    for first, stop in chunk_bounds(n - start, size):
+        outputs = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, start + first, start + stop))
+        kept.append(after_chunk(outputs, start + first))
+        del outputs
+    return tuple(torch.cat(list(column)) for column in zip(*kept, strict=True))
+
+
 def task_in_dims(theta0_dims: dict[str, int | None]) -> tuple:
     """``in_dims`` for `task_objective`: ω shared, θ0 as given, the task halves mapped, steps/order shared."""
     return (None, theta0_dims, 0, 0, 0, 0, None, None)
@@ -238,19 +416,20 @@ def _all_finite(*tensors: Tensor) -> bool:
     return bool(ok)
 
 
-def check_losses(inner: Tensor, val_losses: Tensor, by_task: bool) -> None:
+def check_losses(inner: Tensor, val_losses: Tensor, by_task: bool, task_offset: int = 0) -> None:
     """Raises `NonFiniteError` for the first non-finite inner loss ``[tasks, steps]`` or val loss ``[tasks]``.
 
     One fused check when everything is finite (the common case). ``by_task`` reports the
     first task with any bad value (inner before val, the order the loop runs them);
-    otherwise every inner loss is checked before any val loss.
+    otherwise every inner loss is checked before any val loss. ``task_offset`` is the index
+    of the first of these tasks in the meta-batch (a chunk of it), for the message.
     """
     if _all_finite(inner, val_losses):
         return
     if by_task:
         bad = ~(torch.isfinite(inner).all(dim=1) & torch.isfinite(val_losses))
         i = int(bad.nonzero()[0, 0])
-        check_finite_losses(inner[i], task_offset=i)
-        check_finite_task_losses(val_losses[i, None], what="val loss (after adaptation)", task_offset=i)
-    check_finite_losses(inner)
-    check_finite_task_losses(val_losses, what="val loss (after adaptation)")
+        check_finite_losses(inner[i], task_offset=task_offset + i)
+        check_finite_task_losses(val_losses[i, None], what="val loss (after adaptation)", task_offset=task_offset + i)
+    check_finite_losses(inner, task_offset=task_offset)
+    check_finite_task_losses(val_losses, what="val loss (after adaptation)", task_offset=task_offset)

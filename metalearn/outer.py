@@ -19,6 +19,7 @@ slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from metalearn.checks import (
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.mapping import (
+    Chunking,
     check_losses,
     map_tasks,
     resolve_batching,
@@ -111,6 +113,8 @@ def meta_gradient(
     batching: str = "auto",
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode = "unrolled",
+    chunk_size: int | str | None = None,
+    memory_budget: int | None = None,
 ) -> MetaStats:
     """Adds ∇ω of the mean val loss over ``batch`` to the ``.grad`` of ω's parameters.
 
@@ -126,16 +130,25 @@ def meta_gradient(
             ``"truncated"``, ``"checkpointed"``, ``"implicit"`` (iMAML), ``"reptile"``, or a
             `metalearn.modes.MetaGradientMode` (e.g. ``Implicit(lam=2.0, cg_steps=10)``,
             ``Truncated(k=2)`` or one of your own); its ``accumulate`` does the work.
+        chunk_size: under vmap, run the tasks this many at a time, each chunk's share of the
+            meta-gradient backpropagated before the next chunk runs, so memory is bounded by the
+            chunk instead of the batch; the same meta-gradient up to rounding. ``"auto"``: as many
+            as ``memory_budget`` holds (`metalearn.mapping.Chunking`); ``None``: the whole batch at
+            once. The loop holds one task's graph at a time already and ignores it.
+        memory_budget: bytes one chunk's graph may hold, for ``chunk_size="auto"`` (default: half
+            the free memory of a CUDA device; no chunking on the CPU).
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
         RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
         ValueError: a negative ``inner_steps``, an empty batch, targets that do not fit the model's
             output or class labels outside ``0 .. head size - 1`` (names the task), an unknown
-            ``batching``.
+            ``batching``, a bad ``chunk_size`` / ``memory_budget``, or chunks asked of a mode whose
+            vmap path does not run in chunks.
     """
     check_batch("meta_gradient", omega, batch, inner_steps)
-    stats, _ = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
+    chunking = Chunking(chunk_size, memory_budget)
+    stats, _ = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking)
     return stats
 
 
@@ -168,12 +181,13 @@ def _explained_meta_gradient(
     batching: str,
     generator: torch.Generator | None,
     mode: str | MetaGradientMode,
+    chunking: Chunking,
 ) -> tuple[MetaStats, Tensor]:
     """`_meta_gradient`, turning torch's raw "target out of bounds" into an error that names the task,
     the label and the head size (the labels' upper bound needs the head size, known only from a
     forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
     try:
-        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
+        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
         if explained is err:
@@ -189,12 +203,22 @@ def _meta_gradient(
     batching: str,
     generator: torch.Generator | None,
     gradient_mode: str | MetaGradientMode = "unrolled",
+    chunking: Chunking | None = None,
 ) -> tuple[MetaStats, Tensor]:
     """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
     finiteness check and for `meta_step`'s report and clipping)."""
     how = resolve_mode(gradient_mode, first_order)
     batching = how.resolve_batching(omega, batching, batch.train[0].device)
-    val_losses, metrics, inner = how.accumulate(omega, batch, inner_steps, batching, generator)
+    chunks: dict[str, Any] = {}  # passed only to a mode that takes it (a user's mode may not)
+    if chunking is not None and chunking.active and batching == "vmap":
+        if not how.chunked_vmap:
+            raise ValueError(
+                f"mode={how.name or type(how).__name__!r} runs its vmap path in one piece (it does not set "
+                f"chunked_vmap), so chunk_size={chunking.size!r} cannot apply; pass chunk_size=None, or "
+                "batching='loop' (one task's graph at a time)"
+            )
+        chunks["chunking"] = chunking
+    val_losses, metrics, inner = how.accumulate(omega, batch, inner_steps, batching, generator, **chunks)
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)
     inner = inner.detach()
@@ -259,11 +283,13 @@ def meta_step(
     clip_grad_norm: float | None = None,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode = "unrolled",
+    chunk_size: int | str | None = None,
+    memory_budget: int | None = None,
 ) -> dict[str, float | str]:
     """One outer step: zero grads, meta-gradient over ``batch``, optional clipping, optimizer step.
 
-    ``mode`` is as in `meta_gradient` (``"reptile"`` with ``torch.optim.SGD(lr=ε)`` is Reptile's
-    θ0 ← θ0 + ε(mean φ − θ0)).
+    ``mode``, ``chunk_size`` and ``memory_budget`` are as in `meta_gradient` (``"reptile"`` with
+    ``torch.optim.SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0)).
 
     ω is left untouched if any loss or the meta-gradient is NaN/Inf (`NonFiniteError`).
 
@@ -283,8 +309,11 @@ def meta_step(
     check_batch("meta_step", omega, batch, inner_steps)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
     check_outer_optimizer(omega, outer_optimizer)
+    chunking = Chunking(chunk_size, memory_budget)
     outer_optimizer.zero_grad(set_to_none=True)
-    stats, grad_norm = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode)
+    stats, grad_norm = _explained_meta_gradient(
+        omega, batch, inner_steps, first_order, batching, generator, mode, chunking
+    )
     if clip_grad_norm is not None:
         params = [p for p in omega.parameters() if p.grad is not None]
         clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6

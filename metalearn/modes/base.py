@@ -38,6 +38,9 @@ class MetaGradientMode:
     name: ClassVar[str] = ""
     #: the batchings `accumulate` supports: ``("loop",)`` or ``("loop", "vmap")``
     batchings: ClassVar[tuple[str, ...]] = ("loop",)
+    #: whether `accumulate` takes ``chunking=`` (a `metalearn.mapping.Chunking`) and runs its vmap
+    #: path chunk by chunk; the loop needs none (it holds one task's graph at a time)
+    chunked_vmap: ClassVar[bool] = False
     #: whether the inner gradients are treated as constants (FOMAML); read by callers that
     #: build a plain `meta_loss` from the mode
     first_order: bool = False
@@ -82,6 +85,9 @@ class MetaGradientMode:
         Raises:
             NonFiniteError: a NaN/Inf inner or val loss (`metalearn.mapping.check_losses`), raised
                 before the gradient of a batch is complete where the mode can.
+
+        A mode with `chunked_vmap` also takes ``chunking=`` (keyword), passed only when the user
+        asked for chunks and ``batching`` is ``"vmap"``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement accumulate(omega, batch, inner_steps, ...)")
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from metalearn.inner import inner_loop
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
-from metalearn.mapping import metric, task_objective
-from metalearn.modes.unrolled import ThroughInnerLoop, _loop_backward, _vmap_backward
+from metalearn.mapping import Chunking, metric, task_objective
+from metalearn.modes.unrolled import ThroughInnerLoop, _chunked_vmap_backward, _loop_backward, _vmap_backward
 from metalearn.tasks.task import TaskBatch
 
 __all__ = ["MultiStepLoss", "mode_at_outer_step", "multi_step_objective", "multi_step_weights"]
@@ -174,10 +174,15 @@ class MultiStepLoss(ThroughInnerLoop):
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        chunking: Chunking | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Backpropagates the mean multi-step loss of ``batch`` into ω's ``.grad``."""
+        """Backpropagates the mean multi-step loss of ``batch`` into ω's ``.grad`` (under vmap in
+        chunks of tasks when ``chunking`` says so, as `Unrolled`)."""
         objective = partial(multi_step_objective, weights=self.weights(inner_steps))
         first_order = self.uses_first_order()
+        if batching == "vmap" and chunking is not None and chunking.active:
+            return _chunked_vmap_backward(omega, batch, inner_steps, first_order, generator, objective, chunking)
         if batching == "vmap":
             return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective)
         return _loop_backward(omega, batch, inner_steps, first_order, generator, objective)

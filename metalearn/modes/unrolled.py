@@ -15,7 +15,15 @@ from metalearn.inner import adapt_params
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
-from metalearn.mapping import check_losses, map_tasks, task_in_dims, task_objective, vmap_theta0
+from metalearn.mapping import (
+    Chunking,
+    check_losses,
+    map_chunks,
+    map_tasks,
+    task_in_dims,
+    task_objective,
+    vmap_theta0,
+)
 from metalearn.modes.base import MetaGradientMode
 from metalearn.tasks.task import TaskBatch
 
@@ -27,10 +35,12 @@ class ThroughInnerLoop(MetaGradientMode):
 
     Subclasses set `adapt_task` (how one task's inner loop runs, with `metalearn.inner.inner_loop`'s
     options) and ``batchings``; `accumulate` maps it over the batch, by vmap (one backward over
-    the mean) or by the loop (a backward per task, so one task's graph is alive at a time).
+    the mean, or one per chunk of tasks with ``chunking``) or by the loop (a backward per task,
+    so one task's graph is alive at a time).
     """
 
     batchings: ClassVar[tuple[str, ...]] = ("loop", "vmap")
+    chunked_vmap: ClassVar[bool] = True
 
     def adapt_task(
         self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
@@ -46,9 +56,17 @@ class ThroughInnerLoop(MetaGradientMode):
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        chunking: Chunking | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Backpropagates the mean val loss of ``batch`` into ω's ``.grad``; see `MetaGradientMode.accumulate`."""
+        """Backpropagates the mean val loss of ``batch`` into ω's ``.grad``; see `MetaGradientMode.accumulate`.
+
+        ``chunking`` (vmap only): run the tasks chunk by chunk, each chunk's share backpropagated
+        before the next runs (`metalearn.mapping.map_chunks`); the same meta-gradient up to rounding.
+        """
         objective = partial(task_objective, adapt_fn=self.adapt_task)
+        if batching == "vmap" and chunking is not None and chunking.active:
+            return _chunked_vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, chunking)
         if batching == "vmap":
             return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective)
         return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)
@@ -79,6 +97,45 @@ def _vmap_backward(
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()
+    return val_losses, metrics, inner
+
+
+def _chunked_vmap_backward(
+    omega: MetaKnowledge,
+    batch: TaskBatch,
+    inner_steps: int,
+    first_order: bool,
+    generator,
+    objective,
+    chunking: Chunking,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The vmap path over chunks of tasks: each chunk's share of the mean val loss is backpropagated
+    before the next chunk runs, so one chunk's graph is alive at a time.
+
+    Every chunk's backward ends at the same leaves: ω's own parameters where θ0 is them (`PointInit`),
+    and otherwise a detached copy of θ0 (the init's output) whose gradient gathers over the chunks
+    and is carried through the init by one backward at the end, as the loop path does: the init's
+    graph is used once, not once per chunk.
+    """
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    n = len(batch)
+    theta0, dims = vmap_theta0(omega, n, generator, batch.train)
+    leaves = {k: t if t.is_leaf else t.detach().requires_grad_() for k, t in theta0.items()}
+
+    def backward_share(outputs: tuple[Tensor, ...], start: int) -> tuple[Tensor, ...]:
+        val_losses, metrics, inner = outputs
+        check_losses(inner.detach(), val_losses.detach(), by_task=False, task_offset=start)
+        if val_losses.requires_grad:
+            (val_losses.sum() / n).backward()
+        return val_losses.detach(), metrics.detach(), inner.detach()
+
+    val_losses, metrics, inner = map_chunks(
+        objective, task_in_dims(dims), omega, leaves, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
+        chunking=chunking, after_chunk=backward_share,
+    )
+    carried = [k for k, t in theta0.items() if t is not leaves[k] and leaves[k].grad is not None]
+    if carried:
+        torch.autograd.backward([theta0[k] for k in carried], [leaves[k].grad for k in carried])
     return val_losses, metrics, inner
 
 

@@ -27,7 +27,7 @@ from metalearn.train.log import JsonlLog
 from metalearn.train.loggers import CallbackLogger, JsonlLogger, Logger, TensorBoardLogger, scalars_of
 from metalearn.train.loop import meta_train, set_outer_step
 from metalearn.train.run import TrainResult
-from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator
+from metalearn.train.sources import TaskSetWrapWarning, batch_for_step, describe_tasks, step_generator, to_device
 
 __all__ = [
     "CallbackLogger",
@@ -44,4 +44,5 @@ __all__ = [
     "scalars_of",
     "set_outer_step",
     "step_generator",
+    "to_device",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
 from metalearn.distributed import DistributedOptions, distributed_options
-from metalearn.mapping import BATCHING_MODES
+from metalearn.mapping import BATCHING_MODES, check_chunk_size
 from metalearn.modes import MetaGradientMode, resolve_mode
 
 __all__ = ["TrainConfig"]
@@ -74,6 +74,12 @@ class TrainConfig:
             initialised process group if there is one, ``True``/``False`` force it on/off, or
             `metalearn.DistributedOptions` (timeout, ω checksum interval, bucket size). Not part of
             the identity: a run may resume with another world size (same tasks, other summation order).
+        chunk_size: under vmap, tasks per chunk (``"auto"``: from ``memory_budget``; ``None``: the
+            whole meta-batch at once); see `metalearn.outer.meta_gradient`. Not part of the
+            identity: it changes memory, not the result (beyond rounding), so a run that ran out
+            of memory can resume with smaller chunks.
+        memory_budget: bytes of one chunk's graph for ``chunk_size="auto"`` (``None``: half the
+            free memory of a CUDA device; no chunking on the CPU).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -97,6 +103,8 @@ class TrainConfig:
     resume: bool = True
     progress: bool | str = True
     distributed: bool | DistributedOptions | None = None
+    chunk_size: int | str | None = None
+    memory_budget: int | None = None
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +129,7 @@ class TrainConfig:
         if not isinstance(self.progress, (bool, str)):
             raise TypeError(f"progress must be a bool or a label (str), got {self.progress!r}")
         distributed_options(self.distributed)  # a bad value is refused when the config is built
+        check_chunk_size(self.chunk_size, self.memory_budget)
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: only __post_init__ sets derived values

@@ -32,6 +32,7 @@ from metalearn.train.sources import (
     describe_tasks,
     open_source,
     step_generator,
+    to_device,
     warn_if_wrapping,
 )
 
@@ -110,7 +111,7 @@ def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -
         shard,
         run.omega,
         run.outer_optimizer,
-        mine.batch.to(device),
+        to_device(mine.batch, device),
         cfg.inner_steps,
         lo=mine.lo,
         total=mine.total,
@@ -120,6 +121,8 @@ def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -
         generator=step_generator(cfg.seed, step),
         mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
         step=step,
+        chunk_size=cfg.chunk_size,
+        memory_budget=cfg.memory_budget,
     )
 
 
@@ -139,13 +142,15 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
             stats = meta_step(
                 omega,
                 run.outer_optimizer,
-                batch.to(device),
+                to_device(batch, device),
                 cfg.inner_steps,
                 first_order=cfg.first_order,
                 batching=cfg.batching,
                 clip_grad_norm=cfg.clip_grad_norm,
                 generator=step_generator(cfg.seed, step),
                 mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
+                chunk_size=cfg.chunk_size,
+                memory_budget=cfg.memory_budget,
             )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err

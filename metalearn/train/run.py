@@ -92,11 +92,13 @@ def _warn_if_not_bit_identical(info: CheckpointInfo, omega: MetaKnowledge, shard
     if then != now:  # same tasks, but each rank's share and the order of the sums change
         differences.append(f"world size {then} in the checkpoint, {now} now")
     if differences:
+        move = any(d.startswith("device ") for d in differences)
         warnings.warn(
             f"resuming from {info.path} with another {', '.join(differences)}: the run continues correctly, but "
             "not bit-identically to an uninterrupted run (reductions sum in another order; a Conv-4 drifted by "
             "3e-3 in 12 steps). For a bit-identical resume, run with the checkpoint's settings (e.g. "
-            "torch.set_num_threads, the same device)",
+            "torch.set_num_threads, the same device"
+            + (f": omega.to({info.device!r}) before meta_train)" if move else ")"),
             ResumeEnvironmentWarning,
             stacklevel=4,
         )

@@ -41,6 +41,7 @@ __all__ = [
     "describe_tasks",
     "open_source",
     "step_generator",
+    "to_device",
 ]
 
 
@@ -68,6 +69,23 @@ class TaskSetWrapWarning(UserWarning):
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of outer step ``step``: a fresh CPU generator seeded from ``(seed, step)``."""
     return torch.Generator().manual_seed(task_seed(seed, step))
+
+
+def to_device(batch: TaskBatch, device: torch.device) -> TaskBatch:
+    """``batch`` on ``device``. From the CPU to a CUDA device, each tensor goes through pinned
+    (page-locked) memory and is copied with ``non_blocking=True``: the copy is queued on the
+    current stream and the host goes on (to sample the next batch) while the device waits for
+    it; kernels queued after it on the same stream see the data. Otherwise ``batch.to(device)``.
+    """
+    if device.type != "cuda" or not all(t.device.type == "cpu" for t in (*batch.train, *batch.val)):
+        return batch.to(device)
+
+    def pinned_copy(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch's pinned allocator keeps the host buffer until the queued copy has read it
+        x, y = (t.pin_memory().to(device, non_blocking=True) for t in pair)
+        return x, y
+
+    return TaskBatch(pinned_copy(batch.train), pinned_copy(batch.val))
 
 
 def step_indices(tasks: TaskSet | Sequence[Task], step: int, batch_size: int) -> list[int]:
