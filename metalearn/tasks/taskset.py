@@ -34,6 +34,8 @@ __all__ = ["TaskSet", "TaskStream", "task_seed"]
 _MASK64 = (1 << 64) - 1
 #: the `describe` entry of a batched set: which counter-based definition its tasks follow.
 DRAWS_VERSION = "splitmix64-counter-v1"
+#: how many tasks a batched set makes at a time when iterated (`TaskSet.stream`)
+ITER_CHUNK = 64
 
 
 def task_seed(seed: int, index: int) -> int:
@@ -194,19 +196,29 @@ class TaskSet(ABC):
                 f"{type(self).__name__} is endless (length=None): iterate it with .stream() or "
                 ".batches(batch_size) so the endlessness is explicit"
             )
-        return (self[i] for i in range(self.length))
+        return self.stream()
 
     # -- streams and batches ---------------------------------------------------------------
 
     def stream(self, start: int = 0) -> Iterator[Task]:
         """Yields tasks ``start, start + 1, ...`` in index order.
 
-        Endless for an endless set; a finite set stops after its last task.
+        Endless for an endless set; a finite set stops after its last task. A batched set of
+        same-shaped tasks makes them `ITER_CHUNK` at a time (`batch`: the same tasks, faster).
         """
         index = start
         while self.length is None or index < self.length:
-            yield self[index]
-            index += 1
+            stop = index + ITER_CHUNK if self.length is None else min(index + ITER_CHUNK, self.length)
+            if self.batched and self.same_shaped:
+                yield from self.batch(range(index, stop))
+            else:
+                yield from (self[i] for i in range(index, stop))
+            index = stop
+
+    @property
+    def same_shaped(self) -> bool:
+        """Whether every task has the same shapes, so any tasks stack into a batch (by default true)."""
+        return True
 
     def batch(self, indices: Iterable[int]) -> TaskBatch:
         """The tasks at ``indices`` as one `TaskBatch`, exactly the tasks ``self[i]`` gives.
