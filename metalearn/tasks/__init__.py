@@ -2,7 +2,8 @@
 
 from metalearn.deprecated import renamed_attribute
 from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
-from metalearn.tasks.datasets import LabelledDataset, TensorLabelledDataset
+from metalearn.tasks.datasets import CachedDataset, LabelledDataset, StoredInputs, TensorLabelledDataset
+from metalearn.tasks.draws import TaskDraws
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
 from metalearn.tasks.episodes import EpisodicTaskSet
 from metalearn.tasks.image_folder import ImageFolderDataset
@@ -13,6 +14,7 @@ from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import TaskSet, TaskStream, task_seed
 
 __all__ = [
+    "CachedDataset",
     "ChecksumMismatchError",
     "ClassAugmentation",
     "ClassSplit",
@@ -33,8 +35,10 @@ __all__ = [
     "Rotate90",
     "Sinusoid",
     "Step",
+    "StoredInputs",
     "Task",
     "TaskBatch",
+    "TaskDraws",
     "TaskSet",
     "TaskStream",
     "TensorLabelledDataset",
