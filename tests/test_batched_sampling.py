@@ -102,9 +102,11 @@ def test_numpy_and_torch_arithmetic_give_the_same_draws():
     a, b = TaskDraws.of(5, range(2, 40)), TaskDraws.of(5, range(2, 40), numpy=False)
     assert torch.equal(a.words(1, (4, 5)), b.words(1, (4, 5)))
     assert torch.equal(a.uniform(0, (3,)), b.uniform(0, (3,)))
-    assert torch.equal(a.uniform(0, (1, 3), (0.1, -2.0, 0.0), (5.0, 3.0, 3.14)), b.uniform(0, (1, 3), (0.1, -2.0, 0.0), (5.0, 3.0, 3.14)))
+    ranges = ((0.1, -2.0, 0.0), (5.0, 3.0, 3.14))
+    assert torch.equal(a.uniform(0, (1, 3), *ranges), b.uniform(0, (1, 3), *ranges))
     assert torch.equal(a.normal(2, (6, 1)), b.normal(2, (6, 1)))
-    assert torch.equal(a.integers(1, (4,), torch.tensor([10, 9, 8, 7])), b.integers(1, (4,), torch.tensor([10, 9, 8, 7])))
+    high = torch.tensor([10, 9, 8, 7])
+    assert torch.equal(a.integers(1, (4,), high), b.integers(1, (4,), high))
 
 
 def test_draws_are_in_range_and_roughly_distributed():

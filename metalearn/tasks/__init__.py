@@ -3,8 +3,8 @@
 from metalearn.deprecated import renamed_attribute
 from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
 from metalearn.tasks.datasets import CachedDataset, LabelledDataset, StoredInputs, TensorLabelledDataset
-from metalearn.tasks.draws import TaskDraws
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
+from metalearn.tasks.draws import TaskDraws
 from metalearn.tasks.episodes import EpisodicTaskSet
 from metalearn.tasks.image_folder import ImageFolderDataset
 from metalearn.tasks.omniglot import OMNIGLOT_ARCHIVES, Omniglot, OmniglotCharacter, OmniglotFormatError, RemoteFile

@@ -139,10 +139,10 @@ class TaskDraws:
         device = torch.device("cpu") if device is None else torch.device(device)
         if device.type == "cpu" and numpy and not isinstance(indices, Tensor):
             if isinstance(indices, range):
-                index = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
+                array = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
             else:
-                index = np.asarray(list(indices), dtype=np.int64)
-            draws = cls(torch.from_numpy(_task_keys_numpy(seed, index.reshape(-1)).view(np.int64)))
+                array = np.asarray(list(indices), dtype=np.int64)
+            draws = cls(torch.from_numpy(_task_keys_numpy(seed, array.reshape(-1)).view(np.int64)))
         else:
             if isinstance(indices, Tensor):
                 index = indices.to(device=device, dtype=torch.int64)
@@ -195,11 +195,11 @@ class TaskDraws:
             tuple(low) if isinstance(low, Sequence) else (low,), tuple(high) if isinstance(high, Sequence) else (high,)
         )
         if isinstance(words, np.ndarray):
-            u = _unit_numpy(words, 40)
+            unit = _unit_numpy(words, 40)
             if affine is not None:
-                u *= affine[0]
-                u += affine[1]
-            return torch.from_numpy(u)
+                unit *= affine[0]
+                unit += affine[1]
+            return torch.from_numpy(unit)
         u = _unit(words, 40)
         if affine is not None:
             u.mul_(torch.tensor(affine[0], device=u.device)).add_(torch.tensor(affine[1], device=u.device))

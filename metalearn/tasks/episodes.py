@@ -249,7 +249,7 @@ class EpisodicTaskSet(TaskSet):
                 f"the tasks have different ways and shots {sorted(sizes)}: only same-shaped tasks stack. "
                 "With variable ways/shots, take the tasks one at a time (taskset[i]) instead of as a batch"
             )
-        (n_ways, n_shots), = sizes
+        ((n_ways, n_shots),) = sizes
         return self._episodes(draws, n_ways, n_shots)
 
     def _classes(self, draws: TaskDraws, ways: int) -> Tensor:

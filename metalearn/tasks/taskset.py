@@ -57,7 +57,7 @@ def task_seed(seed: int, index: int) -> int:
     return splitmix64((splitmix64(seed & _MASK64) + index) & _MASK64)
 
 
-class TaskSet(ABC):
+class TaskSet(ABC):  # noqa: B024  (no abstract method: one of sample / sample_batch is; subclasses add theirs)
     """A map-style, seeded source of tasks: ``taskset[i]`` is always the same task.
 
     Subclasses implement either `sample_batch`, which makes a batch of tasks from their
@@ -240,7 +240,9 @@ class TaskSet(ABC):
         """``indices`` checked like `__getitem__` does (negative ones counted from the end)."""
         if isinstance(indices, torch.Tensor):
             if indices.ndim != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
-                raise TypeError(f"task indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+                raise TypeError(
+                    f"task indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
+                )
             if indices.numel() == 0:
                 raise ValueError("batch needs at least one task index")
             return indices  # checked on the device would cost a host round trip; the caller owns them
