@@ -32,8 +32,8 @@ from metalearn.tasks import (
     stack_tasks,
     task_seed,
 )
+from metalearn.tasks.datasets import uint8_to_unit
 from metalearn.tasks.draws import splitmix64, task_keys
-from metalearn.tasks.omniglot import ink_to_unit
 from metalearn.train.sources import open_source, step_indices
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -66,13 +66,13 @@ class Ink(LabelledDataset):
         self.labels = torch.arange(n_classes).repeat_interleave(per_class)
 
     def get_input(self, index: int) -> torch.Tensor:
-        return ink_to_unit(self.images[index : index + 1])[0]
+        return uint8_to_unit(self.images[index : index + 1])[0]
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
-        return ink_to_unit(self.images.index_select(0, indices))
+        return uint8_to_unit(self.images.index_select(0, indices))
 
     def stored_inputs(self):
-        return self.images, ink_to_unit
+        return self.images, uint8_to_unit
 
 
 def unbalanced() -> TensorLabelledDataset:
@@ -278,6 +278,25 @@ def test_cached_dataset_is_the_dataset():
         assert cached.describe() == data.describe()
     assert CachedDataset(data).stored_inputs()[0].dtype == torch.uint8
     assert CachedDataset(data, decoded=True).stored_inputs()[1] is None
+
+
+def test_an_image_folder_caches_its_uint8_pixels(tmp_path):
+    from PIL import Image
+
+    from metalearn.tasks import ImageFolderDataset
+
+    generator = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(4):
+            pixels = torch.randint(0, 256, (5, 5, 3), dtype=torch.uint8, generator=generator).numpy()
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.png")
+    data = ImageFolderDataset(tmp_path)
+    cached = CachedDataset(data)
+    assert cached.stored_inputs()[0].dtype == torch.uint8
+    indices = torch.tensor([0, 7, 11])
+    assert torch.equal(cached.gather(indices), data.gather(indices))
+    assert_batch_is_indexing(EpisodicTaskSet(data, 2, 1, 2, length=None, cache="stored"), range(6))
 
 
 def test_errors_of_the_episode_cache():

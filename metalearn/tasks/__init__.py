@@ -2,7 +2,7 @@
 
 from metalearn.deprecated import renamed_attribute
 from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
-from metalearn.tasks.datasets import CachedDataset, LabelledDataset, StoredInputs, TensorLabelledDataset
+from metalearn.tasks.datasets import CachedDataset, LabelledDataset, StoredInputs, TensorLabelledDataset, uint8_to_unit
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
 from metalearn.tasks.draws import TaskDraws
 from metalearn.tasks.episodes import EpisodicTaskSet
@@ -47,6 +47,7 @@ __all__ = [
     "split_classes",
     "stack_tasks",
     "task_seed",
+    "uint8_to_unit",
 ]
 
 

@@ -101,6 +101,12 @@ class TensorLabelledDataset(LabelledDataset):
         return self.inputs, None
 
 
+def uint8_to_unit(images: Tensor) -> Tensor:
+    """``uint8`` pixels ``0..255`` as float32 in ``[0, 1]`` (``x / 255``: how `Omniglot` and
+    `ImageFolderDataset` decode theirs)."""
+    return images.to(torch.float32).div_(255.0)
+
+
 def _decode_with(decode: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
     return x if decode is None else decode(x)
 

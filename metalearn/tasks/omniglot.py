@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset, StoredInputs
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs, uint8_to_unit
 from metalearn.tasks.download import default_file_mode, download_file
 from metalearn.tasks.splits import ClassSplit
 
@@ -129,11 +129,6 @@ class _Decoded:
     images: np.ndarray
     labels: np.ndarray
     characters: list[tuple[str, str]]
-
-
-def ink_to_unit(images: Tensor) -> Tensor:
-    """``uint8`` ink ``0..255`` as float32 in ``[0, 1]`` (``x / 255``, as `Omniglot.gather`)."""
-    return images.float().div_(255.0)
 
 
 class Omniglot(LabelledDataset):
@@ -227,7 +222,7 @@ class Omniglot(LabelledDataset):
 
     def stored_inputs(self) -> StoredInputs:
         """The ``uint8`` images and their decoding to ``[0, 1]`` (what `gather` does)."""
-        return self.images, ink_to_unit
+        return self.images, uint8_to_unit
 
     def few_shot_split(self, n_source: int = 1200) -> ClassSplit:
         """The standard few-shot split: the first ``n_source`` classes are the source pool,
