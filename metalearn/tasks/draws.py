@@ -24,7 +24,7 @@ function.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
@@ -76,13 +76,18 @@ def mix64(z: Tensor) -> Tensor:
     return _xor_shift_(z, 31)
 
 
+_U30, _U27, _U31, _U_C1, _U_C2 = (np.uint64(v) for v in (30, 27, 31, _C1, _C2))
+_U_MASK24 = np.uint64(0xFFFFFF)
+_F_2M24 = np.float32(2.0**-24)
+
+
 def _mix64_numpy(z: np.ndarray) -> np.ndarray:
     """`mix64` on a uint64 array, in place."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(_C1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(_C2)
-    z ^= z >> np.uint64(31)
+    z ^= z >> _U30
+    z *= _U_C1
+    z ^= z >> _U27
+    z *= _U_C2
+    z ^= z >> _U31
     return z
 
 
@@ -181,18 +186,19 @@ class TaskDraws:
         self,
         stream: int,
         shape: tuple[int, ...],
-        low: float | Sequence[float] = 0.0,
-        high: float | Sequence[float] = 1.0,
+        low: float | tuple[float, ...] | list[float] = 0.0,
+        high: float | tuple[float, ...] | list[float] = 1.0,
     ) -> Tensor:
         """float32 ``U[low, high)`` ``[n_tasks, *shape]``: the top 24 bits of each word times ``2**-24``
         (as ``torch.rand`` makes its floats), then ``low + (high - low) * u`` in float32.
 
-        ``low`` and ``high`` are numbers, or one per element of the last dimension of ``shape``
+        ``low`` and ``high`` are numbers, or tuples/lists of one per element of the last dimension of ``shape``
         (e.g. the ranges of a function's parameters, drawn in one go).
         """
         words = self._words(stream, shape)
         affine = _affine(
-            tuple(low) if isinstance(low, Sequence) else (low,), tuple(high) if isinstance(high, Sequence) else (high,)
+            tuple(low) if isinstance(low, (tuple, list)) else (low,),
+            tuple(high) if isinstance(high, (tuple, list)) else (high,),
         )
         if isinstance(words, np.ndarray):
             unit = _unit_numpy(words, 40)
@@ -235,9 +241,10 @@ def _affine(low: tuple[float, ...], high: tuple[float, ...]) -> tuple[np.ndarray
 
 def _unit_numpy(words: np.ndarray, shift: int) -> np.ndarray:
     """The 24 bits of uint64 ``words`` from bit ``shift`` as float32 in ``[0, 1)`` (exact)."""
-    bits = (words >> np.uint64(shift)) & np.uint64(0xFFFFFF)
+    bits = words >> np.uint64(shift)  # a new array: ``words`` stays as it is
+    bits &= _U_MASK24
     unit = bits.astype(np.float32)
-    unit *= np.float32(2.0**-24)
+    unit *= _F_2M24
     return unit
 
 
