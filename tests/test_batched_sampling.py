@@ -109,6 +109,18 @@ def test_numpy_and_torch_arithmetic_give_the_same_draws():
     assert torch.equal(a.integers(1, (4,), high), b.integers(1, (4,), high))
 
 
+@pytest.mark.parametrize(
+    "taskset",
+    [Sinusoid(3, 4, noise_std=0.2, length=None), Harmonics(2, 3, length=None), Polynomial(2, 2, length=None),
+     EpisodicTaskSet(Ink(), 3, 2, 2, length=None), EpisodicTaskSet(unbalanced(), 3, 1, 2, length=None, cache="stored")],
+    ids=["sinusoid", "harmonics", "polynomial", "episodes", "unbalanced-episodes"],
+)  # fmt: skip
+def test_the_device_arithmetic_makes_the_same_tasks(taskset):
+    # what a CUDA device runs (torch int64 words), here on the CPU
+    by_torch = taskset.sample_batch(TaskDraws.of(taskset.seed, range(5, 30), numpy=False))
+    assert_same(by_torch, taskset.batch(range(5, 30)))
+
+
 def test_draws_are_in_range_and_roughly_distributed():
     draws = TaskDraws.of(0, range(4000))
     u = draws.uniform(0, (1,), -2.0, 3.0)
