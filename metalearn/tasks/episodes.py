@@ -207,6 +207,7 @@ class EpisodicTaskSet(TaskSet):
         self._items_on = self._items.to(device)
         self._offsets_on = self._offsets.to(device)
         self._counts_on = self.class_counts.to(device)
+        self._ranks_on = torch.arange(max(self._ways[1], self._max_count), device=device)
         cache = self._cache if self._cache is not None or device.type == "cpu" else "stored"
         dataset = self.dataset.base if isinstance(self.dataset, CachedDataset) else self.dataset
         self._store = dataset if cache is None else CachedDataset(dataset, device, decoded=cache == "decoded")
@@ -255,13 +256,13 @@ class EpisodicTaskSet(TaskSet):
     def _classes(self, draws: TaskDraws, ways: int) -> Tensor:
         """Pool positions ``[B, ways]`` of each task's classes, distinct, in a uniformly random order."""
         n_pool = self.classes.numel()
-        spans = torch.arange(n_pool, n_pool - ways, -1, device=draws.device)
-        r = draws.integers(CLASS_STREAM, (ways,), spans)
+        ranks = self._ranks_on
+        r = draws.integers(CLASS_STREAM, (ways,), n_pool - ranks[:ways])
         chosen = r[:, :1]
         for j in range(1, ways):
             # the r-th class not yet drawn is r + #{k : s_k - k <= r}, s the drawn ones sorted
             # (s_k - k counts the undrawn classes below s_k)
-            drawn = torch.sort(chosen, dim=1).values - torch.arange(j, device=draws.device)
+            drawn = torch.sort(chosen, dim=1).values - ranks[:j]
             rj = r[:, j : j + 1]
             chosen = torch.cat((chosen, rj + (drawn <= rj).sum(1, keepdim=True)), dim=1)
         return chosen
@@ -271,7 +272,7 @@ class EpisodicTaskSet(TaskSet):
         chosen = self._classes(draws, ways)
         keys = draws.words(ITEM_STREAM, (ways, width))
         if not self._balanced:  # positions past a class's count sort last
-            past = torch.arange(width, device=draws.device) >= self._counts_on[chosen][..., None]
+            past = self._ranks_on[:width] >= self._counts_on[chosen][..., None]
             keys = keys.masked_fill(past, _LAST)
         positions = torch.sort(keys, dim=2, stable=True).indices[..., :per_class]  # the per_class smallest
         items = self._items_on[self._offsets_on[chosen][..., None] + positions]  # [B, ways, per_class]
