@@ -5,8 +5,15 @@ from metalearn.tasks.augment import ClassAugmentation, Rotate90, rotations
 from metalearn.tasks.benchmark import BenchmarkFormatError, BenchmarkImages, published_split
 from metalearn.tasks.cifar_fs import CIFAR100_ARCHIVE, CIFARFS, FC100
 from metalearn.tasks.cub import CUB
-from metalearn.tasks.datasets import LabelledDataset, TensorLabelledDataset
+from metalearn.tasks.datasets import (
+    CachedDataset,
+    LabelledDataset,
+    StoredInputs,
+    TensorLabelledDataset,
+    uint8_to_unit,
+)
 from metalearn.tasks.download import ChecksumMismatchError, DownloadError, IncompleteDownloadError, download_file
+from metalearn.tasks.draws import TaskDraws
 from metalearn.tasks.episodes import EpisodicTaskSet
 from metalearn.tasks.image_folder import ImageFolderDataset
 from metalearn.tasks.mini_imagenet import MiniImageNet
@@ -24,6 +31,7 @@ __all__ = [
     "CIFAR100_ARCHIVE",
     "CIFARFS",
     "CUB",
+    "CachedDataset",
     "ChecksumMismatchError",
     "ClassAugmentation",
     "ClassSplit",
@@ -49,8 +57,10 @@ __all__ = [
     "Rotate90",
     "Sinusoid",
     "Step",
+    "StoredInputs",
     "Task",
     "TaskBatch",
+    "TaskDraws",
     "TaskSet",
     "TaskStream",
     "TensorLabelledDataset",
@@ -61,6 +71,7 @@ __all__ = [
     "split_classes",
     "stack_tasks",
     "task_seed",
+    "uint8_to_unit",
 ]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs
 
 __all__ = ["ClassAugmentation", "Rotate90", "rotations"]
 
@@ -177,6 +177,15 @@ class ClassAugmentation(LabelledDataset):
         blocks = x.split(sizes)
         transformed = torch.cat([self.transforms[t](blocks[t]) for t in present])
         return transformed.index_select(0, torch.argsort(order))
+
+    def stored_inputs(self) -> StoredInputs | None:
+        """The base's stored inputs under each transform, when every transform is a `Rotate90`
+        (a rotation moves pixels, so it commutes with decoding them); otherwise ``None``."""
+        stored = self.base.stored_inputs()
+        if stored is None or not all(isinstance(t, Rotate90) for t in self.transforms):
+            return None
+        inputs, decode = stored
+        return torch.cat([t(inputs) for t in self.transforms]), decode
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.base).__name__}, transforms={self.transforms})"

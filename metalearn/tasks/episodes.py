@@ -10,19 +10,26 @@ from a range, for variable-way variable-shot episodes in the spirit of Meta-Data
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
-from metalearn.tasks.task import Task
+from metalearn.tasks.datasets import CachedDataset, LabelledDataset
+from metalearn.tasks.draws import TaskDraws
+from metalearn.tasks.task import TaskBatch
 from metalearn.tasks.taskset import TaskSet
 
 __all__ = ["EpisodicTaskSet"]
 
 SizeSpec = int | tuple[int, int]
+
+#: the streams of `TaskDraws` an episode draws from: its sizes, its classes, its items
+SIZE_STREAM, CLASS_STREAM, ITEM_STREAM = 0, 1, 2
+#: sorts after every real item's key (an int64 word)
+_LAST = (1 << 63) - 1
 
 
 def _as_int(value: object) -> int | None:
@@ -68,8 +75,22 @@ class EpisodicTaskSet(TaskSet):
     the ``j``-th class of a fresh random permutation, and no example appears twice in a
     task, so train and val are disjoint.
 
-    Items are grouped by class once, at construction (a sorted index and per-class offsets),
-    and each task costs a few vectorised tensor operations and one ``dataset.gather``.
+    Items are grouped by class once, at construction (a sorted index and per-class offsets).
+    A whole batch of tasks (`TaskSet.batch`) is a few tensor operations on counter-based draws
+    (`TaskDraws`) and one ``dataset.gather``, and gives bit for bit the tasks indexing gives:
+
+    - the classes: ``r_j`` uniform on ``[0, P - j)`` (word ``j`` of stream 1, ``P`` pool
+      classes), and class ``j`` is the ``r_j``-th pool class not yet drawn, so ``ways`` distinct
+      classes in a uniformly random order (label ``j`` is class ``j``);
+    - the items: one random word per item of each drawn class (stream 2, a row of
+      ``max(class_counts)`` words per class), and the ``shots + queries`` items with the
+      smallest words, in that order, are the class's train then val items;
+    - variable ways and shots: words 0 and 1 of stream 0.
+
+    With ``device``, the dataset's inputs are held on that device in one tensor (their stored
+    form, e.g. Omniglot's ``uint8`` images: `CachedDataset`) and every batch is drawn, indexed
+    and built there, with no host round trip; ``cache="decoded"`` holds them decoded (float32:
+    four times the memory of ``uint8``, but no conversion per batch, the fastest on a CPU).
 
     Args:
         dataset: where examples come from; only its ``labels`` are read at construction.
@@ -82,6 +103,11 @@ class EpisodicTaskSet(TaskSet):
             dataset.
         seed: seed of the task set (see `TaskSet`).
         length: number of tasks, or ``None`` for an endless set.
+        device: where tasks are made (the inputs are cached there); ``None`` for the CPU,
+            reading inputs through ``dataset.gather`` unless ``cache`` is given.
+        cache: ``None`` (no cache on the CPU; the stored form on another device), ``"stored"``
+            (inputs in their stored dtype, decoded per batch) or ``"decoded"`` (float32 inputs).
+            The cache never changes the tasks.
 
     Attributes:
         dataset, ways, shots, queries: as given.
@@ -105,8 +131,12 @@ class EpisodicTaskSet(TaskSet):
         classes: Tensor | Sequence[int] | None = None,
         seed: int = 0,
         length: int | None = 600,
+        device: torch.device | str | None = None,
+        cache: str | None = None,
     ) -> None:
         super().__init__(seed=seed, length=length)
+        if cache not in (None, "stored", "decoded"):
+            raise ValueError(f"cache must be None, 'stored' or 'decoded', got {cache!r}")
         if not isinstance(dataset, LabelledDataset):
             raise TypeError(
                 f"dataset must be a LabelledDataset (with a labels tensor), got {type(dataset).__name__}; "
@@ -167,6 +197,26 @@ class EpisodicTaskSet(TaskSet):
             )
         self._balanced = bool((counts == counts[0]).all())
         self._max_count = int(counts.max())
+        self._cache = cache
+        self._store: LabelledDataset = dataset
+        self._place(torch.device("cpu") if device is None else torch.device(device))
+
+    def _place(self, device: torch.device) -> None:
+        """Makes tasks on ``device``: the index tensors there, and the inputs cached there if asked."""
+        self._device = device
+        self._items_on = self._items.to(device)
+        self._offsets_on = self._offsets.to(device)
+        self._counts_on = self.class_counts.to(device)
+        self._ranks_on = torch.arange(max(self._ways[1], self._max_count), device=device)
+        cache = self._cache if self._cache is not None or device.type == "cpu" else "stored"
+        dataset = self.dataset.base if isinstance(self.dataset, CachedDataset) else self.dataset
+        self._store = dataset if cache is None else CachedDataset(dataset, device, decoded=cache == "decoded")
+
+    def to(self, device: torch.device | str) -> EpisodicTaskSet:
+        """A copy of this set that makes its tasks on ``device``, its inputs cached there (see ``cache``)."""
+        moved = copy.copy(self)
+        moved._place(torch.device(device))
+        return moved
 
     @property
     def fixed_shape(self) -> bool:
@@ -174,41 +224,68 @@ class EpisodicTaskSet(TaskSet):
         return self._ways[0] == self._ways[1] and self._shots[0] == self._shots[1]
 
     @property
+    def same_shaped(self) -> bool:
+        """`fixed_shape`: tasks of variable ways or shots do not stack."""
+        return self.fixed_shape
+
+    @property
     def max_ways(self) -> int:
         """The largest number of ways a task can have."""
         return self._ways[1]
 
-    def _draw_size(self, bounds: tuple[int, int], generator: torch.Generator) -> int:
-        low, high = bounds
-        if low == high:
-            return low
-        return int(torch.randint(low, high + 1, (1,), generator=generator))
+    def _sizes(self, draws: TaskDraws) -> tuple[Tensor, Tensor]:
+        """Ways and shots of each task ``[B]`` (words 0 and 1 of stream 0)."""
+        (ways_low, ways_high), (shots_low, shots_high) = self._ways, self._shots
+        spans = torch.tensor([ways_high - ways_low + 1, shots_high - shots_low + 1], device=draws.device)
+        r = draws.integers(SIZE_STREAM, (2,), spans)
+        return r[:, 0] + ways_low, r[:, 1] + shots_low
 
-    def sample(self, generator: torch.Generator) -> Task:
-        ways = self._draw_size(self._ways, generator)
-        shots = self._draw_size(self._shots, generator)
-        per_class = shots + self.queries
+    def sample_batch(self, draws: TaskDraws) -> TaskBatch:
+        if self.fixed_shape:
+            return self._episodes(draws, self._ways[0], self._shots[0])
+        ways, shots = self._sizes(draws)
+        sizes = set(zip(ways.tolist(), shots.tolist(), strict=True))  # variable shapes: a host round trip
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the tasks have different ways and shots {sorted(sizes)}: only same-shaped tasks stack. "
+                "With variable ways/shots, take the tasks one at a time (taskset[i]) instead of as a batch"
+            )
+        ((n_ways, n_shots),) = sizes
+        return self._episodes(draws, n_ways, n_shots)
 
-        chosen = torch.randperm(self.classes.numel(), generator=generator)[:ways]
-        if self._balanced:
-            width = self._max_count
-            keys = torch.rand(ways, width, generator=generator)
-        else:
-            counts = self.class_counts[chosen]
-            width = int(counts.max())
-            keys = torch.rand(ways, width, generator=generator)
-            keys.masked_fill_(torch.arange(width) >= counts[:, None], 2.0)  # never among the smallest
-        # the `per_class` smallest keys of a row: a uniform draw without replacement
-        positions = torch.argsort(keys, dim=1)[:, :per_class]
-        items = self._items[self._offsets[chosen, None] + positions]
+    def _classes(self, draws: TaskDraws, ways: int) -> Tensor:
+        """Pool positions ``[B, ways]`` of each task's classes, distinct, in a uniformly random order."""
+        n_pool = self.classes.numel()
+        ranks = self._ranks_on
+        r = draws.integers(CLASS_STREAM, (ways,), n_pool - ranks[:ways])
+        chosen = r[:, :1]
+        for j in range(1, ways):
+            # the r-th class not yet drawn is r + #{k : s_k - k <= r}, s the drawn ones sorted
+            # (s_k - k counts the undrawn classes below s_k)
+            drawn = torch.sort(chosen, dim=1).values - ranks[:j]
+            rj = r[:, j : j + 1]
+            chosen = torch.cat((chosen, rj + (drawn <= rj).sum(1, keepdim=True)), dim=1)
+        return chosen
 
-        n_train = ways * shots
-        indices = torch.cat((items[:, :shots].reshape(-1), items[:, shots:].reshape(-1)))
-        x = self.dataset.gather(indices)
-        labels = torch.arange(ways)
-        return Task(
-            train=(x[:n_train], labels.repeat_interleave(shots)),
-            val=(x[n_train:], labels.repeat_interleave(self.queries)),
+    def _episodes(self, draws: TaskDraws, ways: int, shots: int) -> TaskBatch:
+        n_tasks, per_class, width = len(draws), shots + self.queries, self._max_count
+        chosen = self._classes(draws, ways)
+        keys = draws.words(ITEM_STREAM, (ways, width))
+        if not self._balanced:  # positions past a class's count sort last
+            past = self._ranks_on[:width] >= self._counts_on[chosen][..., None]
+            keys = keys.masked_fill(past, _LAST)
+        positions = torch.sort(keys, dim=2, stable=True).indices[..., :per_class]  # the per_class smallest
+        items = self._items_on[self._offsets_on[chosen][..., None] + positions]  # [B, ways, per_class]
+        n_train, n_val = ways * shots, ways * self.queries
+        indices = torch.cat((items[..., :shots].reshape(-1), items[..., shots:].reshape(-1)))
+        x = self._store.gather(indices)
+        labels = torch.arange(ways, device=x.device)
+        train_y = labels.repeat_interleave(shots).expand(n_tasks, -1).contiguous()
+        val_y = labels.repeat_interleave(self.queries).expand(n_tasks, -1).contiguous()
+        item_shape = tuple(x.shape[1:])
+        return TaskBatch(
+            train=(x[: n_tasks * n_train].view(n_tasks, n_train, *item_shape), train_y),
+            val=(x[n_tasks * n_train :].view(n_tasks, n_val, *item_shape), val_y),
         )
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs, uint8_to_unit
 from metalearn.tasks.describe import describe_value
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset"]
@@ -164,6 +164,16 @@ class ImageFolderDataset(LabelledDataset):
         return {**super().describe(), "files": describe_value(files)}
 
     def _decode(self, index: int) -> Tensor:
+        return uint8_to_unit(self._decode_uint8(index))
+
+    def stored_inputs(self) -> StoredInputs | None:
+        """Every image decoded once to ``uint8 [n, C, H, W]`` (what `CachedDataset` holds), and
+        their conversion to ``[0, 1]``; ``None`` with a ``transform`` (it runs on the floats)."""
+        if self.transform is not None:
+            return None
+        return torch.stack([self._decode_uint8(i) for i in range(len(self.paths))]), uint8_to_unit
+
+    def _decode_uint8(self, index: int) -> Tensor:
         image_module = _import_pil()
         with image_module.open(self.paths[index]) as image:
             image = image.convert(self.mode)
@@ -174,7 +184,7 @@ class ImageFolderDataset(LabelledDataset):
             array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def get_input(self, index: int) -> Tensor:
         """Decodes image ``index`` to a float32 tensor ``[C, H, W]`` in ``[0, 1]``."""

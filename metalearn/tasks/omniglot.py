@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs, uint8_to_unit
 from metalearn.tasks.download import default_file_mode, download_file
 from metalearn.tasks.splits import ClassSplit
 
@@ -219,6 +219,10 @@ class Omniglot(LabelledDataset):
         if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):
             return self.images.index_select(0, indices).float().div_(255.0)  # ~5x faster than fancy indexing
         return self.images[indices].float().div_(255.0)
+
+    def stored_inputs(self) -> StoredInputs:
+        """The ``uint8`` images and their decoding to ``[0, 1]`` (what `gather` does)."""
+        return self.images, uint8_to_unit
 
     def few_shot_split(self, n_source: int = 1200) -> ClassSplit:
         """The standard few-shot split: the first ``n_source`` classes are the source pool,

@@ -2,9 +2,15 @@
 
 A task holds ``K`` train points and ``Q`` val points of one function, ``x`` and ``y`` both
 ``float32`` of shape ``[K, 1]`` / ``[Q, 1]``. Subclass `RegressionFamily` for a new family:
-implement `RegressionFamily.sample_function` (draw the function's parameters) and
-`RegressionFamily.function` (evaluate it), and set ``x_range`` or override
-`RegressionFamily.sample_inputs`.
+implement `RegressionFamily.draw_function` (draw the parameters of a batch of functions from
+their `TaskDraws`) and `RegressionFamily.function` (evaluate them, broadcasting over the task
+dimension), and set ``x_range`` or override `RegressionFamily.draw_inputs`. A whole batch of
+tasks is then a few tensor operations (`TaskSet.batch`), bit for bit the tasks indexing gives.
+A family written against the generator API (``sample_function(generator)``,
+``sample_inputs(n, generator, params)``) still works, one task at a time.
+
+Streams of the built-in families: 0 for the function's parameters, 1 for the inputs, 2 for
+the noise; the parameters take consecutive words of stream 0 in the order they are listed.
 """
 
 from __future__ import annotations
@@ -16,17 +22,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalearn.tasks.task import Task
+from metalearn.tasks.draws import TaskDraws
+from metalearn.tasks.task import Task, TaskBatch
 from metalearn.tasks.taskset import TaskSet
 
 __all__ = ["Harmonics", "Linear", "Polynomial", "RegressionFamily", "Sinusoid", "Step"]
 
 FunctionParams = dict[str, Tensor]
 
+#: the streams of `TaskDraws` a regression family draws from
+FUNCTION_STREAM, INPUT_STREAM, NOISE_STREAM = 0, 1, 2
+
 
 def _uniform(low: float, high: float, generator: torch.Generator, size: tuple[int, ...] = ()) -> Tensor:
     """Draws from ``U[low, high]`` (float32)."""
     return low + (high - low) * torch.rand(size, generator=generator)
+
+
+def _uniform_params(draws: TaskDraws, *ranges: tuple[float, float]) -> Tensor:
+    """Per-task parameters ``[B, 1, P]``, parameter ``j`` uniform on ``ranges[j]`` from word ``j`` of
+    stream 0 (one draw for all of them)."""
+    lows, highs = zip(*ranges, strict=True)
+    return draws.uniform(FUNCTION_STREAM, (1, len(ranges)), lows, highs)
 
 
 def _check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
@@ -39,11 +56,13 @@ def _check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
 class RegressionFamily(TaskSet):
     """Base class of regression task families.
 
-    Task ``i`` draws the parameters of one function with `sample_function`, then
-    ``shots + queries`` inputs with `sample_inputs`, evaluates `function` on them (plus
+    Task ``i`` draws the parameters of one function with `draw_function`, then
+    ``shots + queries`` inputs with `draw_inputs`, evaluates `function` on them (plus
     Gaussian noise of standard deviation ``noise_std`` if set), and keeps the first
-    ``shots`` points as ``train`` and the rest as ``val``. `function_of` returns the
-    parameters of task ``i`` (e.g. to plot its true curve).
+    ``shots`` points as ``train`` and the rest as ``val``. All three work on a batch of tasks
+    at once: parameters have the task dimension first and broadcast against inputs
+    ``[n_tasks, n, 1]`` (a scalar per task is ``[n_tasks, 1, 1]``). `function_of` returns the
+    parameters of task ``i`` (e.g. to plot its true curve), without the task dimension.
 
     Args:
         shots: train points per task (``K``).
@@ -54,7 +73,11 @@ class RegressionFamily(TaskSet):
 
     Attributes:
         x_range: ``(low, high)`` of the uniform input distribution used by the default
-            `sample_inputs`.
+            `draw_inputs`.
+
+    Raises:
+        TypeError: if a subclass implements neither `draw_function` nor the generator API's
+            ``sample_function``.
     """
 
     x_range: tuple[float, float] = (-5.0, 5.0)
@@ -68,6 +91,11 @@ class RegressionFamily(TaskSet):
         seed: int = 0,
         length: int | None = 600,
     ) -> None:
+        if not self.batched and type(self).sample_function is RegressionFamily.sample_function:
+            raise TypeError(
+                f"{type(self).__name__} draws no functions: implement draw_function(draws) (a batch, see "
+                "Sinusoid) or sample_function(generator) (one function at a time)"
+            )
         super().__init__(seed=seed, length=length)
         for name, value in (("shots", shots), ("queries", queries)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -78,38 +106,73 @@ class RegressionFamily(TaskSet):
         self.queries = queries
         self.noise_std = float(noise_std)
 
-    @abstractmethod
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
-        """Draws the parameters of one function of the family (0-d or small tensors)."""
+    @property
+    def batched(self) -> bool:
+        """Whether the family draws a batch of functions at once (`draw_function`)."""
+        return type(self).draw_function is not RegressionFamily.draw_function
+
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        """Draws the parameters of one function per task from ``draws`` (task dimension first)."""
+        raise NotImplementedError(f"{type(self).__name__} draws one function at a time (sample_function)")
 
     @abstractmethod
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
-        """Evaluates the function with ``params`` at inputs ``x`` (``[n, 1]`` -> ``[n, 1]``)."""
+        """Evaluates the functions with ``params`` at inputs ``x``: ``[n_tasks, n, 1]`` ->
+        ``[n_tasks, n, 1]`` with batched parameters, ``[n, 1]`` -> ``[n, 1]`` with one task's."""
 
-    def sample_inputs(self, n: int, generator: torch.Generator, params: FunctionParams) -> Tensor:
-        """Draws ``n`` inputs ``[n, 1]``; by default uniform on ``x_range``.
+    def draw_inputs(self, draws: TaskDraws, n: int, params: FunctionParams) -> Tensor:
+        """Draws ``n`` inputs per task, ``[n_tasks, n, 1]``; by default uniform on ``x_range``.
 
-        ``params`` are the task's parameters, for families whose input distribution depends
+        ``params`` are the tasks' parameters, for families whose input distribution depends
         on the task; the default ignores them.
         """
         low, high = self.x_range
+        return draws.uniform(INPUT_STREAM, (n, 1), low, high)
+
+    def sample_batch(self, draws: TaskDraws) -> TaskBatch:
+        params = self.draw_function(draws)
+        x = self.draw_inputs(draws, self.shots + self.queries, params).to(torch.float32)
+        y = self.function(params, x).to(torch.float32)
+        if self.noise_std > 0:
+            y = y + self.noise_std * draws.normal(NOISE_STREAM, tuple(y.shape[1:]))
+        k = self.shots
+        return TaskBatch(train=(x[:, :k], y[:, :k]), val=(x[:, k:], y[:, k:]))
+
+    # -- the generator API, for families that draw one function at a time --------------------
+
+    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+        """One function's parameters from ``generator`` (families without `draw_function`)."""
+        raise NotImplementedError(f"{type(self).__name__} draws its functions in batches (draw_function)")
+
+    def sample_inputs(self, n: int, generator: torch.Generator, params: FunctionParams) -> Tensor:
+        """``n`` inputs ``[n, 1]`` from ``generator`` (families without `draw_function`); by
+        default uniform on ``x_range``."""
+        low, high = self.x_range
         return _uniform(low, high, generator, (n, 1))
 
-    def function_of(self, index: int) -> FunctionParams:
-        """The parameters of task ``index`` (the same function as ``self[index]`` uses)."""
-        return self.sample_function(self.generator(self._check_index(index)))
-
-    def describe(self) -> dict[str, Any]:
-        """`TaskSet.describe`, with ``x_range`` even where it is the class's default."""
-        return {**super().describe(), "x_range": list(self.x_range)}
-
     def sample(self, generator: torch.Generator) -> Task:
+        if self.batched:
+            return super().sample(generator)
         params = self.sample_function(generator)
         x = self.sample_inputs(self.shots + self.queries, generator, params).to(torch.float32)
         y = self.function(params, x).to(torch.float32)
         if self.noise_std > 0:
             y = y + self.noise_std * torch.randn(y.shape, generator=generator)
         return Task(train=(x[: self.shots], y[: self.shots]), val=(x[self.shots :], y[self.shots :]))
+
+    # -----------------------------------------------------------------------------------------
+
+    def function_of(self, index: int) -> FunctionParams:
+        """The parameters of task ``index`` (the same function as ``self[index]`` uses), without
+        the task dimension: ``self.function(self.function_of(i), x)`` evaluates it at ``x [n, 1]``."""
+        index = self._check_index(index)
+        if not self.batched:
+            return self.sample_function(self.generator(index))
+        return {name: value[0] for name, value in self.draw_function(self.draws([index])).items()}
+
+    def describe(self) -> dict[str, Any]:
+        """`TaskSet.describe`, with ``x_range`` even where it is the class's default."""
+        return {**super().describe(), "x_range": list(self.x_range)}
 
     def __repr__(self) -> str:
         return (
@@ -152,11 +215,9 @@ class Sinusoid(RegressionFamily):
         self.phase = _check_range("phase", phase)
         self.x_range = _check_range("x", x_range)
 
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
-        return {
-            "amplitude": _uniform(*self.amplitude, generator),
-            "phase": _uniform(*self.phase, generator),
-        }
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        u = _uniform_params(draws, self.amplitude, self.phase)
+        return {"amplitude": u[:, :, 0:1], "phase": u[:, :, 1:2]}
 
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
         return params["amplitude"] * torch.sin(x - params["phase"])
@@ -192,8 +253,9 @@ class Linear(RegressionFamily):
         self.intercept = _check_range("intercept", intercept)
         self.x_range = _check_range("x", x_range)
 
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
-        return {"slope": _uniform(*self.slope, generator), "intercept": _uniform(*self.intercept, generator)}
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        u = _uniform_params(draws, self.slope, self.intercept)
+        return {"slope": u[:, :, 0:1], "intercept": u[:, :, 1:2]}
 
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
         return params["slope"] * x + params["intercept"]
@@ -231,20 +293,24 @@ class Harmonics(RegressionFamily):
         self.frequency = _check_range("frequency", frequency)
         self.centre = _check_range("centre", centre)
 
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        # words 0-1 of stream 0: the amplitudes (normal); 2-5: phases, frequency, centre (uniform)
+        amplitudes = draws.normal(FUNCTION_STREAM, (2,))
+        phase = (0.0, 2 * math.pi)
+        u = _uniform_params(draws, (0.0, 0.0), (0.0, 0.0), phase, phase, self.frequency, self.centre)
         return {
-            "amplitudes": torch.randn(2, generator=generator),
-            "phases": _uniform(0.0, 2 * math.pi, generator, (2,)),
-            "frequency": _uniform(*self.frequency, generator),
-            "centre": _uniform(*self.centre, generator),
+            "amplitudes": amplitudes.reshape(-1, 1, 2),
+            "phases": u[:, :, 2:4],
+            "frequency": u[:, :, 4:5],
+            "centre": u[:, :, 5:6],
         }
 
-    def sample_inputs(self, n: int, generator: torch.Generator, params: FunctionParams) -> Tensor:
-        return params["centre"] + torch.randn(n, 1, generator=generator)
+    def draw_inputs(self, draws: TaskDraws, n: int, params: FunctionParams) -> Tensor:
+        return params["centre"] + draws.normal(INPUT_STREAM, (n, 1))
 
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
         a, b, w = params["amplitudes"], params["phases"], params["frequency"]
-        return a[0] * torch.sin(w * x + b[0]) + a[1] * torch.sin(2 * w * x + b[1])
+        return a[..., 0:1] * torch.sin(w * x + b[..., 0:1]) + a[..., 1:2] * torch.sin(2 * w * x + b[..., 1:2])
 
 
 class Polynomial(RegressionFamily):
@@ -278,12 +344,18 @@ class Polynomial(RegressionFamily):
         self.coefficient = _check_range("coefficient", coefficient)
         self.x_range = _check_range("x", x_range)
 
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
-        return {"coefficients": _uniform(*self.coefficient, generator, (self.degree + 1,))}
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        low, high = self.coefficient
+        coefficients = draws.uniform(FUNCTION_STREAM, (self.degree + 1,), low, high)
+        return {"coefficients": coefficients.reshape(-1, 1, self.degree + 1)}
 
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
-        powers = x ** torch.arange(self.degree + 1, dtype=x.dtype)  # [n, d + 1]
-        return powers @ params["coefficients"].to(x.dtype)[:, None]
+        # Horner's scheme, elementwise: the same bits whatever the batch (a matmul's may not be)
+        c = params["coefficients"].to(x.dtype)
+        y = c[..., self.degree :] * torch.ones_like(x)  # the leading coefficient, in x's shape
+        for j in reversed(range(self.degree)):
+            y = y * x + c[..., j : j + 1]
+        return y
 
 
 class Step(RegressionFamily):
@@ -319,12 +391,9 @@ class Step(RegressionFamily):
         self.offset = _check_range("offset", offset)
         self.x_range = _check_range("x", x_range)
 
-    def sample_function(self, generator: torch.Generator) -> FunctionParams:
-        return {
-            "height": _uniform(*self.height, generator),
-            "position": _uniform(*self.position, generator),
-            "offset": _uniform(*self.offset, generator),
-        }
+    def draw_function(self, draws: TaskDraws) -> FunctionParams:
+        u = _uniform_params(draws, self.height, self.position, self.offset)
+        return {"height": u[:, :, 0:1], "position": u[:, :, 1:2], "offset": u[:, :, 2:3]}
 
     def function(self, params: FunctionParams, x: Tensor) -> Tensor:
         return params["height"] * (x > params["position"]).to(x.dtype) + params["offset"]
