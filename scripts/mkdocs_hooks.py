@@ -46,8 +46,9 @@ EXAMPLE_TIMEOUT_S = 600
 
 
 class RstMathPreprocessor(Preprocessor):
-    """``:math:`x``` -> ``\\(x\\)``; ``.. math:: x`` (and its indented continuation) -> a ``\\[x\\]`` block;
-    a paragraph ending in ``::`` (reST's literal-block marker) ends in ``:``."""
+    """reST in docstrings to Markdown: ``:math:`x``` -> ``\\(x\\)``; ``.. math:: x`` (and its indented
+    continuation) -> a ``\\[x\\]`` block; a paragraph ending in ``::`` (reST's literal-block marker) ends in
+    ``:``. Runs after the fenced code blocks are stashed, so code is never changed."""
 
     ROLE = re.compile(r":math:`([^`]+)`")
     DIRECTIVE = re.compile(r"^(?P<indent>\s*)\.\. math::\s*(?P<first>.*)$")
@@ -79,9 +80,40 @@ class RstMathPreprocessor(Preprocessor):
         return out
 
 
+class DoctestPreprocessor(Preprocessor):
+    """A doctest outside a code fence (``>>>`` lines and their output, up to a blank line) -> a ``pycon`` fence.
+
+    Runs before the fences are read (so the new fence is highlighted), and leaves fenced code alone.
+    """
+
+    FENCE = re.compile(r"^\s*(```|~~~)")
+
+    def run(self, lines: list[str]) -> list[str]:
+        out: list[str] = []
+        in_fence = False
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            if self.FENCE.match(line):
+                in_fence = not in_fence
+            indented_code = len(line) - len(line.lstrip()) >= 4  # already a Markdown code block
+            if in_fence or indented_code or not line.lstrip().startswith(">>> "):
+                out.append(line)
+                i += 1
+                continue
+            indent = line[: len(line) - len(line.lstrip())]
+            session = []
+            while i < len(lines) and lines[i].strip():
+                session.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].strip())
+                i += 1
+            out.extend(["", indent + "```pycon", *[indent + s for s in session], indent + "```", ""])
+        return out
+
+
 class RstMathExtension(Extension):
     def extendMarkdown(self, md: Markdown) -> None:  # noqa: N802 (Markdown's API)
-        md.preprocessors.register(RstMathPreprocessor(md), "metalearn_rst_math", 5)
+        md.preprocessors.register(DoctestPreprocessor(md), "metalearn_doctest", 27)  # before fences (25)
+        md.preprocessors.register(RstMathPreprocessor(md), "metalearn_rst_math", 5)  # after them
 
 
 ARITHMATEX = re.compile(
@@ -178,7 +210,9 @@ class ExampleRunner:
         run.seconds = time.perf_counter() - run.started
         output = run.out_dir.with_suffix(".log").read_text()
         if run.process.returncode != 0:
-            raise PluginError(f"examples/{run.script} {run.shown_args} failed (exit {run.process.returncode}):\n{output}")
+            raise PluginError(
+                f"examples/{run.script} {run.shown_args} failed (exit {run.process.returncode}):\n{output}"
+            )
         run.stdout = clean_output(output, run.out_dir, self.tmp)
         run.figures = sorted(str(p.relative_to(run.out_dir)) for p in run.out_dir.rglob("*.png"))
         log.info(f"ran examples/{run.script} {run.shown_args} in {run.seconds:.1f} s")

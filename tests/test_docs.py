@@ -15,7 +15,8 @@ or takes minutes) says so on the line just before its fence, where anyone readin
 
     <!-- docs-test: skip (needs a CUDA GPU) -->
 
-The reason in the parentheses is required. A page whose blocks another test already runs is listed in
+The reason in the parentheses is required. A docstring example (``>>>``) may use every public name of
+`metalearn`, and ``torch``, without importing them. A page whose blocks another test already runs is listed in
 `TESTED_ELSEWHERE` with that test's file, which must name the page.
 """
 
@@ -184,8 +185,9 @@ def workdir_with_repo_links(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("block", shell_blocks(), ids=lambda b: f"{b.page}:{b.line}")
 def test_shell_blocks_run(block, tmp_path):
     work = workdir_with_repo_links(tmp_path)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "MPLBACKEND": "Agg",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{block.page}:{block.line} failed:\n{block.code}\n{proc.stdout}\n{proc.stderr}"
@@ -213,6 +215,8 @@ def test_the_docstrings_hold_examples():
 
 @pytest.mark.parametrize("test", doctests(), ids=lambda t: t.name)
 def test_docstring_example(test):
+    # an example may use any public name of metalearn, and torch, without importing them
+    test.globs.update({name: getattr(metalearn, name) for name in metalearn.__all__}, torch=torch)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     output = io.StringIO()
     torch.manual_seed(0)
