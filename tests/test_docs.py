@@ -172,8 +172,9 @@ def test_python_blocks_of_a_page_run(page, tmp_path, monkeypatch):
 def workdir_with_repo_links(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "python3").symlink_to(sys.executable)
+    for name in ("python", "python3"):  # a wrapper, not a link: a linked venv python would not find its venv
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
     for name in ("examples", "benchmarks", "scripts", "tests"):
