@@ -224,7 +224,7 @@ class ExampleRunner:
 def clean_output(text: str, out_dir: Path, tmp: Path) -> str:
     """Printed output as a reader would see it: temp paths named as on the command line, no bar redraws."""
     text = text.replace(str(out_dir), "OUT").replace(str(tmp / "omniglot"), "OMNIGLOT")
-    lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]  # keep a progress bar's final state only
+    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]  # a bar's final state (splitlines splits at \r)
     return "\n".join(lines).strip()
 
 

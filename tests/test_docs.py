@@ -183,6 +183,7 @@ def workdir_with_repo_links(tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.slow  # each runs examples at their smoke setting in a subprocess (seconds each)
 @pytest.mark.parametrize("block", shell_blocks(), ids=lambda b: f"{b.page}:{b.line}")
 def test_shell_blocks_run(block, tmp_path):
     work = workdir_with_repo_links(tmp_path)
@@ -225,3 +226,52 @@ def test_docstring_example(test):
         warnings.simplefilter("ignore", DeprecationWarning)
         result = runner.run(test, out=output.write)
     assert result.failed == 0, output.getvalue()
+
+
+# ------------------------------------------------------------------------------ the docs build's hook
+
+
+def docs_hooks():
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("latex2mathml")  # the docs extra
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("mkdocs_hooks")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def render(markdown_text: str) -> str:
+    import markdown
+
+    hooks = docs_hooks()
+    md = markdown.Markdown(
+        extensions=["pymdownx.superfences", "pymdownx.highlight", "pymdownx.arithmatex", hooks.RstMathExtension()],
+        extension_configs={"pymdownx.arithmatex": {"generic": True}},
+    )
+    return hooks.ARITHMATEX.sub(hooks.mathml, md.convert(markdown_text))
+
+
+def test_docstring_rest_math_and_doctests_become_mathml_and_code():
+    html = render(
+        "Step :math:`\\theta - \\alpha g` here::\n\n.. math:: y = \\frac{1}{N}\\sum_i x_i\n\n"
+        ">>> 1 + 1\n2\n\n```python\n>>> kept = ':math:`x`'\n```\n"
+    )
+    assert html.count("<math") == 2 and 'display="block"' in html and "<mfrac>" in html
+    assert "here:</p>" in html and "::" not in html.split("<pre>")[0]  # reST's literal marker dropped
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in html  # the doctest is a highlighted console block
+    assert ":math:`x`" in html.replace("&#39;", "'")  # fenced code is left alone
+
+
+def test_a_formula_latex2mathml_cannot_read_fails_the_build_naming_it():
+    from mkdocs.exceptions import PluginError
+
+    with pytest.raises(PluginError, match="frac"):
+        render(":math:`\\frac{1}{`")
+
+
+def test_example_output_is_shown_with_the_command_line_names(tmp_path):
+    hooks = docs_hooks()
+    out = tmp_path / "run"
+    text = f"epoch 10%\repoch 100%\nwrote {out}/results.json from {tmp_path}/omniglot"
+    assert hooks.clean_output(text, out, tmp_path) == "epoch 100%\nwrote OUT/results.json from OMNIGLOT"
