@@ -204,7 +204,8 @@ def inner_loop(
     Args:
         omega: the meta-knowledge.
         theta0: θ0 of this task, every parameter of the model (no task dimension).
-        x, y: the task's train half.
+        x: the inputs of the task's train half.
+        y: the targets of the task's train half.
         inner_steps: inner steps K.
         graph: ``"full"``, ``"first_order"`` or ``"none"`` (see the module docstring).
         regulariser: R(θ_adapted) added to the inner loss (its value is in the returned losses).

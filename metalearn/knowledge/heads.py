@@ -79,7 +79,9 @@ class PrototypeInit(InitPart):
 
     Example:
         >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=InnerSGD(0.1), init=PrototypeInit())
-        >>> meta_step(omega, opt, batch, inner_steps=0)  # ProtoNets
+        >>> images = TensorLabelledDataset(torch.randn(100, 1, 28, 28), torch.arange(10).repeat(10))
+        >>> batch = EpisodicTaskSet(images, ways=5, shots=1, queries=2, seed=0).batch(range(2))
+        >>> stats = meta_step(omega, torch.optim.Adam(omega.parameters()), batch, inner_steps=0)  # ProtoNets
     """
 
     uses_model_parameters = True

@@ -70,7 +70,8 @@ class GaussianInit(InitPart):
 
     Example:
         >>> omega = MetaKnowledge(MLP(), optimizer=InnerSGD(0.01), init=GaussianInit(init_scale=0.01))
-        >>> meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
+        >>> opt, batch = torch.optim.Adam(omega.parameters()), Sinusoid(5, 5, seed=0).batch(range(4))
+        >>> stats = meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
     """
 
     uses_model_parameters = True

@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
+"""θ: task-specific weights keyed by the model's parameter names (never an ``nn.Parameter``)."""
 State = dict[str, Tensor]
+"""An inner optimizer's state (e.g. momentum buffers), keyed like `Params`."""
 
 
 def param_key(name: str) -> str:

@@ -191,11 +191,14 @@ class Sinusoid(RegressionFamily):
     ``\varphi`` uniform on ``[0, \pi]`` this is a different family from ``\sin(x + \varphi)``.
 
     Args:
-        shots, queries: points per task (MAML used ``K`` = 5, 10 or 20 train points).
+        shots: train points per task (MAML used ``K`` = 5, 10 or 20).
+        queries: val points per task.
         amplitude: range of ``A``.
         phase: range of ``\varphi``.
         x_range: range of the inputs.
-        noise_std, seed, length: see `RegressionFamily`.
+        noise_std: see `RegressionFamily`.
+        seed: see `RegressionFamily`.
+        length: see `RegressionFamily`.
     """
 
     def __init__(
@@ -229,11 +232,14 @@ class Linear(RegressionFamily):
     Model-Agnostic Meta-Learning").
 
     Args:
-        shots, queries: points per task.
+        shots: train points per task.
+        queries: val points per task.
         slope: range of ``a``.
         intercept: range of ``b``.
         x_range: range of the inputs.
-        noise_std, seed, length: see `RegressionFamily`.
+        noise_std: see `RegressionFamily`.
+        seed: see `RegressionFamily`.
+        length: see `RegressionFamily`.
     """
 
     def __init__(
@@ -272,10 +278,13 @@ class Harmonics(RegressionFamily):
     :math:`x \sim N(\mu_x, 1)`, so tasks see different windows of their function.
 
     Args:
-        shots, queries: points per task.
+        shots: train points per task.
+        queries: val points per task.
         frequency: range of ``\omega``.
         centre: range of ``\mu_x``.
-        noise_std, seed, length: see `RegressionFamily`.
+        noise_std: see `RegressionFamily`.
+        seed: see `RegressionFamily`.
+        length: see `RegressionFamily`.
     """
 
     def __init__(
@@ -318,11 +327,14 @@ class Polynomial(RegressionFamily):
     ``[-1, 1]`` and ``x ~ U[-2, 2]``.
 
     Args:
-        shots, queries: points per task.
+        shots: train points per task.
+        queries: val points per task.
         degree: the degree ``d``.
         coefficient: range of each ``c_j``.
         x_range: range of the inputs.
-        noise_std, seed, length: see `RegressionFamily`.
+        noise_std: see `RegressionFamily`.
+        seed: see `RegressionFamily`.
+        length: see `RegressionFamily`.
     """
 
     def __init__(
@@ -364,12 +376,15 @@ class Step(RegressionFamily):
     smooth networks fit poorly from few points.
 
     Args:
-        shots, queries: points per task.
+        shots: train points per task.
+        queries: val points per task.
         height: range of ``h``.
         position: range of ``s``.
         offset: range of ``b``.
         x_range: range of the inputs.
-        noise_std, seed, length: see `RegressionFamily`.
+        noise_std: see `RegressionFamily`.
+        seed: see `RegressionFamily`.
+        length: see `RegressionFamily`.
     """
 
     def __init__(
