@@ -217,8 +217,9 @@ class CIFARFS(_CIFAR100Split):
         sources: where ``download`` fetches the archive from; default `CIFAR100_ARCHIVE`.
 
     Attributes:
-        images: ``uint8 [n, 3, 32, 32]``; labels: ``int64 [n]``; class_names: fine label names
-        in the order of the published list (``split_lists/cifar_fs.json``).
+        images: ``uint8 [n, 3, 32, 32]``.
+        labels: ``int64 [n]``.
+        class_names: fine label names in the order of the published list (``split_lists/cifar_fs.json``).
 
     Raises:
         FileNotFoundError: the archive is missing and ``download`` is false.

@@ -124,8 +124,9 @@ class CUB(BenchmarkImages):
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
-        images: ``uint8 [n, 3, image_size, image_size]``; labels: ``int64 [n]``; class_names:
-        class folder names (``"001.Black_footed_Albatross"``, ...) in the published order.
+        images: ``uint8 [n, 3, image_size, image_size]``.
+        labels: ``int64 [n]``.
+        class_names: class folder names (``"001.Black_footed_Albatross"``, ...) in the published order.
 
     Raises:
         FileNotFoundError: neither the archive nor the folder is in ``root``.

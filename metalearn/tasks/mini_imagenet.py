@@ -144,8 +144,9 @@ class MiniImageNet(BenchmarkImages):
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
-        images: ``uint8 [n, 3, 84, 84]``; labels: ``int64 [n]``; class_names: ImageNet synset
-        ids (wnids) in the order of the published list.
+        images: ``uint8 [n, 3, 84, 84]``.
+        labels: ``int64 [n]``.
+        class_names: ImageNet synset ids (wnids) in the order of the published list.
 
     Raises:
         FileNotFoundError: neither form of a split is in ``root`` (the message says what to put there).

@@ -113,9 +113,10 @@ class TieredImageNet(BenchmarkImages):
         cache_dir: where the decoded arrays are cached; default ``root/.metalearn_cache``.
 
     Attributes:
-        images: ``uint8 [n, 3, 84, 84]``; labels: ``int64 [n]``; class_names: the class names of
-        the pickles (``label_specific_str``), in their order; categories: the category
-        (``label_general_str``) of each class.
+        images: ``uint8 [n, 3, 84, 84]``.
+        labels: ``int64 [n]``.
+        class_names: the class names of the pickles (``label_specific_str``), in their order.
+        categories: the category (``label_general_str``) of each class.
 
     Raises:
         FileNotFoundError: a split's pickles are missing (the message says where to get them).
