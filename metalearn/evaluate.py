@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
 from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
+from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import map_tasks, resolve_batching, task_objective
@@ -72,6 +73,7 @@ def fine_tune(
     *,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode | None = None,
+    kernels: str = "auto",
 ) -> Adapted:
     r"""θ* for one task: θ0 from ω, then ``inner_steps`` inner updates on ``train``; ω is not changed.
 
@@ -88,6 +90,7 @@ def fine_tune(
             iMAML's proximal objective
             :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` (Rajeswaran et
             al., 2019). None: the plain inner loop.
+        kernels: how inner updates are applied: ``"auto"``, ``"triton"`` or ``"reference"`` (`metalearn.kernels`).
 
     Returns:
         An `metalearn.inner.Adapted`: call it as the fine-tuned model (``adapted(x)`` runs ω's model
@@ -113,10 +116,11 @@ def fine_tune(
     problem = meta_test_problem(mode)
     check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
+    check_kernels(kernels, device)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
         theta0 = _detached_theta0(omega, generator, (x, y))
-        params, losses = problem.solve(omega, theta0, x, y, inner_steps)
+        params, losses = problem.solve(omega, theta0, x, y, inner_steps, kernels=kernels)
     check_finite_losses(losses)
     return Adapted(params, losses, omega, differentiable=False)
 
@@ -217,6 +221,7 @@ def evaluate(
     batching: str = "auto",
     seed: int = 0,
     mode: str | MetaGradientMode | None = None,
+    kernels: str = "auto",
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -238,6 +243,7 @@ def evaluate(
         mode: the meta-gradient mode ω was trained with; tasks are fine-tuned on its
             ``meta_test_problem()`` (see `fine_tune`; iMAML's proximal problem runs task by task).
             None: the plain inner loop.
+        kernels: how inner updates are applied: ``"auto"``, ``"triton"`` or ``"reference"`` (`metalearn.kernels`).
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -257,6 +263,7 @@ def evaluate(
     if isinstance(tasks, Sized) and len(tasks) == 0:
         raise ValueError("evaluate needs at least one task; got an empty task collection")
     problem = meta_test_problem(mode)
+    check_kernels(kernels, omega_device(omega))
     was_training = omega.training
     omega.eval()
     try:
@@ -265,7 +272,7 @@ def evaluate(
         if not problem.vmappable:
             how = "loop"  # the proximal problem takes plain autograd gradients: task by task
         with torch.no_grad():
-            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem)
+            losses, metrics, kind = _evaluate_chunks(omega, tasks, inner_steps, batch_size, how, seed, problem, kernels)
     finally:
         omega.train(was_training)
     if not metrics:
@@ -290,6 +297,7 @@ def _evaluate_chunks(
     batching: str,
     seed: int,
     problem: InnerProblem,
+    kernels: str = "auto",
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
     """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind)."""
     device = omega_device(omega)
@@ -297,7 +305,7 @@ def _evaluate_chunks(
     losses: list[Tensor] = []
     kind: str | None = None
     offset = 0
-    objective = partial(task_objective, adapt_fn=problem.solve)
+    objective = partial(task_objective, adapt_fn=partial(problem.solve, kernels=kernels))
     for chunk in _chunks(tasks, batch_size):
         for j, task in enumerate(chunk):
             check_labels(

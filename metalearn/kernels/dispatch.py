@@ -31,10 +31,28 @@ _DTYPES = (torch.float16, torch.float32, torch.float64)
 _MAX_ENTRIES = 2**31 - 1  # the kernels index with 32-bit offsets
 
 
-def check_kernels(kernels: str) -> str:
-    """``kernels`` itself if it is one of `KERNELS`; else a ValueError naming them."""
-    if kernels not in KERNELS:
+def check_kernels(kernels: str, device: torch.device | None = None) -> str:
+    """``kernels`` itself if it can run (on ``device``, when given); raised before any work otherwise.
+
+    Raises:
+        ValueError: ``kernels`` not one of `KERNELS`.
+        ImportError: ``kernels="triton"`` without Triton installed.
+        RuntimeError: ``kernels="triton"`` for CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    if not isinstance(kernels, str) or kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels != "triton":
+        return kernels
+    if not triton_available():
+        raise ImportError(
+            "kernels='triton' needs Triton: pip install 'torch-metalearn[kernels]' (triton==3.7.1), "
+            "or use kernels='auto' or 'reference'"
+        )
+    if device is not None and device.type == "cpu" and not interpreter_enabled():
+        raise RuntimeError(
+            "kernels='triton' on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before the first kernel launch (or use kernels='auto' or 'reference' on CPU)"
+        )
     return kernels
 
 
@@ -87,22 +105,14 @@ def use_triton(kernels: str, tensors: Iterable[Tensor]) -> bool:
         ImportError: ``kernels="triton"`` without Triton installed.
         RuntimeError: ``kernels="triton"`` for CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    check_kernels(kernels)
     if kernels == "reference" or torch.compiler.is_compiling():
         return False
     tensors = list(tensors)
-    if kernels == "auto":
-        if not triton_available() or not all(t.device.type == "cuda" for t in tensors):
+    if kernels == "auto" or kernels not in KERNELS:
+        check_kernels(kernels)
+        if not all(t.device.type == "cuda" for t in tensors) or not triton_available():
             return False
         return kernel_unsupported(tensors) is None
-    if not triton_available():
-        raise ImportError(
-            "kernels='triton' needs Triton: pip install 'torch-metalearn[kernels]' (triton==3.7.1), "
-            "or use kernels='auto' or 'reference'"
-        )
-    if any(t.device.type == "cpu" for t in tensors) and not interpreter_enabled():
-        raise RuntimeError(
-            "kernels='triton' on CPU tensors runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
-            "environment before the first kernel launch (or use kernels='auto' or 'reference' on CPU)"
-        )
+    for device in {t.device for t in tensors}:
+        check_kernels(kernels, device)
     return kernel_unsupported(tensors) is None

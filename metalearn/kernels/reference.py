@@ -71,7 +71,7 @@ def sgd_vjp(theta: Tensor, grad: Tensor, lr: Tensor, g_theta: Tensor) -> tuple[T
 
 
 def momentum(
-    theta: Tensor, grad: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, nesterov: bool = False
+    theta: Tensor, grad: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, *, nesterov: bool = False
 ) -> tuple[Tensor, Tensor]:
     r"""Heavy-ball momentum, ``torch.optim.SGD``'s convention: (θ', b')."""
     new_buf = mu * buf + grad
@@ -81,7 +81,7 @@ def momentum(
 
 def momentum_vjp(
     theta: Tensor, grad: Tensor, buf: Tensor, lr: Tensor, mu: Tensor, g_theta: Tensor, g_buf: Tensor,
-    nesterov: bool = False,
+    *, nesterov: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-entry gradients of `momentum` w.r.t. (grad, buf, lr, mu)."""
     new_buf = mu * buf + grad
@@ -150,7 +150,9 @@ def update(kind: str, inputs: tuple[Tensor, ...], nesterov: bool = False) -> tup
     raise ValueError(f"unknown fused update {kind!r}; one of {sorted(UPDATES)}")
 
 
-def update_vjp(kind: str, inputs: tuple[Tensor, ...], grad_outputs: tuple[Tensor, ...], nesterov: bool = False) -> tuple[Tensor, ...]:
+def update_vjp(
+    kind: str, inputs: tuple[Tensor, ...], grad_outputs: tuple[Tensor, ...], nesterov: bool = False
+) -> tuple[Tensor, ...]:
     """`update`'s per-entry vector-Jacobian product: gradients of every input but θ (see the module docstring)."""
     if kind == "sgd":
         return sgd_vjp(*inputs, *grad_outputs)

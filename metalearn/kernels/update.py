@@ -182,7 +182,7 @@ class FusedUpdateVJP(torch.autograd.Function):
         def vjp(*tensors: Tensor) -> tuple[Tensor, ...]:
             return reference.update_vjp(kind, tensors[:n_in], tensors[n_in:], nesterov)[:n_out]
 
-        _, pullback = torch.func.vjp(vjp, *ctx.saved_tensors)
+        pullback = torch.func.vjp(vjp, *ctx.saved_tensors)[1]
         return (None, None, None, *pullback(tuple(grad_outputs)))
 
     @staticmethod
@@ -205,7 +205,9 @@ def fused_update(kind: str, inputs: tuple[Tensor, ...], nesterov: bool = False) 
     """
     n_tensors, n_hyper, _ = reference.UPDATES[kind]
     if len(inputs) != n_tensors + n_hyper:
-        raise ValueError(f"the {kind!r} update takes {n_tensors} tensors and {n_hyper} hyper-parameters, got {len(inputs)}")
+        raise ValueError(
+            f"the {kind!r} update takes {n_tensors} tensors and {n_hyper} hyper-parameters, got {len(inputs)} inputs"
+        )
     return FusedUpdate.apply(kind, bool(nesterov), *inputs)
 
 

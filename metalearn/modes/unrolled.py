@@ -16,7 +16,7 @@ from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import check_losses, map_tasks, task_in_dims, task_objective, vmap_theta0
-from metalearn.modes.base import MetaGradientMode
+from metalearn.modes.base import MetaGradientMode, with_kernels
 from metalearn.tasks.task import TaskBatch
 
 __all__ = ["ThroughInnerLoop", "Unrolled"]
@@ -33,11 +33,12 @@ class ThroughInnerLoop(MetaGradientMode):
     batchings: ClassVar[tuple[str, ...]] = ("loop", "vmap")
 
     def adapt_task(
-        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
+        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool,
+        *, kernels: str = "auto",
     ) -> tuple[Params, Tensor]:
         """The inner loop of one task (signature of `metalearn.inner.adapt_params`); vmap-safe if
         ``"vmap"`` is in ``batchings``."""
-        return adapt_params(omega, theta0, x, y, inner_steps, first_order)
+        return adapt_params(omega, theta0, x, y, inner_steps, first_order, kernels=kernels)
 
     def accumulate(
         self,
@@ -46,9 +47,12 @@ class ThroughInnerLoop(MetaGradientMode):
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Backpropagates the mean val loss of ``batch`` into ω's ``.grad``; see `MetaGradientMode.accumulate`."""
-        objective = partial(task_objective, adapt_fn=self.adapt_task)
+        adapt_fn = with_kernels(self.adapt_task, kernels, f"{type(self).__name__}.adapt_task")
+        objective = partial(task_objective, adapt_fn=adapt_fn)
         if batching == "vmap":
             return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective)
         return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
+from metalearn.kernels import check_kernels
 from metalearn.mapping import BATCHING_MODES
 from metalearn.modes import MetaGradientMode, resolve_mode
 
@@ -68,6 +69,9 @@ class TrainConfig:
         resume: continue from the newest checkpoint in ``checkpoint_dir``; if ``False``, a
             ``checkpoint_dir`` that already holds checkpoints is refused.
         progress: show a tqdm progress bar (and write the resume line through it).
+        kernels: how inner updates are applied: ``"auto"`` (fused Triton kernels for CUDA tensors when
+            Triton imports), ``"triton"`` or ``"reference"`` (`metalearn.kernels`). Not part of the
+            identity: every choice computes the same updates, up to floating-point rounding.
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -90,6 +94,7 @@ class TrainConfig:
     keep_last: int | None = 2
     resume: bool = True
     progress: bool = True
+    kernels: str = "auto"
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +114,7 @@ class TrainConfig:
         if self.keep_last is not None:
             _check_count("keep_last", self.keep_last)
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
+        check_kernels(self.kernels)
         if self.checkpoint_dir is not None:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
 

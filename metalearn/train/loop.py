@@ -113,6 +113,7 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
             clip_grad_norm=cfg.clip_grad_norm,
             generator=step_generator(cfg.seed, step),
             mode=cfg.gradient_mode,
+            kernels=cfg.kernels,
         )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err

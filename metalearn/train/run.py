@@ -161,7 +161,8 @@ class Run:
         inner_steps = cfg.validation_inner_steps
         try:  # the mode names the inner problem meta-test solves (iMAML's: the proximal one)
             ev = evaluate(
-                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode
+                self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode,
+                kernels=cfg.kernels,
             )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
