@@ -325,7 +325,7 @@ def _evaluate_chunks(
             theta0, theta0_dims = (_batched_theta0 if batching == "vmap" else _stacked_theta0)(theta0s)
             val_loss, met, inner = map_tasks(
                 objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
-                omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching,
+                omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching, kernels=kernels,
             )
             check_finite_losses(inner, task_offset=offset)
             check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)

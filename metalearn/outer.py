@@ -255,7 +255,7 @@ def meta_loss(
     objective = partial(task_objective, adapt_fn=partial(adapt_params, kernels=kernels))
     val_losses, _, inner = map_tasks(
         objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching=mode,
+        batching=mode, kernels=kernels,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()

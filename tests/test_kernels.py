@@ -58,8 +58,8 @@ def op_inputs(kind: str, n: int, dtype: torch.dtype, scalar_hypers: tuple[int, .
     return tuple(t.requires_grad_() for t in (*tensors, *hypers))
 
 
-def close(a, b, dtype):
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+def close(a, b, dtype, fp32_tol=1e-5):
+    tol = 1e-12 if dtype == torch.float64 else fp32_tol
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
@@ -314,3 +314,127 @@ def test_a_users_mode_without_kernels_runs_auto_and_refuses_others():
     meta_gradient(omega, batch, 1, mode=Mine(), batching="loop")
     with pytest.raises(TypeError, match="kernels="):
         meta_gradient(omega, batch, 1, mode=Mine(), batching="loop", kernels="triton")
+
+
+# ---------------------------------------------------------------- batch norm with each task's batch statistics
+
+
+def bn_inputs(shape, dtype, seed=0, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
+    c = shape[1]
+    w = (0.5 + torch.rand(c, generator=g, dtype=dtype)).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype).requires_grad_() if affine else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 2), (2, 3, 5), (3, 4, 3, 3), (1, 1, 7)])
+def test_batch_norm_forward_and_backward_match_reference(shape, dtype):
+    from metalearn.kernels import batch_norm_train
+
+    x, w, b = bn_inputs(shape, dtype, seed=len(shape))
+    y, ref = batch_norm_train(x, w, b, 1e-5), reference.batch_norm_train(x, w, b, 1e-5)
+    close((y,), (ref,), dtype)
+    gy = torch.randn_like(ref)
+    close(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(ref, (x, w, b), gy), dtype)
+
+
+def test_batch_norm_without_affine_and_empty():
+    from metalearn.kernels import batch_norm_train
+
+    x, _, _ = bn_inputs((4, 3, 2), torch.float64)
+    close((batch_norm_train(x, None, None, 1e-3),), (reference.batch_norm_train(x, None, None, 1e-3),), torch.float64)
+    empty = torch.zeros(0, 3, 2, dtype=torch.float64)
+    assert batch_norm_train(empty, torch.ones(3, dtype=torch.float64), None, 1e-5).shape == empty.shape
+
+
+@pytest.mark.slow  # ~5-15 s in the interpreter
+def test_batch_norm_gradcheck_and_gradgradcheck():
+    from metalearn.kernels import batch_norm_train
+
+    inputs = bn_inputs((2, 2, 2), torch.float64, seed=4)
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_train(*a, 1e-5), inputs)
+    assert torch.autograd.gradgradcheck(lambda *a: batch_norm_train(*a, 1e-5), inputs)
+
+
+def test_batch_norm_reference_vjp_is_autograds():
+    x, w, b = bn_inputs((4, 3, 5), torch.float64, seed=2)
+    gy = torch.randn(4, 3, 5, dtype=torch.float64)
+    auto = torch.autograd.grad(reference.batch_norm_train(x, w, b, 1e-5), (x, w, b), gy)
+    close(reference.batch_norm_train_vjp(x, w, gy, 1e-5), auto, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_under_vmap_per_task_statistics_second_order(dtype):
+    """vmap over tasks with per-task weights (adapted in the inner loop): values, gradients, and the
+    gradient of a function of the gradients (second order), against the reference primitives."""
+    from metalearn.kernels import batch_norm_train
+
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(3, 4, 2, 3, generator=g, dtype=dtype).requires_grad_()
+    ws = (0.5 + torch.rand(3, 2, generator=g, dtype=dtype)).requires_grad_()
+    b = torch.randn(2, generator=g, dtype=dtype).requires_grad_()  # shared by the tasks
+
+    def total(norm):
+        return torch.func.vmap(lambda x, w: (norm(x, w, b, 1e-5) ** 3).sum(), in_dims=(0, 0))(xs, ws).sum()
+
+    args = (xs, ws, b)
+    first = torch.autograd.grad(total(batch_norm_train), args, create_graph=True)
+    ref_first = torch.autograd.grad(total(reference.batch_norm_train), args, create_graph=True)
+    close(first, ref_first, dtype)
+    second = torch.autograd.grad(sum(f.square().sum() for f in first), args)
+    ref_second = torch.autograd.grad(sum(f.square().sum() for f in ref_first), args)
+    close(second, ref_second, dtype, fp32_tol=1e-4)  # float32: second derivatives of a cubic, values ~1e2
+
+
+def conv_bn_omega(rule) -> MetaKnowledge:
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+            nn.Flatten(), nn.Linear(3 * 5 * 5, 2),
+        )
+        with torch.no_grad():
+            model[1].weight.add_(0.1 * torch.randn(3))
+            model[1].bias.add_(0.1 * torch.randn(3))
+        return MetaKnowledge(model, rule).double()
+
+
+def images(n_tasks: int = 2) -> TaskBatch:
+    g = torch.Generator().manual_seed(9)
+    x_tr, x_val = (torch.randn(n_tasks, 4, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    y = torch.tensor([0, 1, 0, 1]).expand(n_tasks, 4)
+    return TaskBatch(train=(x_tr, y), val=(x_val, y))
+
+
+@pytest.mark.parametrize("rule_name", ["maml", "adam"])
+def test_conv_batch_norm_meta_gradient_vmap_kernels_equals_loop(rule_name, monkeypatch):
+    """Second-order MAML of a conv net with batch norm: the vmap path with both kernels (norm and
+    update) against torch's own fused batch norm on the loop path, to 1e-10."""
+    from metalearn.kernels import norm
+
+    calls = []
+    real = norm.BatchNormGroups.forward
+    monkeypatch.setattr(norm.BatchNormGroups, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    omega, batch = conv_bn_omega(rules()[rule_name]), images()
+    loop = gradient(omega, batch, batching="loop", kernels="reference")
+    fused = gradient(omega, batch, batching="vmap", kernels="triton")
+    assert calls  # the kernel ran
+    scale_ = max(g.abs().max() for g in loop.values())
+    assert sorted(fused) == sorted(loop)
+    for name in loop:
+        assert (fused[name] - loop[name]).abs().max() <= 1e-10 * scale_, name
+
+
+def test_batch_norm_route_only_where_the_dispatch_picks_triton(monkeypatch):
+    from metalearn import exact_norms
+    from metalearn.kernels import norm
+
+    monkeypatch.setattr(norm, "batch_norm_train", lambda *a: pytest.fail("the kernel ran"))
+    x, w, b = bn_inputs((4, 3, 2), torch.float64)
+    for kernels in ("auto", "reference"):  # CPU tensors: auto is the primitives
+        y = exact_norms.batch_norm(x, None, None, w, b, training=True, kernels=kernels)
+        close((y,), (reference.batch_norm_train(x, w, b, 1e-5),), torch.float64)
+    mixed = exact_norms.batch_norm(x, None, None, w.float(), b, training=True, kernels="triton")  # mixed dtypes
+    assert mixed.dtype == torch.float64

@@ -21,10 +21,14 @@ from metalearn.kernels.dispatch import (
     triton_available,
     use_triton,
 )
+from metalearn.kernels.norm import BatchNormGroups, BatchNormGroupsVJP, batch_norm_train
 from metalearn.kernels.update import FusedUpdate, FusedUpdateVJP, fused_update
 
 __all__ = [
     "KERNELS",
+    "BatchNormGroups",
+    "BatchNormGroupsVJP",
+    "batch_norm_train",
     "FusedUpdate",
     "FusedUpdateVJP",
     "check_kernels",

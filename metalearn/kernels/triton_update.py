@@ -15,6 +15,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _sqrt(v):
+    # correctly rounded, as torch's: tl.sqrt is the fast approximation for float32 (sqrt_rn is float32 only)
+    if tl.constexpr(v.dtype.is_fp64()):
+        r = tl.sqrt(v)
+    else:
+        r = tl.sqrt_rn(v)
+    return r
+
+
+@triton.jit
 def _load(ptr, offs, mask, SCALAR: tl.constexpr, UPCAST: tl.constexpr):
     if SCALAR:
         x = tl.load(ptr)
@@ -109,7 +119,7 @@ def momentum_backward(
 @triton.jit
 def _safe_sqrt(v):
     positive = v > 0
-    return tl.where(positive, tl.sqrt(tl.where(positive, v, 1.0)), 0.0)
+    return tl.where(positive, _sqrt(tl.where(positive, v, 1.0)), 0.0)
 
 
 @triton.jit

@@ -24,10 +24,17 @@ from torch import Tensor
 from metalearn.kernels import reference
 from metalearn.kernels.dispatch import interpreter_enabled
 
-__all__ = ["FusedUpdate", "FusedUpdateVJP", "fused_update"]
+__all__ = ["FusedUpdate", "FusedUpdateVJP", "fused_update", "launch", "launch_groups"]
 
 #: the kernels' constexpr flag names of each update's hyper-parameters ("<name>_S": one value for all entries)
 _HYPER_FLAGS = {"sgd": ("LR",), "momentum": ("LR", "MU"), "adam": ("LR", "B1", "C1", "B2", "C2", "EPS", "S1", "S2")}
+
+
+_COMPILED_ON_CPU = (
+    "the Triton kernels were loaded for the GPU (TRITON_INTERPRET was not 1 when they were first used), "
+    "so they cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first kernel launch, "
+    "or use kernels='reference' on CPU"
+)
 
 
 @functools.cache
@@ -52,11 +59,7 @@ def launch(kernel: Any, n: int, device: torch.device, *args: Any, **constexprs: 
     import triton
 
     if device.type == "cpu" and not _interpreted(kernel):
-        raise RuntimeError(
-            "the Triton kernels were loaded for the GPU (TRITON_INTERPRET was not 1 when they were first used), "
-            "so they cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first kernel launch, "
-            "or use kernels='reference' on CPU"
-        )
+        raise RuntimeError(_COMPILED_ON_CPU)
     block = max(16, min(1024 if device.type == "cuda" else 65536, triton.next_power_of_2(n)))
     grid = (triton.cdiv(n, block),)
     if device.type == "cuda":
@@ -64,6 +67,20 @@ def launch(kernel: Any, n: int, device: torch.device, *args: Any, **constexprs: 
             kernel[grid](*args, n, **constexprs, BLOCK=block)
     else:
         kernel[grid](*args, n, **constexprs, BLOCK=block)
+
+
+def launch_groups(kernel: Any, groups: int, entries: int, device: torch.device, *args: Any, **constexprs: Any) -> None:
+    """Runs a per-group reduction ``kernel``: one program per group, ``BLOCK`` of its ``entries`` at a time."""
+    import triton
+
+    if device.type == "cpu" and not _interpreted(kernel):
+        raise RuntimeError(_COMPILED_ON_CPU)
+    block = max(16, min(1024 if device.type == "cuda" else 65536, triton.next_power_of_2(entries)))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[(groups,)](*args, **constexprs, BLOCK=block)
+    else:
+        kernel[(groups,)](*args, **constexprs, BLOCK=block)
 
 
 def _flags(kind: str, hypers: tuple[Tensor, ...], theta: Tensor) -> dict[str, bool]:

@@ -54,7 +54,7 @@ class ThroughInnerLoop(MetaGradientMode):
         adapt_fn = with_kernels(self.adapt_task, kernels, f"{type(self).__name__}.adapt_task")
         objective = partial(task_objective, adapt_fn=adapt_fn)
         if batching == "vmap":
-            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective)
+            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, kernels)
         return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)
 
 
@@ -72,14 +72,15 @@ class Unrolled(ThroughInnerLoop):
 
 
 def _vmap_backward(
-    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective
+    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective,
+    kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vmap path: every task in one batched computation, one backward over the mean val loss."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     theta0, dims = vmap_theta0(omega, len(batch), generator, batch.train)
     val_losses, metrics, inner = map_tasks(
         objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching="vmap",
+        batching="vmap", kernels=kernels,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()
