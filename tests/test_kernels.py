@@ -438,3 +438,53 @@ def test_batch_norm_route_only_where_the_dispatch_picks_triton(monkeypatch):
         close((y,), (reference.batch_norm_train(x, w, b, 1e-5),), torch.float64)
     mixed = exact_norms.batch_norm(x, None, None, w.float(), b, training=True, kernels="triton")  # mixed dtypes
     assert mixed.dtype == torch.float64
+
+
+# ---------------------------------------------------------------- kernels= reaches every inner loop
+
+
+@pytest.mark.filterwarnings("ignore:iMAML")  # 2 inner steps leave the proximal problem unsolved: same either way
+@pytest.mark.parametrize("mode", ["truncated", "checkpointed", "implicit", "reptile", "first_order"])
+def test_every_mode_through_the_kernels_matches_reference(mode, monkeypatch):
+    from metalearn.kernels import update
+
+    calls = []
+    real = update._forward
+    monkeypatch.setattr(update, "_forward", lambda *a: calls.append(a[0]) or real(*a))
+    omega, batch = omega_with("maml"), regression(2)
+    ref = gradient(omega, batch, batching="loop", mode=mode, kernels="reference")
+    assert not calls
+    fused = gradient(omega, batch, batching="loop", mode=mode, kernels="triton")
+    assert calls
+    for name in ref:
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-10, atol=1e-12)
+
+
+def test_fine_tune_evaluate_and_meta_train_take_kernels(monkeypatch):
+    from metalearn import TrainConfig, evaluate, fine_tune, meta_train
+    from metalearn.kernels import update
+    from metalearn.tasks import Sinusoid
+
+    calls = []
+    real = update._forward
+    monkeypatch.setattr(update, "_forward", lambda *a: calls.append(a[0]) or real(*a))
+    omega, batch = omega_with("meta_sgd"), regression(2)
+    train = (batch.train[0][0], batch.train[1][0])
+    fused = fine_tune(omega, train, inner_steps=2, kernels="triton")
+    assert len(calls) == 2
+    ref = fine_tune(omega, train, inner_steps=2, kernels="reference")
+    for name in ref.params:
+        torch.testing.assert_close(fused.params[name], ref.params[name], rtol=1e-12, atol=1e-14)
+    tasks = list(batch)
+    a = evaluate(omega, tasks, 2, batching="vmap", kernels="triton")
+    b = evaluate(omega, tasks, 2, batching="vmap", kernels="reference")
+    assert abs(a.mean - b.mean) <= 1e-10 * max(1.0, abs(b.mean))
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        TrainConfig(steps=1, inner_steps=1, meta_batch_size=2, kernels="gpu")
+    assert "kernels" not in TrainConfig(steps=1, inner_steps=1, meta_batch_size=2, kernels="triton").identity()
+    calls.clear()
+    omega = MetaKnowledge(MLP((1, 8, 1)), InnerSGD(lr=0.1))
+    opt = torch.optim.Adam(omega.parameters(), 1e-3)
+    meta_train(omega, Sinusoid(5, 5, seed=0, length=None), opt, steps=1, inner_steps=1, meta_batch_size=2,
+               progress=False, kernels="triton", batching="loop")
+    assert calls == ["sgd", "sgd"]  # one launch per task's inner step

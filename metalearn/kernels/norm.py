@@ -59,8 +59,10 @@ def grouped_reference_vjp(x: Tensor, w: Tensor, gy: Tensor, eps: float) -> tuple
 def _run(name: str, x: Tensor, *tensors: Tensor, outs: tuple[Tensor, ...], eps: float) -> None:
     groups, n, c, spatial = x.shape
     if x.numel():
+        # ε as a tensor of the computation dtype: a Python float argument would reach the kernel as float32
+        eps_t = torch.full((), eps, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
         launch_groups(getattr(_kernels(), name), groups * c, n * spatial, x.device, x, *tensors, *outs,
-                      n, c, spatial, float(eps), F64=x.dtype == torch.float64)
+                      n, c, spatial, eps_t, F64=x.dtype == torch.float64)
 
 
 def _fold(batch_size: int, tensor: Tensor, dim: int | None) -> Tensor:

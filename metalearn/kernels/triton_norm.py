@@ -26,7 +26,7 @@ def _sqrt(v):
 
 
 @triton.jit
-def _stats(x, base, N, C, L, eps, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _stats(x, base, N, C, L, eps_ptr, F64: tl.constexpr, BLOCK: tl.constexpr):
     M = N * L
     if F64:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -45,7 +45,7 @@ def _stats(x, base, N, C, L, eps, F64: tl.constexpr, BLOCK: tl.constexpr):
         d = tl.where(mask, d, 0.0)
         acc += d * d
     var = tl.sum(acc, axis=0) / M
-    rstd = 1.0 / _sqrt(var + eps)
+    rstd = 1.0 / _sqrt(var + tl.load(eps_ptr))
     return mean, rstd
 
 

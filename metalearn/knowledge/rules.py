@@ -441,7 +441,8 @@ def _flat_hyper(rule: Rule, name: str, params: Params, fn: Callable[[Any], Any] 
     fixed or shared, else ``[N]`` (a per-tensor value repeated over its tensor's entries)."""
     like = next(iter(params.values()))
     if name in rule.fixed_values:
-        return torch.tensor(fn(rule.fixed_values[name]), dtype=like.dtype, device=like.device)
+        # a fill on the device, not a host-to-device copy (capturable in a CUDA graph)
+        return like.new_full((), fn(rule.fixed_values[name]))
     table: LearnedHyper = getattr(rule, rule._learned_at[name])
     if table.per == _SHARED:
         return fn(table.value(None))
