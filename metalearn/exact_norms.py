@@ -53,9 +53,14 @@ try:  # private helpers: which torch.func transforms are active
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # pragma: no cover - a torch without them: always take the exact primitive path
     TransformType = retrieve_all_functorch_interpreters = None  # type: ignore[misc, assignment]
+try:  # private too: the active torch function modes (to read an ExactNorms' kernels choice)
+    from torch.overrides import _get_current_function_mode_stack as _mode_stack
+except ImportError:  # pragma: no cover - then batch_norm called directly uses kernels="auto"
+    _mode_stack = None  # type: ignore[assignment]
 
 __all__ = [
     "ExactNorms",
+    "active_kernels",
     "batch_norm",
     "exact_norms",
     "group_norm",
@@ -160,12 +165,14 @@ def batch_norm(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     *,
-    kernels: str = "auto",
+    kernels: str | None = None,
 ) -> Tensor:
     """``F.batch_norm`` from primitives: statistics over every dim but the channel dim 1.
 
     With batch statistics, ``kernels`` may pick the fused Triton kernel instead (see the module
-    docstring): the same function, exact to every order.
+    docstring): the same function, exact to every order. None: the choice of the innermost active
+    `ExactNorms` (`active_kernels`), so a model calling this function directly inside the library's
+    vmap (`metalearn.models.BatchNorm`) follows the caller's ``kernels=``.
 
     Raises:
         ValueError: batch statistics with running statistics to update (see the module
@@ -180,6 +187,7 @@ def batch_norm(
         raise ValueError(f"batch_norm expects an input [N, C, ...], got shape {tuple(input.shape)}")
     if input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    kernels = active_kernels() if kernels is None else kernels
     if input.numel() and use_triton(kernels, [t for t in (input, weight, bias) if t is not None]):
         from metalearn.kernels.norm import batch_norm_train
 
@@ -368,6 +376,15 @@ class ExactNorms(TorchFunctionMode):
         if name == "batch_norm":
             return exact(*args, **(kwargs or {}), kernels=self.kernels)
         return exact(*args, **(kwargs or {}))
+
+
+def active_kernels() -> str:
+    """The ``kernels`` choice of the innermost active `ExactNorms` mode, or ``"auto"`` outside one."""
+    stack = _mode_stack() if _mode_stack is not None else []
+    for mode in reversed(stack):
+        if isinstance(mode, ExactNorms):
+            return mode.kernels
+    return "auto"
 
 
 def exact_norms(kernels: str = "auto") -> ExactNorms:

@@ -488,3 +488,31 @@ def test_fine_tune_evaluate_and_meta_train_take_kernels(monkeypatch):
     meta_train(omega, Sinusoid(5, 5, seed=0, length=None), opt, steps=1, inner_steps=1, meta_batch_size=2,
                progress=False, kernels="triton", batching="loop")
     assert calls == ["sgd", "sgd"]  # one launch per task's inner step
+
+
+@pytest.mark.slow  # a Conv-4: ~40 interpreted norm launches
+def test_library_batch_norm_follows_the_callers_kernels(monkeypatch):
+    """`models.BatchNorm` calls exact_norms.batch_norm itself under vmap: it takes the choice of the
+    library's vmap (ExactNorms), so kernels='reference' launches nothing and 'triton' the norm kernel."""
+    from metalearn.kernels import norm
+    from metalearn.models import Conv4
+
+    calls = []
+    real = norm.BatchNormGroups.forward
+    monkeypatch.setattr(norm.BatchNormGroups, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        omega = MetaKnowledge(Conv4(2, in_channels=1, hidden=2, image_size=16), InnerSGD(lr=0.1)).double()
+    g = torch.Generator().manual_seed(1)
+    x_tr, x_val = (torch.randn(2, 2, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    y = torch.tensor([0, 1]).expand(2, 2)
+    batch = TaskBatch(train=(x_tr, y), val=(x_val, y))
+    ref = gradient(omega, batch, batching="vmap", kernels="reference")
+    assert not calls
+    loop = gradient(omega, batch, batching="loop", kernels="reference")
+    fused = gradient(omega, batch, batching="vmap", kernels="triton")
+    assert calls
+    scale_ = max(v.abs().max() for v in loop.values())
+    for name in loop:
+        assert (fused[name] - loop[name]).abs().max() <= 1e-10 * scale_, name
+        assert (ref[name] - loop[name]).abs().max() <= 1e-10 * scale_, name
