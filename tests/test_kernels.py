@@ -516,3 +516,26 @@ def test_library_batch_norm_follows_the_callers_kernels(monkeypatch):
     for name in loop:
         assert (fused[name] - loop[name]).abs().max() <= 1e-10 * scale_, name
         assert (ref[name] - loop[name]).abs().max() <= 1e-10 * scale_, name
+
+
+def test_kernels_import_nothing_above_them_and_triton_only_lazily():
+    """The kernels layer knows nothing above it; Triton is imported at module level only by the kernel
+    files themselves, which are imported at the first launch (so TRITON_INTERPRET can still be set)."""
+    import ast
+    from pathlib import Path
+
+    import metalearn.kernels
+
+    folder = Path(metalearn.kernels.__file__).parent
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("metalearn") or name.startswith("metalearn.kernels"), (path.name, name)
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        top_names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        top_names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+        if not path.name.startswith("triton_"):
+            assert not any(n.split(".")[0] == "triton" for n in top_names), path.name
