@@ -539,3 +539,26 @@ def test_kernels_import_nothing_above_them_and_triton_only_lazily():
         top_names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
         if not path.name.startswith("triton_"):
             assert not any(n.split(".")[0] == "triton" for n in top_names), path.name
+
+
+def test_a_vmapped_batch_past_32_bit_offsets_runs_the_reference(monkeypatch):
+    """Each task fits, all tasks folded together would not: the vmap rules compute plain torch instead."""
+    from metalearn.kernels import norm, update
+
+    monkeypatch.setattr(update, "MAX_ENTRIES", 10)
+    monkeypatch.setattr(norm, "MAX_ENTRIES", 10)
+    monkeypatch.setattr(update, "_forward", lambda *a: pytest.fail("a kernel ran past the offset limit"))
+    monkeypatch.setattr(norm.BatchNormGroups, "forward", staticmethod(lambda *a: pytest.fail("the norm kernel ran")))
+    inputs = op_inputs("adam", 4, torch.float64, scalar_hypers=(0,))
+    thetas = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def total(op):
+        return torch.func.vmap(lambda t: op((t, *inputs[1:]))[0].sum())(thetas).sum()
+
+    fused = torch.autograd.grad(total(lambda x: fused_update("adam", x)), (thetas, inputs[4]))
+    close(fused, torch.autograd.grad(total(lambda x: reference.update("adam", x)), (thetas, inputs[4])),
+          torch.float64)
+    x, w, b = bn_inputs((3, 2, 2), torch.float64)
+    xs = x.detach().expand(3, 3, 2, 2)
+    y = torch.func.vmap(lambda x: norm.batch_norm_train(x, w, b, 1e-5))(xs)
+    close((y,), (torch.func.vmap(lambda x: reference.batch_norm_train(x, w, b, 1e-5))(xs),), torch.float64)

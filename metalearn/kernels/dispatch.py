@@ -28,7 +28,8 @@ __all__ = ["KERNELS", "check_kernels", "interpreter_enabled", "kernel_unsupporte
 KERNELS = ("auto", "triton", "reference")
 #: dtypes the kernels compute (bf16 only compiled on CUDA: the interpreter gets it wrong)
 _DTYPES = (torch.float16, torch.float32, torch.float64)
-_MAX_ENTRIES = 2**31 - 1  # the kernels index with 32-bit offsets
+#: the kernels index with 32-bit offsets: more entries than this (also all tasks of a vmap together) run the reference
+MAX_ENTRIES = 2**31 - 1
 
 
 def check_kernels(kernels: str, device: torch.device | None = None) -> str:
@@ -92,7 +93,7 @@ def kernel_unsupported(tensors: Iterable[Tensor]) -> str | None:
         return f"dtype {dtype} (the kernels compute {[str(d) for d in ok]} on {device.type})"
     if device.type not in ("cuda", "cpu"):
         return f"device {device}"
-    if entries > _MAX_ENTRIES:
+    if entries > MAX_ENTRIES:
         return f"{entries} entries (more than 32-bit offsets reach)"
     return None
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalearn.kernels.dispatch import MAX_ENTRIES
 from metalearn.kernels.update import launch_groups
 
 __all__ = ["BatchNormGroups", "BatchNormGroupsVJP", "batch_norm_train", "grouped_reference", "grouped_reference_vjp"]
@@ -100,8 +101,9 @@ class BatchNormGroups(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, b: Tensor, eps: float) -> tuple:
         v = info.batch_size
-        y = BatchNormGroups.apply(_fold(v, x, in_dims[0]), _fold(v, w, in_dims[1]), _fold(v, b, in_dims[2]), eps)
-        return _unfold(v, y), 0
+        folded = (_fold(v, x, in_dims[0]), _fold(v, w, in_dims[1]), _fold(v, b, in_dims[2]))
+        norm = grouped_reference if folded[0].numel() > MAX_ENTRIES else BatchNormGroups.apply  # 32-bit offsets
+        return _unfold(v, norm(*folded, eps)), 0
 
 
 class BatchNormGroupsVJP(torch.autograd.Function):
@@ -131,8 +133,9 @@ class BatchNormGroupsVJP(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, w: Tensor, gy: Tensor, eps: float) -> tuple:
         v = info.batch_size
-        outs = BatchNormGroupsVJP.apply(_fold(v, x, in_dims[0]), _fold(v, w, in_dims[1]), _fold(v, gy, in_dims[2]), eps)
-        return tuple(_unfold(v, o) for o in outs), (0, 0, 0)
+        folded = (_fold(v, x, in_dims[0]), _fold(v, w, in_dims[1]), _fold(v, gy, in_dims[2]))
+        vjp = grouped_reference_vjp if folded[0].numel() > MAX_ENTRIES else BatchNormGroupsVJP.apply
+        return tuple(_unfold(v, o) for o in vjp(*folded, eps)), (0, 0, 0)
 
 
 def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from metalearn.kernels import reference
-from metalearn.kernels.dispatch import interpreter_enabled
+from metalearn.kernels.dispatch import MAX_ENTRIES, interpreter_enabled
 
 __all__ = ["FusedUpdate", "FusedUpdateVJP", "fused_update", "launch", "launch_groups"]
 
@@ -173,6 +173,8 @@ class FusedUpdate(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, kind: str, nesterov: bool, *inputs: Tensor) -> tuple:
         folded = _fold_tasks(info.batch_size, in_dims[2:], inputs)
+        if folded[0].numel() > MAX_ENTRIES:  # every task together is past 32-bit offsets: plain torch
+            return _unfold(info.batch_size, reference.update(kind, folded, nesterov))
         return _unfold(info.batch_size, FusedUpdate.apply(kind, nesterov, *folded))
 
 
@@ -205,6 +207,11 @@ class FusedUpdateVJP(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, kind: str, nesterov: bool, hyper: bool, *tensors: Tensor) -> tuple:
         folded = _fold_tasks(info.batch_size, in_dims[3:], tensors)
+        if folded[0].numel() > MAX_ENTRIES:
+            n_in = sum(reference.UPDATES[kind][:2])
+            n_out = reference.UPDATES[kind][0] - 1 + (reference.UPDATES[kind][1] if hyper else 0)
+            outs = reference.update_vjp(kind, folded[:n_in], folded[n_in:], nesterov)[:n_out]
+            return _unfold(info.batch_size, outs)
         return _unfold(info.batch_size, FusedUpdateVJP.apply(kind, nesterov, hyper, *folded))
 
 
