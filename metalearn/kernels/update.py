@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from metalearn.kernels import reference
-from metalearn.kernels.dispatch import MAX_ENTRIES, interpreter_enabled
+from metalearn.kernels.dispatch import MAX_ENTRIES
 
 __all__ = ["FusedUpdate", "FusedUpdateVJP", "fused_update", "launch", "launch_groups"]
 
@@ -49,38 +49,38 @@ def _interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def _run(
+    kernel: Any, grid: tuple[int] | None, entries: int, device: torch.device, args: tuple, constexprs: dict
+) -> None:
+    """Launches ``kernel`` on ``grid`` (None: one program per ``BLOCK`` entries) with a ``BLOCK`` (a power
+    of 2) for ``entries`` entries, on ``device``."""
+    import triton
+
+    if device.type == "cpu" and not _interpreted(kernel):
+        raise RuntimeError(_COMPILED_ON_CPU)
+    # the interpreter runs a program as numpy arrays: large blocks are far faster there
+    block = max(16, min(1024 if device.type == "cuda" else 65536, triton.next_power_of_2(entries)))
+    grid = grid if grid is not None else (triton.cdiv(entries, block),)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **constexprs, BLOCK=block)
+    else:
+        kernel[grid](*args, **constexprs, BLOCK=block)
+
+
 def launch(kernel: Any, n: int, device: torch.device, *args: Any, **constexprs: Any) -> None:
-    """Runs an elementwise ``kernel`` over ``n`` entries: ``cdiv(n, BLOCK)`` programs, on ``device``.
+    """Runs an elementwise ``kernel`` over ``n`` entries (``n`` is its last argument): ``cdiv(n, BLOCK)`` programs.
 
     Raises:
         RuntimeError: CPU tensors, but the kernels were defined compiled (Triton read
             ``TRITON_INTERPRET`` when they were first imported, and it was not 1 then).
     """
-    import triton
-
-    if device.type == "cpu" and not _interpreted(kernel):
-        raise RuntimeError(_COMPILED_ON_CPU)
-    block = max(16, min(1024 if device.type == "cuda" else 65536, triton.next_power_of_2(n)))
-    grid = (triton.cdiv(n, block),)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, n, **constexprs, BLOCK=block)
-    else:
-        kernel[grid](*args, n, **constexprs, BLOCK=block)
+    _run(kernel, None, n, device, (*args, n), constexprs)
 
 
 def launch_groups(kernel: Any, groups: int, entries: int, device: torch.device, *args: Any, **constexprs: Any) -> None:
     """Runs a per-group reduction ``kernel``: one program per group, ``BLOCK`` of its ``entries`` at a time."""
-    import triton
-
-    if device.type == "cpu" and not _interpreted(kernel):
-        raise RuntimeError(_COMPILED_ON_CPU)
-    block = max(16, min(1024 if device.type == "cuda" else 65536, triton.next_power_of_2(entries)))
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[(groups,)](*args, **constexprs, BLOCK=block)
-    else:
-        kernel[(groups,)](*args, **constexprs, BLOCK=block)
+    _run(kernel, (groups,), entries, device, args, constexprs)
 
 
 def _flags(kind: str, hypers: tuple[Tensor, ...], theta: Tensor) -> dict[str, bool]:
@@ -234,7 +234,3 @@ def fused_update(kind: str, inputs: tuple[Tensor, ...], nesterov: bool = False) 
         )
     return FusedUpdate.apply(kind, bool(nesterov), *inputs)
 
-
-def interpreter_required(device: torch.device) -> bool:
-    """Whether a launch on ``device`` needs Triton's interpreter (CPU tensors)."""
-    return device.type == "cpu" and not interpreter_enabled()
