@@ -560,3 +560,15 @@ def test_a_vmapped_batch_past_32_bit_offsets_runs_the_reference(monkeypatch):
     xs = x.detach().expand(3, 3, 2, 2)
     y = torch.func.vmap(lambda x: norm.batch_norm_train(x, w, b, 1e-5))(xs)
     close((y,), (torch.func.vmap(lambda x: reference.batch_norm_train(x, w, b, 1e-5))(xs),), torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_float16_is_computed_in_float32(kind):
+    """fp16 entries are updated in float32 and rounded once: within an fp16 rounding of the float32 reference."""
+    inputs = op_inputs(kind, 33, torch.float32, scalar_hypers=(0,), seed=11)
+    half = tuple(x.detach().half() for x in inputs)
+    out = fused_update(kind, half)
+    ref = reference.update(kind, tuple(x.float() for x in half))
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == torch.float16
+        torch.testing.assert_close(o.float(), r, rtol=1e-3, atol=1e-3)
