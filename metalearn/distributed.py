@@ -490,6 +490,7 @@ def sharded_meta_step(
     step: int | None = None,
     chunk_size: int | str | None = None,
     memory_budget: int | None = None,
+    kernels: str = "auto",
 ) -> dict[str, float | str]:
     """`metalearn.meta_step` on this rank's share ``batch`` (tasks ``lo .. lo+len(batch)-1`` of a
     meta-batch of ``total``): local meta-gradient, one all-reduce, then the same clipping and outer
@@ -516,7 +517,7 @@ def sharded_meta_step(
             check_batch("meta_step", omega, batch, inner_steps)
             with drawing_window(omega, lo, total):
                 stats, _ = _explained_meta_gradient(
-                    omega, batch, inner_steps, first_order, batching, generator, mode, chunking
+                    omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
                 )
             summary = [getattr(stats, k) for k in _SUMMARY]
             ran = stats.batching

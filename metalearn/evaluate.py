@@ -33,6 +33,7 @@ from tqdm import tqdm
 from metalearn.checks import check_labels, check_seed, check_steps, inner_steps_keyword
 from metalearn.distributed import Shard, check_distributed_option, shard_scope
 from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_finite_task_losses
+from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import map_tasks, resolve_batching, task_objective
@@ -75,6 +76,7 @@ def fine_tune(
     *,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode | None = None,
+    kernels: str = "auto",
 ) -> Adapted:
     r"""θ* for one task: θ0 from ω, then ``inner_steps`` inner updates on ``train``; ω is not changed.
 
@@ -91,6 +93,7 @@ def fine_tune(
             iMAML's proximal objective
             :math:`L^{train}(\phi) + \frac{\lambda}{2}\lVert\phi - \theta_0\rVert^2` (Rajeswaran et
             al., 2019). None: the plain inner loop.
+        kernels: how inner updates are applied: ``"auto"``, ``"triton"`` or ``"reference"`` (`metalearn.kernels`).
 
     Returns:
         An `metalearn.inner.Adapted`: call it as the fine-tuned model (``adapted(x)`` runs ω's model
@@ -116,10 +119,11 @@ def fine_tune(
     problem = meta_test_problem(mode)
     check_labels(omega, train[0], (("train", train[1]),), batched=False)
     device = omega_device(omega)
+    check_kernels(kernels, device)
     x, y = (t.to(device) for t in train)
     with torch.no_grad():
         theta0 = _detached_theta0(omega, generator, (x, y))
-        params, losses = problem.solve(omega, theta0, x, y, inner_steps)
+        params, losses = problem.solve(omega, theta0, x, y, inner_steps, kernels=kernels)
     check_finite_losses(losses)
     return Adapted(params, losses, omega, differentiable=False)
 
@@ -222,6 +226,7 @@ def evaluate(
     mode: str | MetaGradientMode | None = None,
     progress: bool | str = False,
     distributed: Any = None,
+    kernels: str = "auto",
 ) -> Evaluation:
     """Meta-tests ω: fine-tunes on each task's train half, scores on its val half.
 
@@ -250,6 +255,7 @@ def evaluate(
             `metalearn.DistributedOptions`. The groups of ``batch_size`` tasks go round the ranks
             and every rank gets every task's metric back, so each rank returns exactly the
             `Evaluation` one process computes (collective: call it on every rank).
+        kernels: how inner updates are applied: ``"auto"``, ``"triton"`` or ``"reference"`` (`metalearn.kernels`).
 
     Returns:
         An `Evaluation` (mean, 95% CI, per-task metrics).
@@ -272,6 +278,7 @@ def evaluate(
     _check_progress(progress)
     check_distributed_option(distributed)
     bar = None
+    check_kernels(kernels, omega_device(omega))
     was_training = omega.training
     omega.eval()
     try:
@@ -283,11 +290,11 @@ def evaluate(
             bar = _progress_bar(tasks, progress if shard is None or shard.is_main else False)  # one bar: rank 0's
             if shard is None:
                 losses, metrics, kind = _evaluate_chunks(
-                    omega, tasks, inner_steps, batch_size, how, seed, problem, bar
+                    omega, tasks, inner_steps, batch_size, how, seed, problem, bar, kernels=kernels
                 )
             else:
                 losses, metrics, kind = _evaluate_sharded(
-                    shard, omega, tasks, inner_steps, batch_size, how, seed, problem, bar
+                    shard, omega, tasks, inner_steps, batch_size, how, seed, problem, bar, kernels=kernels
                 )
     finally:
         omega.train(was_training)
@@ -317,6 +324,7 @@ def _evaluate_sharded(
     seed: int,
     problem: InnerProblem,
     bar: Any = None,
+    kernels: str = "auto",
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
     """`_evaluate_chunks` with the chunks dealt round the ranks (chunk k to rank k mod N), then every
     rank's results gathered and put back in task order. Each chunk is computed exactly as in one
@@ -327,7 +335,7 @@ def _evaluate_sharded(
     try:
         mine = _evaluate_chunks(
             omega, tasks, inner_steps, batch_size, batching, seed, problem, bar,
-            owned=lambda k: k % world == shard.rank,
+            owned=lambda k: k % world == shard.rank, kernels=kernels,
         )
     except Exception as err:  # raised on every rank below, not only here
         error = err
@@ -358,6 +366,7 @@ def _evaluate_chunks(
     problem: InnerProblem,
     bar: Any = None,
     owned: Callable[[int], bool] | None = None,
+    kernels: str = "auto",
 ) -> tuple[list[Tensor], list[Tensor], str | None]:
     """Fine-tunes and scores ``tasks`` ``batch_size`` at a time: (val losses, metrics, metric kind).
 
@@ -368,7 +377,7 @@ def _evaluate_chunks(
     losses: list[Tensor] = []
     kind: str | None = None
     offset = 0
-    objective = partial(task_objective, adapt_fn=problem.solve)
+    objective = partial(task_objective, adapt_fn=partial(problem.solve, kernels=kernels))
     for k, chunk in enumerate(_chunks(tasks, batch_size)):
         if owned is not None and not owned(k):
             if kind is None:
@@ -393,7 +402,7 @@ def _evaluate_chunks(
             theta0, theta0_dims = (_batched_theta0 if batching == "vmap" else _stacked_theta0)(theta0s)
             val_loss, met, inner = map_tasks(
                 objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
-                omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching,
+                omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching, kernels=kernels,
             )
             check_finite_losses(inner, task_offset=offset)
             check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)

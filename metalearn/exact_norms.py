@@ -24,8 +24,15 @@ it is refused with an error naming the fix. With fixed statistics (``training=Fa
 ``use_input_stats=False``) it is an affine map of the input, computed from the same
 primitives.
 
-This module imports nothing from the rest of the library (it sits at the bottom of the
-layers), so models, the outer loop and evaluation can all use it.
+Batch statistics on CUDA: with ``kernels="auto"`` (the default) or ``"triton"``, `batch_norm`
+with batch statistics runs `metalearn.kernels.batch_norm_train` (one fused Triton pass forward and
+one backward, exact to every order under vmap) where the dispatch (`metalearn.kernels.use_triton`)
+picks Triton — CUDA tensors by default; elsewhere, and for what the kernel cannot serve, the
+primitives below. `ExactNorms` carries the choice (``ExactNorms(kernels=...)``).
+
+This module imports nothing from the rest of the library but `metalearn.kernels` (which imports
+nothing of it either: both sit at the bottom of the layers), so models, the outer loop and
+evaluation can all use it.
 """
 
 from __future__ import annotations
@@ -39,14 +46,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from metalearn.kernels import use_triton
+
 try:  # private helpers: which torch.func transforms are active
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 except ImportError:  # pragma: no cover - a torch without them: always take the exact primitive path
     TransformType = retrieve_all_functorch_interpreters = None  # type: ignore[misc, assignment]
+try:  # private too: the active torch function modes (to read an ExactNorms' kernels choice)
+    from torch.overrides import _get_current_function_mode_stack as _mode_stack
+except ImportError:  # pragma: no cover - then batch_norm called directly uses kernels="auto"
+    _mode_stack = None  # type: ignore[assignment]
 
 __all__ = [
     "ExactNorms",
+    "active_kernels",
     "batch_norm",
     "exact_norms",
     "group_norm",
@@ -150,8 +164,15 @@ def batch_norm(
     training: bool = False,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
+    *,
+    kernels: str | None = None,
 ) -> Tensor:
     """``F.batch_norm`` from primitives: statistics over every dim but the channel dim 1.
+
+    With batch statistics, ``kernels`` may pick the fused Triton kernel instead (see the module
+    docstring): the same function, exact to every order. None: the choice of the innermost active
+    `ExactNorms` (`active_kernels`), so a model calling this function directly inside the library's
+    vmap (`metalearn.models.BatchNorm`) follows the caller's ``kernels=``.
 
     Raises:
         ValueError: batch statistics with running statistics to update (see the module
@@ -166,6 +187,11 @@ def batch_norm(
         raise ValueError(f"batch_norm expects an input [N, C, ...], got shape {tuple(input.shape)}")
     if input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    kernels = active_kernels() if kernels is None else kernels
+    if input.numel() and use_triton(kernels, [t for t in (input, weight, bias) if t is not None]):
+        from metalearn.kernels.norm import batch_norm_train
+
+        return batch_norm_train(input, weight, bias, eps)
     y = _normalize(_upcast(input), [0, *range(2, input.ndim)], eps)
     return _affine(y, weight, bias, lambda t: _channel_view(t, input.ndim)).to(input.dtype)
 
@@ -261,8 +287,10 @@ def rms_norm(
 # ---------------------------------------------------------------- torch.<norm> entry points (aten argument order)
 
 
-def _aten_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
-    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+def _aten_batch_norm(
+    input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True, *, kernels="auto"
+):
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, kernels=kernels)
 
 
 def _aten_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
@@ -288,9 +316,9 @@ def _aten_native_layer_norm(input, normalized_shape, weight, bias, eps):
     return _affine(centered * rstd, weight, bias, lambda t: t).to(input.dtype), mean, rstd
 
 
-def _aten_native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _aten_native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *, kernels="auto"):
     """``torch.native_batch_norm``: (output, saved mean ``[C]``, saved 1/std ``[C]``; empty when not training)."""
-    out = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, kernels=kernels)
     if not training:
         empty = input.new_empty(0)
         return out, empty, empty
@@ -330,12 +358,14 @@ class ExactNorms(TorchFunctionMode):
     Enter it (``with ExactNorms():``) around a ``torch.func.vmap`` call; every other torch
     call passes through unchanged. ``routed`` counts the norm calls replaced, by name
     (``"batch_norm"``, ``"layer_norm"``, ...), so a test or a user can see that a model's
-    norms were seen.
+    norms were seen. ``kernels`` (``"auto"``, ``"triton"``, ``"reference"``) is how batch norm with
+    batch statistics is computed (`batch_norm`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: str = "auto") -> None:
         super().__init__()
         self.routed: Counter[str] = Counter()
+        self.kernels = kernels
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         route = ROUTES.get(func)
@@ -343,9 +373,20 @@ class ExactNorms(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         name, exact = route
         self.routed[name] += 1
+        if name == "batch_norm":
+            return exact(*args, **(kwargs or {}), kernels=self.kernels)
         return exact(*args, **(kwargs or {}))
 
 
-def exact_norms() -> ExactNorms:
+def active_kernels() -> str:
+    """The ``kernels`` choice of the innermost active `ExactNorms` mode, or ``"auto"`` outside one."""
+    stack = _mode_stack() if _mode_stack is not None else []
+    for mode in reversed(stack):
+        if isinstance(mode, ExactNorms):
+            return mode.kernels
+    return "auto"
+
+
+def exact_norms(kernels: str = "auto") -> ExactNorms:
     """A fresh `ExactNorms` mode, to use as ``with exact_norms(): vmap(...)(...)``."""
-    return ExactNorms()
+    return ExactNorms(kernels)

@@ -36,8 +36,10 @@ from torch.utils.checkpoint import checkpoint
 
 from metalearn.checks import check_labels, check_steps, explain_label_error, inner_steps_keyword
 from metalearn.errors import NonFiniteError
+from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params, State
+from metalearn.knowledge.rules import fused_step
 
 __all__ = [
     "GRAPHS",
@@ -141,7 +143,7 @@ class InnerProblem:
 
     def solve(
         self, omega: MetaKnowledge, theta0: Mapping[str, Tensor], x: Tensor, y: Tensor, inner_steps: int,
-        first_order: bool = True,
+        first_order: bool = True, *, kernels: str = "auto",
     ) -> tuple[Params, Tensor]:
         """θ* of one task from ``theta0`` (every parameter), no graph to ω kept by the caller's ``no_grad``.
 
@@ -149,9 +151,11 @@ class InnerProblem:
         differentiates through the loop), so it can stand in for it in `metalearn.mapping.task_objective`.
         """
         if self.proximal is None:
-            return adapt_params(omega, theta0, x, y, inner_steps, first_order=True)
+            return adapt_params(omega, theta0, x, y, inner_steps, first_order=True, kernels=kernels)
         anchor = {n: theta0[n].detach() for n in omega.adapted_names}
-        return inner_loop(omega, theta0, x, y, inner_steps, graph="none", regulariser=Proximal(self.proximal, anchor))
+        return inner_loop(
+            omega, theta0, x, y, inner_steps, graph="none", regulariser=Proximal(self.proximal, anchor), kernels=kernels
+        )
 
 
 @inner_steps_keyword
@@ -162,6 +166,8 @@ def adapt_params(
     y: Tensor,
     inner_steps: int,
     first_order: bool = False,
+    *,
+    kernels: str = "auto",
 ) -> tuple[Params, Tensor]:
     """The differentiable inner loop for one task, as a pure function (safe under ``torch.func.vmap``).
 
@@ -174,6 +180,7 @@ def adapt_params(
         y: train targets of the task.
         inner_steps: number of inner steps K (0 returns θ0).
         first_order: stop gradients through the inner gradients (FOMAML).
+        kernels: how updates are applied (`inner_loop`).
 
     Returns:
         θK as a dict of every parameter, and the inner losses before each step ``[inner_steps]``.
@@ -182,7 +189,7 @@ def adapt_params(
         TypeError, ValueError: ``inner_steps`` is not an int of at least 0.
     """
     check_steps("inner_steps", inner_steps)
-    return inner_loop(omega, theta0, x, y, inner_steps, graph="first_order" if first_order else "full")
+    return inner_loop(omega, theta0, x, y, inner_steps, graph="first_order" if first_order else "full", kernels=kernels)
 
 
 @inner_steps_keyword
@@ -198,6 +205,7 @@ def inner_loop(
     segment: int | None = None,
     first_order_steps: int = 0,
     after_step: AfterStep | None = None,
+    kernels: str = "auto",
 ) -> tuple[Params, Tensor]:
     """The one inner loop: ``inner_steps`` updates of ω's optimizer on the inner loss (+ ``regulariser``).
 
@@ -213,6 +221,9 @@ def inner_loop(
         first_order_steps: with ``graph="full"``, steps ``k < first_order_steps`` are first order.
         after_step: ``after_step(k, θ_{k+1})`` after each step k (every parameter; detached for
             ``"none"``); not with ``segment``, whose steps run inside a checkpoint.
+        kernels: how ω's updates are applied (`metalearn.knowledge.rules.fused_step`): ``"auto"`` (the
+            fused Triton kernel for CUDA tensors when Triton imports), ``"triton"`` or ``"reference"``
+            (the rule's own code); see `metalearn.kernels`.
 
     Returns:
         θK (every parameter: static ones as given, detached for ``"none"``) and the inner objective
@@ -222,22 +233,23 @@ def inner_loop(
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     if after_step is not None and segment is not None:
         raise ValueError("after_step cannot see the steps inside a checkpointed segment; pass segment=None")
+    check_kernels(kernels, x.device)
     static = {n: theta0[n] for n in omega.static_names}
     fast = {n: theta0[n] for n in omega.adapted_names}
     objective = _inner_objective(omega, x, y, regulariser)
     if graph == "none":
         detached = {n: t.detach() for n, t in static.items()}
-        return _detached_loop(omega, detached, fast, objective, inner_steps, x, after_step)
+        return _detached_loop(omega, detached, fast, objective, inner_steps, x, after_step, kernels)
     if graph == "first_order":
         first_order_steps = inner_steps
     plain = _use_plain_autograd(omega, theta0, first_order_steps >= inner_steps)
     if segment is not None and first_order_steps < inner_steps and plain:
-        return _segmented_loop(omega, static, fast, objective, inner_steps, x, segment, first_order_steps)
+        return _segmented_loop(omega, static, fast, objective, inner_steps, x, segment, first_order_steps, kernels)
     state = omega.optimizer.init_state(fast)
     losses = []
     for k in range(inner_steps):
         fo = k < first_order_steps
-        fast, state, loss = _step(omega, static, fast, state, objective, k, fo, plain and not fo)
+        fast, state, loss = _step(omega, static, fast, state, objective, k, fo, plain and not fo, kernels)
         losses.append(loss)
         if after_step is not None:
             after_step(k, {**static, **fast})
@@ -285,6 +297,7 @@ def _step(
     k: int,
     first_order: bool,
     plain_autograd: bool,
+    kernels: str = "auto",
 ) -> tuple[Params, State, Tensor]:
     """One differentiable inner step k: the objective at θ_k, its gradient, ω's update.
 
@@ -302,7 +315,7 @@ def _step(
     else:
         at = {n: t.detach() for n, t in fast.items()} if first_order else fast
         grads, loss = grad_and_value(partial(objective, static))(at)
-    fast, state = omega.optimizer.step(fast, grads, state, k)
+    fast, state = fused_step(omega.optimizer, fast, grads, state, k, kernels)
     return fast, state, loss
 
 
@@ -314,6 +327,7 @@ def _detached_loop(
     steps: int,
     x: Tensor,
     after_step: AfterStep | None = None,
+    kernels: str = "auto",
 ) -> tuple[Params, Tensor]:
     """``graph="none"``: each step's gradient from fresh detached leaves, the update under ``no_grad``;
     no graph outlives a step (memory independent of ``steps``)."""
@@ -325,8 +339,9 @@ def _detached_loop(
             loss = objective(static, leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
         with torch.no_grad():
-            fast, state = omega.optimizer.step(
-                {n: t.detach() for n, t in leaves.items()}, dict(zip(leaves, grads, strict=True)), state, k
+            fast, state = fused_step(
+                omega.optimizer, {n: t.detach() for n, t in leaves.items()}, dict(zip(leaves, grads, strict=True)),
+                state, k, kernels,
             )
         losses.append(loss.detach())
         if after_step is not None:
@@ -344,6 +359,7 @@ def _segmented_loop(
     x: Tensor,
     segment: int,
     first_order_steps: int,
+    kernels: str = "auto",
 ) -> tuple[Params, Tensor]:
     """``graph="full"`` with every ``segment`` steps under ``torch.utils.checkpoint`` (non-reentrant):
     only θ_k and the optimizer state at segment boundaries are kept between forward and backward."""
@@ -357,7 +373,7 @@ def _segmented_loop(
         seg_losses = []
         for k in range(k0, k1):
             fo = k < first_order_steps
-            f, s, loss = _step(omega, static, f, s, objective, k, fo, not fo)
+            f, s, loss = _step(omega, static, f, s, objective, k, fo, not fo, kernels)
             seg_losses.append(loss)
         return (*(f[n] for n in names), *(s[k] for k in state_keys), torch.stack(seg_losses))
 
@@ -419,6 +435,7 @@ def adapt(
     *,
     first_order: bool = False,
     generator: torch.Generator | None = None,
+    kernels: str = "auto",
 ) -> Adapted:
     """Adapts θ to one task's train half: θ0 from ω, then ``inner_steps`` updates.
 
@@ -431,6 +448,7 @@ def adapt(
         inner_steps: number of inner steps.
         first_order: first-order approximation (FOMAML).
         generator: randomness for a stochastic init.
+        kernels: how updates are applied: ``"auto"``, ``"triton"`` or ``"reference"`` (`inner_loop`).
 
     Raises:
         NonFiniteError: the inner loss became NaN or Inf (names the step).
@@ -442,7 +460,7 @@ def adapt(
     check_labels(omega, x, (("train", y),), batched=False)
     theta0 = {n: t[0] for n, t in omega.initial_params(1, generator, train=(x[None], y[None])).items()}
     try:
-        params, losses = adapt_params(omega, theta0, x, y, inner_steps, first_order)
+        params, losses = adapt_params(omega, theta0, x, y, inner_steps, first_order, kernels=kernels)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, x, (("train", y),), batched=False)
         if explained is err:

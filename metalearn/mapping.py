@@ -133,20 +133,21 @@ def _random_under_vmap(what: str) -> str:
     )
 
 
-def run_vmapped(fn: Callable, in_dims: tuple, *args):
+def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto"):
     """``vmap(fn, in_dims)(*args)`` with every norm computed exactly (`metalearn.exact_norms`).
 
     The vmap branch of `map_tasks`: torch's fused norms give wrong second-order meta-gradients
     under vmap, so the calls are routed to primitives while it runs (the backward afterwards
     needs nothing: its graph holds only primitives). A random operation inside (e.g.
     ``F.dropout`` in a model's own forward) is refused with an error naming the fix, instead of
-    torch's raw randomness error.
+    torch's raw randomness error. ``kernels`` picks how batch norm's batch statistics are computed
+    (`metalearn.exact_norms.ExactNorms`).
 
     Raises:
         ValueError: ``fn`` called a random operation.
     """
     try:
-        with exact_norms():
+        with exact_norms(kernels):
             return vmap(fn, in_dims=in_dims)(*args)
     except RuntimeError as err:
         if "randomness" not in str(err):
@@ -154,17 +155,20 @@ def run_vmapped(fn: Callable, in_dims: tuple, *args):
         raise ValueError(_random_under_vmap("a random operation (e.g. F.dropout) was called")) from err
 
 
-def map_tasks(fn: Callable[..., tuple[Tensor, ...]], in_dims: tuple, *args: Any, batching: str) -> tuple[Tensor, ...]:
+def map_tasks(
+    fn: Callable[..., tuple[Tensor, ...]], in_dims: tuple, *args: Any, batching: str, kernels: str = "auto"
+) -> tuple[Tensor, ...]:
     """``fn`` applied to every task of a batch; its outputs (a tuple of tensors) stacked over tasks.
 
     ``in_dims`` says, as for ``vmap``, which ``args`` carry a leading task dimension: ``0`` (a
     tensor, or any sequence for the loop), ``None`` (shared by every task), or a dict of those for
     a dict of tensors (θ0). ``batching="vmap"`` runs `run_vmapped`; ``"loop"`` calls ``fn`` once per
     task, in order, so anything ``fn`` does besides returning (a backward, a ``.grad`` update)
-    happens task by task and a task's graph is freed before the next one runs.
+    happens task by task and a task's graph is freed before the next one runs. ``kernels`` reaches
+    `run_vmapped` (the norms); ``fn`` gets its own for the inner updates.
     """
     if batching == "vmap":
-        return run_vmapped(fn, in_dims, *args)
+        return run_vmapped(fn, in_dims, *args, kernels=kernels)
     outputs = [fn(*_task_args(in_dims, args, i)) for i in range(_task_count(in_dims, args))]
     return tuple(torch.stack(list(column)) for column in zip(*outputs, strict=True))
 

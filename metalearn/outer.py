@@ -19,6 +19,7 @@ slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ from metalearn.checks import (
     inner_steps_keyword,
 )
 from metalearn.errors import NonFiniteError
+from metalearn.inner import adapt_params
+from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.mapping import (
     Chunking,
@@ -45,6 +48,7 @@ from metalearn.mapping import (
     vmap_theta0,
 )
 from metalearn.modes import MetaGradientMode, resolve_mode
+from metalearn.modes.base import with_kernels
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
@@ -115,6 +119,7 @@ def meta_gradient(
     mode: str | MetaGradientMode = "unrolled",
     chunk_size: int | str | None = None,
     memory_budget: int | None = None,
+    kernels: str = "auto",
 ) -> MetaStats:
     """Adds ∇ω of the mean val loss over ``batch`` to the ``.grad`` of ω's parameters.
 
@@ -137,6 +142,8 @@ def meta_gradient(
             once. The loop holds one task's graph at a time already and ignores it.
         memory_budget: bytes one chunk's graph may hold, for ``chunk_size="auto"`` (default: half
             the free memory of a CUDA device; no chunking on the CPU).
+        kernels: how inner updates are applied: ``"auto"`` (fused Triton kernels for CUDA tensors when
+            Triton imports), ``"triton"`` or ``"reference"``; see `metalearn.kernels`.
 
     Raises:
         NonFiniteError: a NaN/Inf inner loss, val loss or meta-gradient (names task and step).
@@ -147,8 +154,11 @@ def meta_gradient(
             vmap path does not run in chunks.
     """
     check_batch("meta_gradient", omega, batch, inner_steps)
+    check_kernels(kernels, batch.train[0].device)
     chunking = Chunking(chunk_size, memory_budget)
-    stats, _ = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking)
+    stats, _ = _explained_meta_gradient(
+        omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
+    )
     return stats
 
 
@@ -182,12 +192,13 @@ def _explained_meta_gradient(
     generator: torch.Generator | None,
     mode: str | MetaGradientMode,
     chunking: Chunking,
+    kernels: str = "auto",
 ) -> tuple[MetaStats, Tensor]:
     """`_meta_gradient`, turning torch's raw "target out of bounds" into an error that names the task,
     the label and the head size (the labels' upper bound needs the head size, known only from a
     forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
     try:
-        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking)
+        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
         if explained is err:
@@ -204,6 +215,7 @@ def _meta_gradient(
     generator: torch.Generator | None,
     gradient_mode: str | MetaGradientMode = "unrolled",
     chunking: Chunking | None = None,
+    kernels: str = "auto",
 ) -> tuple[MetaStats, Tensor]:
     """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
     finiteness check and for `meta_step`'s report and clipping)."""
@@ -218,7 +230,8 @@ def _meta_gradient(
                 "batching='loop' (one task's graph at a time)"
             )
         chunks["chunking"] = chunking
-    val_losses, metrics, inner = how.accumulate(omega, batch, inner_steps, batching, generator, **chunks)
+    accumulate = with_kernels(how.accumulate, kernels, f"{type(how).__name__}.accumulate")
+    val_losses, metrics, inner = accumulate(omega, batch, inner_steps, batching, generator, **chunks)
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)
     inner = inner.detach()
@@ -248,6 +261,7 @@ def meta_loss(
     first_order: bool = False,
     batching: str = "auto",
     generator: torch.Generator | None = None,
+    kernels: str = "auto",
 ) -> Tensor:
     """The meta-objective: mean over ``batch`` of the val loss after adaptation, differentiable w.r.t. ω.
 
@@ -255,6 +269,7 @@ def meta_loss(
     memory-lean way to get the same gradient. Raises as `meta_gradient` does for bad inputs.
     """
     check_batch("meta_loss", omega, batch, inner_steps, need_grad=False)  # its value alone may be wanted
+    check_kernels(kernels, batch.train[0].device)
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = resolve_batching(omega, batching, x_tr.device)
@@ -263,9 +278,10 @@ def meta_loss(
     else:
         theta0 = omega.initial_params(n, generator, train=batch.train)
         dims = dict.fromkeys(theta0, 0)
+    objective = partial(task_objective, adapt_fn=partial(adapt_params, kernels=kernels))
     val_losses, _, inner = map_tasks(
-        task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching=mode,
+        objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
+        batching=mode, kernels=kernels,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()
@@ -285,11 +301,12 @@ def meta_step(
     mode: str | MetaGradientMode = "unrolled",
     chunk_size: int | str | None = None,
     memory_budget: int | None = None,
+    kernels: str = "auto",
 ) -> dict[str, float | str]:
     """One outer step: zero grads, meta-gradient over ``batch``, optional clipping, optimizer step.
 
-    ``mode``, ``chunk_size`` and ``memory_budget`` are as in `meta_gradient` (``"reptile"`` with
-    ``torch.optim.SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0)).
+    ``mode``, ``chunk_size``, ``memory_budget`` and ``kernels`` are as in `meta_gradient` (``"reptile"``
+    with ``torch.optim.SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0)).
 
     ω is left untouched if any loss or the meta-gradient is NaN/Inf (`NonFiniteError`).
 
@@ -309,10 +326,11 @@ def meta_step(
     check_batch("meta_step", omega, batch, inner_steps)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
     check_outer_optimizer(omega, outer_optimizer)
+    check_kernels(kernels, batch.train[0].device)
     chunking = Chunking(chunk_size, memory_budget)
     outer_optimizer.zero_grad(set_to_none=True)
     stats, grad_norm = _explained_meta_gradient(
-        omega, batch, inner_steps, first_order, batching, generator, mode, chunking
+        omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
     )
     if clip_grad_norm is not None:
         params = [p for p in omega.parameters() if p.grad is not None]

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from metalearn.kernels import fused_update, kernel_unsupported, use_triton
 from metalearn.knowledge.parts import OptimizerPart, Params, State, apply_updates, param_key
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "Rule",
     "apply_updates",
     "chain",
+    "fused_plan",
+    "fused_step",
     "learned",
     "scale",
     "scale_by_adam",
@@ -394,3 +398,116 @@ def scale_by_adam(
 def chain(*rules: OptimizerPart) -> Chain:
     """Rules applied in sequence, e.g. ``chain(scale_by_adam(), scale_by_learning_rate(1e-3))``."""
     return Chain(*rules)
+
+
+# ---------------------------------------------------------------- the fused-kernel hook
+
+
+def _plain(part: OptimizerPart, cls: Any) -> bool:
+    """Whether ``part`` is a ``cls`` computing exactly ``cls``'s formula (no override of it)."""
+    kind: Any = type(part)
+    return (
+        isinstance(part, cls)
+        and kind.update is cls.update
+        and kind.init_state is cls.init_state
+        and kind.step is OptimizerPart.step
+    )
+
+
+def fused_plan(part: OptimizerPart) -> tuple[str, tuple[Rule, ...]] | None:
+    """The fused update (`metalearn.kernels.reference.UPDATES`) that computes ``part``'s step, with its
+    rules, or None (a user's own rule, `scale`, a mixture, any other chain: the rule's own code runs).
+
+    Recognised: ``scale_by_learning_rate`` alone (`InnerSGD`, `MetaSGD`, a learned step size of any
+    grouping) → ``"sgd"``; ``chain(trace, scale_by_learning_rate)`` (`MomentumSGD`) → ``"momentum"``;
+    ``chain(scale_by_adam, scale_by_learning_rate)`` (`InnerAdam`) → ``"adam"``.
+    """
+    if _plain(part, _ScaleByLearningRate):
+        return "sgd", (part,)  # type: ignore[return-value]  # a _ScaleByLearningRate is a Rule
+    if not _plain(part, Chain):
+        return None
+    rules = cast(Chain, part)._rules()
+    if len(rules) != 2 or not _plain(rules[1], _ScaleByLearningRate):
+        return None
+    if _plain(rules[0], _Trace):
+        return "momentum", cast(tuple[Rule, ...], tuple(rules))
+    if _plain(rules[0], _ScaleByAdam):
+        return "adam", cast(tuple[Rule, ...], tuple(rules))
+    return None
+
+
+def _flat_hyper(rule: Rule, name: str, params: Params, fn: Callable[[Any], Any] = lambda h: h) -> Tensor:
+    """``fn`` of hyper-parameter ``name`` over the flat entries of ``params``: one value ``[]`` when it is
+    fixed or shared, else ``[N]`` (a per-tensor value repeated over its tensor's entries)."""
+    like = next(iter(params.values()))
+    if name in rule.fixed_values:
+        # a fill on the device, not a host-to-device copy (capturable in a CUDA graph)
+        return like.new_full((), fn(rule.fixed_values[name]))
+    table: LearnedHyper = getattr(rule, rule._learned_at[name])
+    if table.per == _SHARED:
+        return fn(table.value(None))
+    return torch.cat([fn(table.value(n)).expand(p.shape).reshape(-1) for n, p in params.items()])
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _fused_inputs(
+    kind: str, rules: tuple[Rule, ...], params: Params, grads: Params, state: State, step: int
+) -> tuple[list[Tensor], list[str], tuple[Tensor, ...], bool]:
+    """The flat inputs of the fused ``kind``: (θ, g and the state tensors, the state keys in output order,
+    the hyper-parameters, Nesterov)."""
+    names = list(params)
+    flat = [_flat([params[n] for n in names]), _flat([grads[n] for n in names])]
+    lr = _flat_hyper(rules[-1], "lr", params)
+    if kind == "sgd":
+        return flat, [], (lr,), False
+    if kind == "momentum":
+        trace_rule = cast(_Trace, rules[0])
+        keys = ["0/{}/momentum"]
+        mu = _flat_hyper(trace_rule, "momentum", params)
+        return flat + [_flat([state[keys[0].format(n)] for n in names])], keys, (lr, mu), trace_rule.nesterov
+    t = step + 1
+    adam = rules[0]
+    keys = ["0/{}/exp_avg", "0/{}/exp_avg_sq"]
+    hypers = (
+        lr,
+        _flat_hyper(adam, "beta1", params),
+        _flat_hyper(adam, "beta1", params, lambda b: 1 - b),
+        _flat_hyper(adam, "beta2", params),
+        _flat_hyper(adam, "beta2", params, lambda b: 1 - b),
+        _flat_hyper(adam, "eps", params),
+        _flat_hyper(adam, "beta1", params, lambda b: 1 - b**t),
+        _flat_hyper(adam, "beta2", params, lambda b: (1 - b**t) ** 0.5),
+    )
+    return flat + [_flat([state[k.format(n)] for n in names]) for k in keys], keys, hypers, False
+
+
+def fused_step(
+    part: OptimizerPart, params: Params, grads: Params, state: State, step: int, kernels: str = "auto"
+) -> tuple[Params, State]:
+    """``part.step(params, grads, state, step)``, by one fused Triton launch where ``kernels`` picks one.
+
+    The inner loop's one call of an update rule. With ``kernels="reference"``, or a rule the kernels
+    do not compute (`fused_plan` is None), or tensors they cannot serve
+    (`metalearn.kernels.use_triton`), it is exactly ``part.step``; otherwise every adapted tensor is
+    updated by `metalearn.kernels.fused_update` at once and split back, with the same state keys.
+    """
+    plan = None if kernels == "reference" else fused_plan(part)
+    tensors = [*params.values(), *grads.values(), *state.values()]
+    if plan is None or not params or not use_triton(kernels, tensors):
+        return part.step(params, grads, state, step)
+    kind, rules = plan
+    flat, keys, hypers, nesterov = _fused_inputs(kind, rules, params, grads, state, step)
+    if kernel_unsupported([flat[0], *hypers]) is not None:
+        return part.step(params, grads, state, step)
+    outs = fused_update(kind, (*flat, *hypers), nesterov=nesterov)
+    sizes = [p.numel() for p in params.values()]
+    pieces = [o.split(sizes) for o in outs]
+    new_params = {n: piece.view(p.shape) for (n, p), piece in zip(params.items(), pieces[0], strict=True)}
+    new_state = dict(state)
+    for key, out in zip(keys, pieces[1:], strict=True):
+        for (n, p), piece in zip(params.items(), out, strict=True):
+            new_state[key.format(n)] = piece.view(p.shape)
+    return new_params, new_state

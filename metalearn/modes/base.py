@@ -14,7 +14,10 @@ A mode is one object that says three things (`MetaGradientMode`):
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +29,7 @@ from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.mapping import resolve_batching
 from metalearn.tasks.task import TaskBatch
 
-__all__ = ["MetaGradientMode", "add_grad", "require_theta0_only"]
+__all__ = ["MetaGradientMode", "add_grad", "require_theta0_only", "with_kernels"]
 
 
 class MetaGradientMode:
@@ -68,6 +71,8 @@ class MetaGradientMode:
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Adds this mode's meta-gradient of ``batch`` to the ``.grad`` of ω's parameters.
 
@@ -77,6 +82,9 @@ class MetaGradientMode:
             inner_steps: inner steps K.
             batching: ``"loop"`` or ``"vmap"``, one of `batchings` (resolved by the caller).
             generator: randomness for a stochastic init.
+            kernels: how inner updates are applied (`metalearn.inner.inner_loop`); pass it on to the
+                inner loop. A mode of your own may leave it out of its signature: it then runs with
+                ``"auto"``, and another choice is refused (`with_kernels`).
 
         Returns:
             (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, inner_steps]``), detached
@@ -90,6 +98,19 @@ class MetaGradientMode:
         asked for chunks and ``batching`` is ``"vmap"``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement accumulate(omega, batch, inner_steps, ...)")
+
+
+def with_kernels(fn: Callable, kernels: str, what: str) -> Callable:
+    """``fn`` with ``kernels=`` bound: as is for ``"auto"`` (every inner loop's default), bound if ``fn``
+    takes the keyword, else a TypeError naming the fix (for a user's mode written without it)."""
+    if kernels == "auto":
+        return fn
+    if "kernels" in inspect.signature(fn).parameters:
+        return partial(fn, kernels=kernels)
+    raise TypeError(
+        f"{what} takes no kernels= keyword, so kernels={kernels!r} cannot reach its inner loop; add "
+        "`*, kernels='auto'` to its signature and pass it to inner_loop/adapt_params, or use kernels='auto'"
+    )
 
 
 def add_grad(p: Tensor, g: Tensor) -> None:

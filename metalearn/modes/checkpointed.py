@@ -38,6 +38,7 @@ class Checkpointed(ThroughInnerLoop):
             raise ValueError(f"Checkpointed(segment=...) must be at least 1, got {self.segment}")
 
     def adapt_task(
-        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
+        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool,
+        *, kernels: str = "auto",
     ) -> tuple[Params, Tensor]:
-        return inner_loop(omega, theta0, x, y, inner_steps, segment=self.segment)
+        return inner_loop(omega, theta0, x, y, inner_steps, segment=self.segment, kernels=kernels)

@@ -84,6 +84,8 @@ class Implicit(MetaGradientMode):
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Adds the mean implicit meta-gradient over ``batch`` to θ0's ``.grad``.
 
@@ -97,7 +99,8 @@ class Implicit(MetaGradientMode):
 
         def one_task(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor) -> tuple[Tensor, ...]:
             proximal = Proximal(self.lam, anchor)
-            phi, losses = inner_loop(omega, anchor, x_tr, y_tr, inner_steps, graph="none", regulariser=proximal)
+            phi, losses = inner_loop(omega, anchor, x_tr, y_tr, inner_steps, graph="none", regulariser=proximal,
+                                     kernels=kernels)
             solved = self._implicit_solution(omega, phi, anchor, (x_tr, y_tr), (x_val, y_val))
             solution, val_loss, out, unsolved = solved
             for k, g in zip(omega.adapted_names, solution, strict=True):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalearn.inner import inner_loop
+from metalearn.inner import adapt_params, inner_loop
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import Chunking, metric, task_objective
@@ -88,13 +88,18 @@ def multi_step_objective(
     inner_steps: int,
     first_order: bool,
     weights: list[float] | None = None,
+    kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""One task: :math:`\sum_i w_i \mathcal{L}(D^{val}; \theta_i)`, the last step's val metric, the inner losses.
 
-    ``weights`` None (or no inner step) is `metalearn.mapping.task_objective` exactly. Pure; vmap-safe.
+    ``weights`` None (or no inner step) is `metalearn.mapping.task_objective` exactly; ``kernels`` is
+    as in `metalearn.inner.inner_loop`. Pure; vmap-safe.
     """
     if weights is None or inner_steps == 0:
-        return task_objective(omega, theta0, x_train, y_train, x_val, y_val, inner_steps, first_order)
+        return task_objective(
+            omega, theta0, x_train, y_train, x_val, y_val, inner_steps, first_order,
+            adapt_fn=partial(adapt_params, kernels=kernels),
+        )
     if len(weights) != inner_steps:
         raise ValueError(f"{len(weights)} multi-step weights for {inner_steps} inner steps; give one per step")
     outputs: list[Tensor] = []
@@ -103,7 +108,9 @@ def multi_step_objective(
         outputs.append(omega(params, x_val))
 
     graph = "first_order" if first_order else "full"
-    _, losses = inner_loop(omega, theta0, x_train, y_train, inner_steps, graph=graph, after_step=score)
+    _, losses = inner_loop(
+        omega, theta0, x_train, y_train, inner_steps, graph=graph, after_step=score, kernels=kernels
+    )
     total = sum(w * default_loss(out, y_val) for w, out in zip(weights, outputs, strict=True))
     return total, metric(outputs[-1], y_val), losses  # type: ignore[return-value]
 
@@ -176,10 +183,11 @@ class MultiStepLoss(ThroughInnerLoop):
         generator: torch.Generator | None,
         *,
         chunking: Chunking | None = None,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Backpropagates the mean multi-step loss of ``batch`` into ω's ``.grad`` (under vmap in
         chunks of tasks when ``chunking`` says so, as `Unrolled`)."""
-        objective = partial(multi_step_objective, weights=self.weights(inner_steps))
+        objective = partial(multi_step_objective, weights=self.weights(inner_steps), kernels=kernels)
         first_order = self.uses_first_order()
         if batching == "vmap" and chunking is not None and chunking.active:
             return _chunked_vmap_backward(omega, batch, inner_steps, first_order, generator, objective, chunking)

@@ -37,6 +37,8 @@ class Reptile(MetaGradientMode):
         inner_steps: int,
         batching: str,
         generator: torch.Generator | None,
+        *,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Adds Reptile's update direction to θ0's ``.grad``; see `MetaGradientMode.accumulate`."""
         require_theta0_only(omega, "reptile", allow_static=True)
@@ -45,7 +47,7 @@ class Reptile(MetaGradientMode):
         n = len(batch)
 
         def one_task(x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            phi, losses = adapt_params(omega, start, x_tr, y_tr, inner_steps, first_order=True)
+            phi, losses = adapt_params(omega, start, x_tr, y_tr, inner_steps, first_order=True, kernels=kernels)
             phi = {k: t.detach() for k, t in phi.items()}
             with torch.no_grad():
                 out = omega(phi, x_val)

@@ -40,6 +40,8 @@ class Truncated(ThroughInnerLoop):
             )
 
     def adapt_task(
-        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
+        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool,
+        *, kernels: str = "auto",
     ) -> tuple[Params, Tensor]:
-        return inner_loop(omega, theta0, x, y, inner_steps, first_order_steps=max(inner_steps - self.k, 0))
+        first_order_steps = max(inner_steps - self.k, 0)
+        return inner_loop(omega, theta0, x, y, inner_steps, first_order_steps=first_order_steps, kernels=kernels)

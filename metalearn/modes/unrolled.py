@@ -24,7 +24,7 @@ from metalearn.mapping import (
     task_objective,
     vmap_theta0,
 )
-from metalearn.modes.base import MetaGradientMode
+from metalearn.modes.base import MetaGradientMode, with_kernels
 from metalearn.tasks.task import TaskBatch
 
 __all__ = ["ThroughInnerLoop", "Unrolled"]
@@ -43,11 +43,12 @@ class ThroughInnerLoop(MetaGradientMode):
     chunked_vmap: ClassVar[bool] = True
 
     def adapt_task(
-        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool
+        self, omega: MetaKnowledge, theta0: Params, x: Tensor, y: Tensor, inner_steps: int, first_order: bool,
+        *, kernels: str = "auto",
     ) -> tuple[Params, Tensor]:
         """The inner loop of one task (signature of `metalearn.inner.adapt_params`); vmap-safe if
         ``"vmap"`` is in ``batchings``."""
-        return adapt_params(omega, theta0, x, y, inner_steps, first_order)
+        return adapt_params(omega, theta0, x, y, inner_steps, first_order, kernels=kernels)
 
     def accumulate(
         self,
@@ -58,17 +59,19 @@ class ThroughInnerLoop(MetaGradientMode):
         generator: torch.Generator | None,
         *,
         chunking: Chunking | None = None,
+        kernels: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Backpropagates the mean val loss of ``batch`` into ω's ``.grad``; see `MetaGradientMode.accumulate`.
 
         ``chunking`` (vmap only): run the tasks chunk by chunk, each chunk's share backpropagated
         before the next runs (`metalearn.mapping.map_chunks`); the same meta-gradient up to rounding.
         """
-        objective = partial(task_objective, adapt_fn=self.adapt_task)
+        adapt_fn = with_kernels(self.adapt_task, kernels, f"{type(self).__name__}.adapt_task")
+        objective = partial(task_objective, adapt_fn=adapt_fn)
         if batching == "vmap" and chunking is not None and chunking.active:
             return _chunked_vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, chunking)
         if batching == "vmap":
-            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective)
+            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, kernels)
         return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)
 
 
@@ -86,14 +89,15 @@ class Unrolled(ThroughInnerLoop):
 
 
 def _vmap_backward(
-    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective
+    omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective,
+    kernels: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vmap path: every task in one batched computation, one backward over the mean val loss."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     theta0, dims = vmap_theta0(omega, len(batch), generator, batch.train)
     val_losses, metrics, inner = map_tasks(
         objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching="vmap",
+        batching="vmap", kernels=kernels,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()

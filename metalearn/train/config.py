@@ -16,6 +16,7 @@ from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
 from metalearn.distributed import DistributedOptions, distributed_options
+from metalearn.kernels import check_kernels
 from metalearn.mapping import BATCHING_MODES, check_chunk_size
 from metalearn.modes import MetaGradientMode, resolve_mode
 
@@ -80,6 +81,9 @@ class TrainConfig:
             of memory can resume with smaller chunks.
         memory_budget: bytes of one chunk's graph for ``chunk_size="auto"`` (``None``: half the
             free memory of a CUDA device; no chunking on the CPU).
+        kernels: how inner updates are applied: ``"auto"`` (fused Triton kernels for CUDA tensors when
+            Triton imports), ``"triton"`` or ``"reference"`` (`metalearn.kernels`). Not part of the
+            identity: every choice computes the same updates, up to floating-point rounding.
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -105,6 +109,7 @@ class TrainConfig:
     distributed: bool | DistributedOptions | None = None
     chunk_size: int | str | None = None
     memory_budget: int | None = None
+    kernels: str = "auto"
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +129,7 @@ class TrainConfig:
         if self.keep_last is not None:
             _check_count("keep_last", self.keep_last)
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
+        check_kernels(self.kernels)
         if self.checkpoint_dir is not None:
             self._normalise("checkpoint_dir", Path(self.checkpoint_dir))
         if not isinstance(self.progress, (bool, str)):

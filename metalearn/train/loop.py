@@ -123,6 +123,7 @@ def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -
         step=step,
         chunk_size=cfg.chunk_size,
         memory_budget=cfg.memory_budget,
+        kernels=cfg.kernels,
     )
 
 
@@ -151,6 +152,7 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
                 mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
                 chunk_size=cfg.chunk_size,
                 memory_budget=cfg.memory_budget,
+                kernels=cfg.kernels,
             )
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err

@@ -235,6 +235,7 @@ class Run:
                 self.omega, self.val_tasks, inner_steps, batching=cfg.batching, seed=cfg.seed, mode=cfg.gradient_mode,
                 progress="validate" if cfg.progress and self.writes_files else False,
                 distributed=False if self.shard is None else self.shard,
+                kernels=cfg.kernels,
             )
         except NonFiniteError as err:
             raise reraise_with_step(err, step, None, "validation") from err
