@@ -45,7 +45,7 @@ from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import Chunking
 from metalearn.modes import MetaGradientMode
-from metalearn.outer import _check_grads, _explained_meta_gradient, _grad_norm, check_batch
+from metalearn.outer import _check_grads, _explained_meta_gradient, _grad_norm, check_batch, clip_meta_gradient
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
@@ -529,13 +529,7 @@ def sharded_meta_step(
         shard.raise_if_failed(error, "computing its share of the meta-gradient")
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)  # the same reduced gradient on every rank: all raise or none
-    if clip_grad_norm is not None:  # as metalearn.meta_step clips
-        params = [p for p in omega.parameters() if p.grad is not None]
-        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
-        if clip_with_norm is not None:
-            clip_with_norm(params, float(clip_grad_norm), grad_norm)
-        elif params:
-            torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
+    clip_meta_gradient(omega, clip_grad_norm, grad_norm)  # as metalearn.meta_step clips
     outer_optimizer.step()
     return {
         **dict(zip(_SUMMARY, reduced, strict=True)),

@@ -332,12 +332,18 @@ def meta_step(
     stats, grad_norm = _explained_meta_gradient(
         omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
     )
-    if clip_grad_norm is not None:
-        params = [p for p in omega.parameters() if p.grad is not None]
-        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
-        if clip_with_norm is not None:
-            clip_with_norm(params, float(clip_grad_norm), grad_norm)
-        elif params:
-            torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
+    clip_meta_gradient(omega, clip_grad_norm, grad_norm)
     outer_optimizer.step()
     return {**stats.__dict__, "grad_norm": float(grad_norm)}
+
+
+def clip_meta_gradient(omega: MetaKnowledge, clip_grad_norm: float | None, grad_norm: Tensor) -> None:
+    """Scales ω's ``.grad`` to total norm ``clip_grad_norm`` (if given) from its already computed norm."""
+    if clip_grad_norm is None:
+        return
+    params = [p for p in omega.parameters() if p.grad is not None]
+    clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if clip_with_norm is not None:
+        clip_with_norm(params, float(clip_grad_norm), grad_norm)
+    elif params:
+        torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))

@@ -20,19 +20,18 @@ outer step before each meta-step (`MultiStepLoss.at_outer_step`); a script that 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from metalearn.inner import adapt_params, inner_loop
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, default_loss
 from metalearn.knowledge.parts import Params
-from metalearn.mapping import Chunking, metric, task_objective
-from metalearn.modes.unrolled import ThroughInnerLoop, _chunked_vmap_backward, _loop_backward, _vmap_backward
-from metalearn.tasks.task import TaskBatch
+from metalearn.mapping import metric, task_objective
+from metalearn.modes.unrolled import ThroughInnerLoop
 
 __all__ = ["MultiStepLoss", "mode_at_outer_step", "multi_step_objective", "multi_step_weights"]
 
@@ -174,26 +173,13 @@ class MultiStepLoss(ThroughInnerLoop):
         """Whether the meta-gradient at the current epoch is first order."""
         return self.first_order or self.epoch < self.first_order_epochs
 
-    def accumulate(
-        self,
-        omega: MetaKnowledge,
-        batch: TaskBatch,
-        inner_steps: int,
-        batching: str,
-        generator: torch.Generator | None,
-        *,
-        chunking: Chunking | None = None,
-        kernels: str = "auto",
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Backpropagates the mean multi-step loss of ``batch`` into ω's ``.grad`` (under vmap in
-        chunks of tasks when ``chunking`` says so, as `Unrolled`)."""
-        objective = partial(multi_step_objective, weights=self.weights(inner_steps), kernels=kernels)
-        first_order = self.uses_first_order()
-        if batching == "vmap" and chunking is not None and chunking.active:
-            return _chunked_vmap_backward(omega, batch, inner_steps, first_order, generator, objective, chunking)
-        if batching == "vmap":
-            return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective)
-        return _loop_backward(omega, batch, inner_steps, first_order, generator, objective)
+    def meta_first_order(self) -> bool:
+        """`uses_first_order`: the order `accumulate` (`ThroughInnerLoop`'s) differentiates with."""
+        return self.uses_first_order()
+
+    def objective_for(self, inner_steps: int, kernels: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+        """`multi_step_objective` with the current epoch's weights: what `accumulate` backpropagates."""
+        return partial(multi_step_objective, weights=self.weights(inner_steps), kernels=kernels)
 
 
 def mode_at_outer_step(mode: Any, step: int) -> Any:

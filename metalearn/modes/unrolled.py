@@ -4,6 +4,7 @@ backprop only change how the inner loop of one task runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -66,13 +67,23 @@ class ThroughInnerLoop(MetaGradientMode):
         ``chunking`` (vmap only): run the tasks chunk by chunk, each chunk's share backpropagated
         before the next runs (`metalearn.mapping.map_chunks`); the same meta-gradient up to rounding.
         """
-        adapt_fn = with_kernels(self.adapt_task, kernels, f"{type(self).__name__}.adapt_task")
-        objective = partial(task_objective, adapt_fn=adapt_fn)
+        objective = self.objective_for(inner_steps, kernels)
+        first_order = self.meta_first_order()
         if batching == "vmap" and chunking is not None and chunking.active:
-            return _chunked_vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, chunking)
+            return _chunked_vmap_backward(omega, batch, inner_steps, first_order, generator, objective, chunking)
         if batching == "vmap":
-            return _vmap_backward(omega, batch, inner_steps, self.first_order, generator, objective, kernels)
-        return _loop_backward(omega, batch, inner_steps, self.first_order, generator, objective)
+            return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective, kernels)
+        return _loop_backward(omega, batch, inner_steps, first_order, generator, objective)
+
+    def objective_for(self, inner_steps: int, kernels: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+        """One task's (val loss, val metric, inner losses) as `accumulate` maps it: `task_objective`
+        over `adapt_task` (a subclass may score the task otherwise, e.g. `MultiStepLoss`)."""
+        adapt_fn = with_kernels(self.adapt_task, kernels, f"{type(self).__name__}.adapt_task")
+        return partial(task_objective, adapt_fn=adapt_fn)
+
+    def meta_first_order(self) -> bool:
+        """Whether the meta-gradient is first order (``self.first_order``; a schedule may say otherwise)."""
+        return bool(getattr(self, "first_order", False))
 
 
 @dataclass(frozen=True)
