@@ -14,7 +14,8 @@ from metalearn.checks import check_grad_mode, check_outer_optimizer
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
-from metalearn.outer import meta_step
+from metalearn.outer import MetaStep
+from metalearn.precision import check_precision
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import Row
@@ -45,11 +46,21 @@ def set_outer_step(omega: MetaKnowledge, step: int) -> None:
             hook(step)
 
 
-def _check_omega_finite(omega: MetaKnowledge, step: int) -> None:
-    params = list(omega.parameters())
-    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tensor] | None = None) -> None:
+    """Raises `NonFiniteError` if the outer optimizer step made a parameter of ω NaN/Inf.
+
+    One fused norm over every parameter and one host sync per step; the per-parameter scan for
+    the names runs only when that norm is not finite (it may be Inf by overflow alone: then
+    nothing is raised)."""
+    params = [p.detach() for p in (omega.parameters() if params is None else params)]
+    if not params:
+        return
+    norms = torch._foreach_norm(params)
+    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
         return
     bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return
     raise NonFiniteError(
         f"outer step {step}: ω parameter(s) {bad} became NaN/Inf in the outer optimizer step although the "
         f"meta-gradient was finite; no checkpoint was written after step {step}. Lower the outer learning rate "
@@ -96,27 +107,35 @@ def _run_identity(cfg: TrainConfig, tasks: Any, user: Mapping[str, Any] | None, 
     return identity
 
 
-def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> Row:
+def _meta_step_of(run: Run) -> MetaStep:
+    """The run's `MetaStep`: its settings checked once, its compiled step and loss scale kept across steps."""
+    cfg = run.config
+    return MetaStep(
+        run.omega,
+        run.outer_optimizer,
+        cfg.inner_steps,
+        batching=cfg.batching,
+        clip_grad_norm=cfg.clip_grad_norm,
+        mode=cfg.gradient_mode,
+        compile=cfg.compile,
+        precision=cfg.precision,
+    )
+
+
+def _one_step(
+    run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device, stepper: MetaStep | None = None
+) -> Row:
     """Meta-step ``step`` (data, schedule, meta_step, checks, scheduler); returns its log row."""
     cfg, omega = run.config, run.omega
     began = time.perf_counter()
+    stepper = stepper if stepper is not None else _meta_step_of(run)
     batch, indices = source.batch(step)
     set_outer_step(omega, step)
     try:
-        stats = meta_step(
-            omega,
-            run.outer_optimizer,
-            batch.to(device),
-            cfg.inner_steps,
-            first_order=cfg.first_order,
-            batching=cfg.batching,
-            clip_grad_norm=cfg.clip_grad_norm,
-            generator=step_generator(cfg.seed, step),
-            mode=cfg.gradient_mode,
-        )
+        stats = stepper(batch.to(device), generator=step_generator(cfg.seed, step))
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
-    _check_omega_finite(omega, step)
+    _check_omega_finite(omega, step, stepper.params)
     step_scheduler(run.scheduler, stats)
     row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
     run.log.write(row)
@@ -143,12 +162,13 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     cfg = run.config
     device = omega_device(run.omega)
     run.log.open(start)
+    stepper = _meta_step_of(run)
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not cfg.progress, desc="meta-train", unit="step", dynamic_ncols=True
     )
     try:
         for step in range(start, cfg.steps):
-            row = _one_step(run, source, step, device)
+            row = _one_step(run, source, step, device, stepper)
             val_row, stop = _after_step(run, step, row, callback)
             postfix = {"meta_loss": f"{row['meta_loss']:.4g}"}
             if val_row is not None:
@@ -252,6 +272,7 @@ def meta_train(
     check_outer_optimizer(omega, outer_optimizer)
     cfg = _config(run, settings)
     check_scheduler(scheduler, outer_optimizer)
+    check_precision(cfg.precision, omega_device(omega))  # fp16 off CUDA: refused before any file is touched
     state = Run(omega, outer_optimizer, cfg, _run_identity(cfg, tasks, config, scheduler), val_tasks, scheduler)
     warn_if_wrapping(tasks, cfg.steps, cfg.meta_batch_size)
     source = open_source(tasks, cfg.meta_batch_size)
