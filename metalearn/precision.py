@@ -92,8 +92,10 @@ def scale_for_backward(loss: Tensor) -> Tensor:
     Called on the val loss by `metalearn.mapping.task_objective`; outside `LossScaler.scaling`
     (every precision but ``"fp16"``) it returns ``loss`` unchanged, the same tensor.
     """
+    if torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; compile= refuses fp16 anyway
+        return loss
     scaler = _ACTIVE_SCALER.get()
-    if scaler is None or not loss.requires_grad:
+    if scaler is None:
         return loss
     scaler.applied = True
     return _ScaleBackward.apply(loss, scaler.scale)
