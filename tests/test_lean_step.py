@@ -91,3 +91,26 @@ def test_fused_omega_check_names_the_bad_parameter_and_ignores_norm_overflow() -
     with pytest.raises(NonFiniteError, match=r"outer step 3: ω parameter\(s\) \['model.layers.0.bias'\]") as info:
         _check_omega_finite(omega, 3, list(omega.parameters()))
     assert info.value.step == 3
+
+
+@pytest.mark.slow
+def test_meta_iteration_benchmark_quick_smoke_run() -> None:
+    # the side-by-side benchmark runs end to end and its last line is the JSON report (no timing asserted)
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "meta_iteration.py"), "--quick", "--only", "sinusoid"],
+        capture_output=True, text=True, env=env, check=False, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    sinusoid = report["workloads"]["sinusoid"]
+    assert {"metalearn auto", "metalearn meta_train", "floor torch.func", "metalearn bf16"} <= set(sinusoid["contenders"])
+    assert all(value < 1e-5 for value in sinusoid["grad_agreement_vs_auto"].values())
+    assert "learn2learn" in sinusoid["not_measured"] and sinusoid["targets"]
