@@ -49,7 +49,9 @@ from metalearn.knowledge import (
 )
 from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, SearchableConvNet
 from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, Reptile, Truncated, Unrolled
-from metalearn.outer import meta_gradient, meta_loss, meta_step
+from metalearn.compile import CompileFallbackWarning
+from metalearn.outer import MetaStep, meta_gradient, meta_loss, meta_step
+from metalearn.precision import LossScaler
 from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
     ClassAugmentation,
@@ -87,6 +89,7 @@ __all__ = [
     "Checkpointed",
     "ClassAugmentation",
     "ClassSplit",
+    "CompileFallbackWarning",
     "Conv4",
     "EpisodicTaskSet",
     "Evaluation",
@@ -99,10 +102,12 @@ __all__ = [
     "InnerSGD",
     "LabelledDataset",
     "Learned",
+    "LossScaler",
     "MLP",
     "MetaGradientMode",
     "MetaKnowledge",
     "MetaSGD",
+    "MetaStep",
     "MomentumSGD",
     "NonFiniteError",
     "Omniglot",
