@@ -94,7 +94,8 @@ def run_one(args: argparse.Namespace, precision: str, source, target) -> dict:
         "ci95": test.ci95,
         "test_tasks": test.n,
     }
-    print(f"{precision:>8}: {result.steps} iterations in {minutes:.1f} min ({row['seconds_per_iteration']:.2f} s each); "
+    print(f"{precision:>8}: {result.steps} iterations in {minutes:.1f} min "
+          f"({row['seconds_per_iteration']:.2f} s each); "
           f"meta-test accuracy {100 * test.mean:.2f}% ± {100 * test.ci95:.2f}% over {test.n} target tasks", flush=True)
     return row
 

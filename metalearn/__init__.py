@@ -8,6 +8,7 @@ re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
 """
 
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
+from metalearn.compile import CompileFallbackWarning
 from metalearn.deprecated import renamed_attribute
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
 from metalearn.evaluate import Evaluation, evaluate, fine_tune
@@ -49,7 +50,6 @@ from metalearn.knowledge import (
 )
 from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, SearchableConvNet
 from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, Reptile, Truncated, Unrolled
-from metalearn.compile import CompileFallbackWarning
 from metalearn.outer import MetaStep, meta_gradient, meta_loss, meta_step
 from metalearn.precision import LossScaler
 from metalearn.run_folder import RunFolderInUseError

@@ -133,12 +133,14 @@ class CompiledMetaGradient:
 
         self._compiled = torch.compile(meta_grad, fullgraph=True, dynamic=False, backend=backend)
 
-    def __call__(self, batch: TaskBatch, inner_steps: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]] | None:
+    def __call__(
+        self, batch: TaskBatch, inner_steps: int
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]] | None:
         """ω's meta-gradients by parameter name and (val losses, metrics, inner losses); ``None`` if
         compiling failed (then the caller runs the eager step; warned once)."""
         if self.failed is not None:
             return None
-        params = {f"omega.{n}": p for n, p in self.omega.named_parameters() if p.requires_grad}
+        params: dict[str, Tensor] = {f"omega.{n}": p for n, p in self.omega.named_parameters() if p.requires_grad}
         args = (*batch.train, *batch.val, inner_steps, self.mode.first_order)
         began = time.perf_counter()
         try:

@@ -369,7 +369,9 @@ def meta_step(
             "MetaStep(omega, outer_optimizer, inner_steps, precision='fp16') once and call it on each batch"
         )
     speed = _Speed(precision=precision)
-    return _step(omega, outer_optimizer, batch, inner_steps, first_order, batching, clip_grad_norm, generator, mode, speed)
+    return _step(
+        omega, outer_optimizer, batch, inner_steps, first_order, batching, clip_grad_norm, generator, mode, speed
+    )
 
 
 def _step(
@@ -461,7 +463,7 @@ class MetaStep:
         if loss_scaler is None and self.precision == "fp16":
             loss_scaler = LossScaler()
         self.loss_scaler = loss_scaler
-        self.params = list(omega.parameters())
+        self.params: list[Tensor] = list(omega.parameters())
         self._speed = _Speed(precision=self.precision, scaler=loss_scaler, params=self.params)
         self._compile_checked = self.backend is None
 

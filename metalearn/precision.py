@@ -40,7 +40,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The scaler of the meta-step now running, if it scales (a context variable, set only inside
 # `LossScaler.scaling`): how `scale_for_backward` reaches the val loss inside a mode without
 # changing every mode's signature.
-_ACTIVE_SCALER: contextvars.ContextVar[LossScaler | None] = contextvars.ContextVar("metalearn_loss_scaler", default=None)
+_ACTIVE_SCALER: contextvars.ContextVar[LossScaler | None] = contextvars.ContextVar(
+    "metalearn_loss_scaler", default=None
+)
 
 
 def check_precision(precision: object, device: torch.device | None = None) -> str:

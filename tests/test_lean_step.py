@@ -111,6 +111,7 @@ def test_meta_iteration_benchmark_quick_smoke_run() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     sinusoid = report["workloads"]["sinusoid"]
-    assert {"metalearn auto", "metalearn meta_train", "floor torch.func", "metalearn bf16"} <= set(sinusoid["contenders"])
+    expected = {"metalearn auto", "metalearn meta_train", "floor torch.func", "metalearn bf16"}
+    assert expected <= set(sinusoid["contenders"])
     assert all(value < 1e-5 for value in sinusoid["grad_agreement_vs_auto"].values())
     assert "learn2learn" in sinusoid["not_measured"] and sinusoid["targets"]
