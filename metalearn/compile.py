@@ -148,7 +148,8 @@ class CompiledMetaGradient:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 grads, aux = self._compiled(params, *args)
         except Exception as err:  # noqa: BLE001 - any trace/compile failure falls back to the eager step
-            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]  # e.g. the backend's own error
+            self.failed = f"{type(err).__name__}: {' '.join(lines)}"
             warnings.warn(
                 f"compile=True: the meta-step could not be compiled ({self.failed[:300]}); it runs eagerly. "
                 "Pass compile=False to silence this",
