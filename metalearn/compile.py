@@ -159,5 +159,6 @@ class CompiledMetaGradient:
             return None
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - began
-        named = {n.removeprefix("omega."): g for n, g in grads.items()}
+        # detached: the compiled function's outputs carry a graph to its inputs (ω's parameters)
+        named = {n.removeprefix("omega."): g.detach() for n, g in grads.items()}
         return named, aux  # type: ignore[return-value]

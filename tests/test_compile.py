@@ -49,6 +49,7 @@ def test_compiled_meta_gradient_equals_the_eager_one_at_every_step(first_order: 
         compiled, grads, rows, step = _steps("aot_eager", first_order)
     assert step.compile_seconds is not None and step.compile_seconds > 0
     assert step._speed.compiled is not None and step._speed.compiled.failed is None  # reused, never fell back
+    assert not any(p.grad.requires_grad for p in compiled.parameters())  # plain gradients, no graph kept
     for g, g_eager in zip(grads, eager_grads, strict=True):
         assert g.keys() == g_eager.keys()
         for n in g_eager:
