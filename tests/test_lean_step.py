@@ -1,4 +1,4 @@
-"""The lean step: one host read per meta-step, settings checked once, checks still exact on the slow path."""
+"""The lean step: two host reads per meta-step, settings checked once, checks still exact on the slow path."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _omega():
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
-def test_a_meta_step_reads_the_host_once(batching: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_meta_step_reads_the_host_twice_at_most(batching: str, monkeypatch: pytest.MonkeyPatch) -> None:
     omega = _omega()
     step = MetaStep(omega, torch.optim.SGD(omega.parameters(), lr=1e-3), 2, batching=batching)  # Adam reads .item()
     step(_batch())  # warm
@@ -36,7 +36,7 @@ def test_a_meta_step_reads_the_host_once(batching: str, monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or to_bool(t))
     step(_batch())
-    # one .tolist for stats, grad norm and its finiteness, one bool for the losses' finiteness check
+    # one .tolist for stats, grad norm and its finiteness; one bool: the mode's fused check of the losses
     assert reads.count("tolist") == 1 and reads.count("item") == 0
     assert len(reads) <= 2, reads
 
