@@ -83,15 +83,28 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torch.func import functional_call  # noqa: E402
+
 from metalearn.knowledge.recipes import maml  # noqa: E402
 from metalearn.mapping import choose_batching  # noqa: E402
 from metalearn.models import MLP, Conv4  # noqa: E402
-from metalearn.outer import meta_step  # noqa: E402
+from metalearn.outer import MetaStep, meta_step  # noqa: E402
+from metalearn.tasks import EpisodicTaskSet, Sinusoid, TensorLabelledDataset  # noqa: E402
 from metalearn.tasks.task import TaskBatch  # noqa: E402
+from metalearn.train import meta_train  # noqa: E402
 
 TUNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
 _REEXEC_MARK = "METALEARN_BENCH_REEXEC"
 SINUSOID_TARGET = 8.0
+FLOOR_TARGET = 1.1  # sinusoid: the whole meta_train step at most this many times the hand-written vmap loop
+COMPILE_TARGET = 2.0  # sinusoid: compile=True at least this many times faster than eager
+BF16_TARGET = 1.7  # Conv-4: precision="bf16" at least this many times faster than the fastest peer in float32
+QUICK_CONV4_META_BATCH = 2
+META_TRAIN_STEPS = {"sinusoid": 20, "conv4": 1}  # meta_train steps per timed run (its setup is amortised)
+UNAVAILABLE_PEERS = {
+    "learn2learn": "learn2learn 0.2.0's sdist does not build on Python 3.11 (needs Cython re-run): not measured",
+    "torchmeta": "torchmeta pins torch<1.10: not installable next to torch 2.x, not measured",
+}
 HIGHER_TORCH = "higher torch-conv4"
 OUTER_LR = 1e-3
 MEMORY_METHOD = (
@@ -140,8 +153,9 @@ def has_higher() -> bool:
 # ---------------------------------------------------------------- data and models
 
 
-def make_batch(workload: str) -> TaskBatch:
-    """A fixed random meta-batch of the workload's shapes."""
+def make_batch(workload: str, quick: bool = False) -> TaskBatch:
+    """A fixed random meta-batch of the workload's shapes (``quick``: a Conv-4 meta-batch of
+    `QUICK_CONV4_META_BATCH`, so a smoke run fits in a minute)."""
     g = torch.Generator().manual_seed(0)
     if workload == "sinusoid":
         n, k = 25, 10
@@ -149,7 +163,7 @@ def make_batch(workload: str) -> TaskBatch:
             train=(torch.rand(n, k, 1, generator=g) * 10 - 5, torch.randn(n, k, 1, generator=g)),
             val=(torch.rand(n, k, 1, generator=g) * 10 - 5, torch.randn(n, k, 1, generator=g)),
         )
-    n, ways, shots, queries = 32, 5, 1, 15
+    n, ways, shots, queries = (QUICK_CONV4_META_BATCH if quick else 32), 5, 1, 15
     return TaskBatch(
         train=(
             torch.rand(n, ways * shots, 1, 28, 28, generator=g),
@@ -193,30 +207,163 @@ class Contender:
     """A ready-to-run meta-iteration and where its meta-gradient lands."""
 
     name: str
-    run: Callable[[], str]  # runs one meta-iteration, returns the path it took
+    run: Callable[[], str]  # runs one meta-iteration (or `per_run` of them), returns the path it took
     grads: Callable[[], dict[str, Tensor]]  # the model's gradients by parameter name
+    per_run: int = 1  # meta-iterations per call of run (figures are per meta-iteration)
+    exact: bool = True  # float32 with the same meta-gradient: compared with metalearn auto's first one
+    info: dict | None = None  # anything measured on the way (e.g. the cold compile time)
 
 
-def metalearn_contender(workload: str, batching: str) -> Contender:
+def _model_grads(model: nn.Module) -> Callable[[], dict[str, Tensor]]:
+    return lambda: {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def metalearn_contender(workload: str, variant: str, quick: bool = False) -> Contender:
+    """``variant``: a batching (``auto``, ``loop``, ``vmap``: `meta_step`), ``bf16`` (auto batching,
+    ``precision="bf16"``) or ``compile`` (`MetaStep` with ``compile=True``, compiled in warm-up)."""
     w = WORKLOADS[workload]
-    batch = make_batch(workload)
+    batch = make_batch(workload, quick)
     omega = maml(make_model(workload), lr=w.inner_lr)
     outer = torch.optim.Adam(omega.parameters(), lr=OUTER_LR)
+    grads = _model_grads(omega.model)
+    if variant == "compile":
+        step = MetaStep(omega, outer, w.steps, compile=True)
+        info: dict = {}
+
+        def run_compiled() -> str:
+            row = step(batch)
+            if step.compile_seconds is not None:
+                info["cold_compile_s"] = step.compile_seconds
+            return str(row["batching"]) + (" compiled" if step.compile_seconds is not None else " eager")
+
+        return Contender("metalearn compile", run_compiled, grads, info=info)
+    precision = "bf16" if variant == "bf16" else "float32"
+    batching = "auto" if variant == "bf16" else variant
 
     def run() -> str:
-        return str(meta_step(omega, outer, batch, w.steps, batching=batching)["batching"])
+        return str(meta_step(omega, outer, batch, w.steps, batching=batching, precision=precision)["batching"])
 
-    def grads() -> dict[str, Tensor]:
-        return {n: p.grad.clone() for n, p in omega.model.named_parameters() if p.grad is not None}
-
-    return Contender(f"metalearn {batching}", run, grads)
+    return Contender(f"metalearn {variant}", run, grads, exact=precision == "float32")
 
 
-def higher_contender(workload: str, torch_layers: bool = False) -> Contender:
+def meta_train_contender(workload: str, quick: bool = False) -> Contender:
+    """The whole `meta_train` step: sampling (sinusoid family / episodes of a synthetic image set), the
+    checks, the stats row, the progress bar; ``META_TRAIN_STEPS`` steps per timed call."""
+    w = WORKLOADS[workload]
+    omega = maml(make_model(workload), lr=w.inner_lr)
+    outer = torch.optim.Adam(omega.parameters(), lr=OUTER_LR)
+    family = "sinusoid" if workload == "sinusoid" else "conv4"
+    steps = META_TRAIN_STEPS[family]
+    if family == "sinusoid":
+        tasks = Sinusoid(10, 10, length=None)
+        meta_batch = 25
+    else:
+        g = torch.Generator().manual_seed(0)
+        classes, per_class = 200, 20  # synthetic Omniglot-shaped images: the sampling cost is the real one
+        data = TensorLabelledDataset(
+            torch.rand(classes * per_class, 1, 28, 28, generator=g), torch.arange(classes).repeat_interleave(per_class)
+        )
+        tasks = EpisodicTaskSet(data, ways=5, shots=1, queries=15, length=None)
+        meta_batch = QUICK_CONV4_META_BATCH if quick else 32
+
+    def run() -> str:
+        result = meta_train(omega, tasks, outer, steps=steps, inner_steps=w.steps, meta_batch_size=meta_batch,
+                            progress=False)
+        return str(result.history[-1]["batching"]) + " + sampling"
+
+    return Contender("metalearn meta_train", run, _model_grads(omega.model), per_run=steps, exact=False)
+
+
+def floor_contender(workload: str, quick: bool = False) -> Contender:
+    """The hand-written floor: MAML in a few lines of torch.func on the same model. Sinusoid: vmap of
+    ``grad`` over the tasks, one backward of the mean; Conv-4: the per-task loop of
+    ``functional_call`` + ``autograd.grad(create_graph=True)``, each task's val loss / B backpropagated
+    at once (vmap is ~2x slower with ~10x the memory there)."""
+    w = WORKLOADS[workload]
+    batch = make_batch(workload, quick)
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    n = len(batch)
+    model = make_model(workload)
+    params = dict(model.named_parameters())
+    outer = torch.optim.Adam(params.values(), lr=OUTER_LR)
+    loss_fn = task_loss(workload)
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, p, (x,)), y)
+
+    if workload == "sinusoid":
+        def one(p: dict[str, Tensor], xt: Tensor, yt: Tensor, xv: Tensor, yv: Tensor) -> Tensor:
+            p_k = p
+            for _ in range(w.steps):
+                g = torch.func.grad(loss)(p_k, xt, yt)
+                p_k = {k: p_k[k] - w.inner_lr * g[k] for k in p_k}
+            return loss(p_k, xv, yv)
+
+        def run() -> str:
+            outer.zero_grad(set_to_none=True)
+            torch.func.vmap(one, in_dims=(None, 0, 0, 0, 0))(params, x_tr, y_tr, x_val, y_val).mean().backward()
+            outer.step()
+            return "torch.func vmap"
+
+        return Contender("floor torch.func", run, _model_grads(model))
+
+    def run_loop() -> str:
+        outer.zero_grad(set_to_none=True)
+        for i in range(n):
+            p_k = params
+            for _ in range(w.steps):
+                g = torch.autograd.grad(loss(p_k, x_tr[i], y_tr[i]), list(p_k.values()), create_graph=True)
+                p_k = {k: v - w.inner_lr * gk for (k, v), gk in zip(p_k.items(), g, strict=True)}
+            (loss(p_k, x_val[i], y_val[i]) / n).backward()
+        outer.step()
+        return "torch.func loop"
+
+    return Contender("floor torch.func", run_loop, _model_grads(model))
+
+
+def torchopt_contender(workload: str, quick: bool = False) -> Contender:
+    """TorchOpt's MAML loop (its Python path, ``torchopt.MetaSGD``), on the very same module as metalearn:
+    per task, extract the state, adapt, backpropagate the val loss / B, recover the state."""
+    import torchopt
+
+    w = WORKLOADS[workload]
+    batch = make_batch(workload, quick)
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    n = len(batch)
+    model = make_model(workload)
+    outer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+    inner = torchopt.MetaSGD(model, lr=w.inner_lr)
+    loss_fn = task_loss(workload)
+
+    def run() -> str:
+        outer.zero_grad(set_to_none=True)
+        for i in range(n):
+            state = torchopt.extract_state_dict(model, enable_visual=False, by="reference")
+            opt_state = torchopt.extract_state_dict(inner, by="reference")
+            for _ in range(w.steps):
+                inner.step(loss_fn(model(x_tr[i]), y_tr[i]))
+            (loss_fn(model(x_val[i]), y_val[i]) / n).backward()
+            torchopt.recover_state_dict(model, state)
+            torchopt.recover_state_dict(inner, opt_state)
+        outer.step()
+        return "per-task loop"
+
+    return Contender("torchopt", run, _model_grads(model))
+
+
+def has_torchopt() -> bool:
+    try:
+        import torchopt  # noqa: F401
+    except Exception:  # noqa: BLE001 - an install whose compiled op fails to load is as good as none here
+        return False
+    return True
+
+
+def higher_contender(workload: str, torch_layers: bool = False, quick: bool = False) -> Contender:
     import higher
 
     w = WORKLOADS[workload]
-    batch = make_batch(workload)
+    batch = make_batch(workload, quick)
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     model = torch_conv4(workload) if torch_layers else make_model(workload)
@@ -247,22 +394,37 @@ def auto_path(workload: str) -> str:
     return choose_batching(omega, torch.device("cpu"))
 
 
-def build(workload: str, name: str) -> Contender:
+PEERS = ("higher", HIGHER_TORCH, "torchopt")  # the float32 peers; the fastest one sets the ratios
+NO_MEMORY = ("metalearn meta_train", "metalearn compile", "floor torch.func")  # timed only
+
+
+def build(workload: str, name: str, quick: bool = False) -> Contender:
     if name in ("higher", HIGHER_TORCH):
-        return higher_contender(workload, torch_layers=name == HIGHER_TORCH)
-    return metalearn_contender(workload, name.removeprefix("metalearn "))
+        return higher_contender(workload, torch_layers=name == HIGHER_TORCH, quick=quick)
+    if name == "torchopt":
+        return torchopt_contender(workload, quick)
+    if name == "metalearn meta_train":
+        return meta_train_contender(workload, quick)
+    if name == "floor torch.func":
+        return floor_contender(workload, quick)
+    return metalearn_contender(workload, name.removeprefix("metalearn "), quick)
 
 
-def contender_names(workload: str, quick: bool) -> list[str]:
+def contender_names(workload: str, quick: bool, compile_: bool = True) -> list[str]:
     other = "loop" if auto_path(workload) == "vmap" else "vmap"
     names = ["metalearn auto"]
     # vmap on the Conv-4 takes GiBs and seconds per iteration: information only, skipped when --quick
     if not (quick and workload.startswith("conv4") and other == "vmap"):
         names.append(f"metalearn {other}")
+    names += ["metalearn meta_train", "metalearn bf16", "floor torch.func"]
+    if workload == "sinusoid" and compile_:
+        names.append("metalearn compile")
     if has_higher():
         names.append("higher")
         if workload.startswith("conv4"):
             names.append(HIGHER_TORCH)
+    if has_torchopt():
+        names.append("torchopt")
     return names
 
 
@@ -284,8 +446,8 @@ def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str,
         paths[c.name] = c.run()  # first iteration: from the shared initial weights
     by_name = {c.name: c for c in contenders}
     agreement = {
-        name: grad_agreement(by_name["metalearn auto"].grads(), by_name[name].grads())
-        for name in ("higher", HIGHER_TORCH) if name in by_name
+        c.name: grad_agreement(by_name["metalearn auto"].grads(), c.grads())
+        for c in contenders if c.exact and c.name != "metalearn auto"
     }
     for c in contenders:
         for _ in range(warmup - 1):
@@ -300,8 +462,8 @@ def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str,
                 continue
             w0, c0 = time.perf_counter(), time.process_time()
             c.run()
-            wall[c.name].append(1e3 * (time.perf_counter() - w0))
-            cpu[c.name].append(1e3 * (time.process_time() - c0))
+            wall[c.name].append(1e3 * (time.perf_counter() - w0) / c.per_run)
+            cpu[c.name].append(1e3 * (time.process_time() - c0) / c.per_run)
     figures = {
         c.name: {
             "path": paths[c.name],
@@ -309,7 +471,8 @@ def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str,
             "ms_min": min(wall[c.name]),
             "ms_max": max(wall[c.name]),
             "cpu_ms": statistics.median(cpu[c.name]),
-            "iterations": len(wall[c.name]),
+            "iterations": len(wall[c.name]) * c.per_run,
+            **(c.info or {}),
         }
         for c in contenders
     }
@@ -459,66 +622,103 @@ def run_workload(workload: str, args: argparse.Namespace) -> dict:
     w = WORKLOADS[workload]
     small = workload == "sinusoid"
     if args.quick:
-        warmup, rounds = (2, 5) if small else (1, 1)
+        warmup, rounds = (2, 3) if small else (1, 1)
     else:
         warmup, rounds = (5, args.rounds or 40) if small else (1, args.rounds or 5)
-    names = contender_names(workload, args.quick)
+    names = contender_names(workload, args.quick, compile_=not args.no_compile)
     # information-only vmap on the Conv-4 is slow: fewer rounds
     per = {n: (min(rounds, 2) if (not small and n == "metalearn vmap") else rounds) for n in names}
-    print(f"\n{workload}: {w.description}, second order, outer Adam step included", flush=True)
-    contenders = [build(workload, n) for n in names]
+    meta_batch = QUICK_CONV4_META_BATCH if (args.quick and not small) else (25 if small else 32)
+    print(f"\n{workload}: {w.description}{f' (--quick: meta-batch {meta_batch})' if not small and args.quick else ''}, "
+          "second order, outer Adam step included", flush=True)
+    contenders = [build(workload, n, args.quick) for n in names]
     figures, agreement = time_round_robin(contenders, warmup, per)
     del contenders
     gc.collect()
     if not args.no_memory:
         for n in names:
+            if n in NO_MEMORY:
+                continue
             heavy = not small and n == "metalearn vmap"
-            repeats = 1 if (args.quick or heavy) else args.memory_repeats
-            figures[n]["memory"] = measure_memory(workload, n, 1 if (args.quick or heavy) else 2, repeats)
+            repeats = 1 if heavy else args.memory_repeats
+            figures[n]["memory"] = measure_memory(workload, n, 1 if heavy else 2, repeats)
     auto = figures["metalearn auto"]
     other = "loop" if auto["path"] == "vmap" else "vmap"
-    result: dict = {"description": w.description, "inner_steps": w.steps, "contenders": figures}
+    result: dict = {"description": w.description, "inner_steps": w.steps, "meta_batch": meta_batch,
+                    "contenders": figures, "grad_agreement_vs_auto": agreement, "not_measured": UNAVAILABLE_PEERS}
     result["auto_path"] = auto["path"]
     result[f"{auto['path']}_ms"] = auto["ms"]
     if f"metalearn {other}" in figures:
         result[f"{other}_ms"] = figures[f"metalearn {other}"]["ms"]
 
-    print(f"  {'contender':<16} {'path':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
+    print(f"  {'contender':<21} {'path':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
           f"{'n':>3} {'heap MiB':>9} {'anon RSS':>9} {'RSS MiB':>8}")
     for n, f in figures.items():
         mem = f.get("memory") or {}
         heap = f"{mem['heap_mib']:9.1f}" if mem.get("heap_mib") is not None else f"{'-':>9}"
         anon = f"{mem['anon_rss_mib']:9.1f}" if mem else f"{'-':>9}"
         rss = f"{mem['rss_mib']:8.1f}" if mem else f"{'-':>8}"
-        print(f"  {n:<16} {f['path']:<14} {f['ms']:10.2f} {f['ms_min']:9.2f} {f['ms_max']:9.2f} "
+        print(f"  {n:<21} {f['path']:<22} {f['ms']:10.2f} {f['ms_min']:9.2f} {f['ms_max']:9.2f} "
               f"{f['cpu_ms']:9.2f} {f['iterations']:3d} {heap} {anon} {rss}")
+    for name, why in UNAVAILABLE_PEERS.items():
+        print(f"  {name}: {why}")
+    for name, value in agreement.items():
+        print(f"  first meta-gradient, {name} vs metalearn auto: max |diff| / max |grad| = {value:.1e}")
+    if "metalearn compile" in figures and "cold_compile_s" in figures["metalearn compile"]:
+        print(f"  compile=True: cold compile (first call) {figures['metalearn compile']['cold_compile_s']:.1f} s")
     if "higher" in figures:
         for name in ("higher", HIGHER_TORCH):
             if name in figures:
-                result[name.replace(" ", "_").replace("-", "_")] = compare(auto, figures[name], name, agreement[name])
-        # the target is judged against higher on its own (torch-layer) Conv-4 where there is one
+                result[name.replace(" ", "_").replace("-", "_")] = compare(auto, figures[name], name)
+        # the memory target is judged against higher on its own (torch-layer) Conv-4 where there is one
         judged = result.get("higher_torch_conv4") or result["higher"]
         result.update(judged)  # speedup_vs_higher, peak_ratio_vs_higher, ... of the judged comparison
         result["judged_against"] = HIGHER_TORCH if "higher_torch_conv4" in result else "higher"
-        speedup = judged["speedup_vs_higher"]
-        if small:
-            met = speedup >= SINUSOID_TARGET
-        else:
-            met = speedup > 1.0 and judged.get("peak_ratio_vs_higher", 0.0) <= 1.0
-        result["target"] = w.target
-        result["target_met"] = met
-        print(f"  target: {w.target}: {'met' if met else 'NOT met'}" + (" (quick run: smoke figures only)"
-                                                                          if args.quick else ""))
-    else:
-        print("  higher is not installed: no comparison (pip install higher)")
+    result["targets"] = targets(workload, figures, result, args.quick)
     return result
 
 
-def compare(auto: dict, h: dict, name: str, agreement: float) -> dict:
-    """Prints and returns metalearn auto against one higher contender: speed, peak memory, gradients."""
+def targets(workload: str, figures: dict, result: dict, quick: bool) -> list[dict]:
+    """The issue's targets for ``workload``: each ratio, its bar, and whether it is met (printed)."""
+    peers = {n: figures[n]["ms"] for n in PEERS if n in figures}
+    fastest = min(peers, key=peers.__getitem__) if peers else None
+    auto, out = figures["metalearn auto"]["ms"], []
+
+    def check(what: str, ratio: float, bar: float, at_most: bool = False) -> None:
+        met = ratio <= bar if at_most else ratio >= bar
+        out.append({"target": what, "ratio": ratio, "bar": bar, "met": met})
+        print(f"  target: {what}: {ratio:.2f}x ({'<=' if at_most else '>='} {bar:g}x): {'met' if met else 'NOT met'}"
+              + (" (quick run: smoke figures only)" if quick else ""))
+
+    if workload == "sinusoid":
+        train_step = figures["metalearn meta_train"]["ms"]
+        check("meta_train step / hand-written torch.func vmap loop", train_step / figures["floor torch.func"]["ms"],
+              FLOOR_TARGET, at_most=True)
+        if fastest is not None:
+            check(f"fastest peer's bare meta-iteration ({fastest}) / metalearn meta_train step",
+                  peers[fastest] / train_step, SINUSOID_TARGET)
+            check(f"fastest peer ({fastest}) / metalearn auto, bare meta-iterations", peers[fastest] / auto,
+                  SINUSOID_TARGET)
+        if "metalearn compile" in figures:
+            check("eager / compile=True meta-iteration", auto / figures["metalearn compile"]["ms"], COMPILE_TARGET)
+        return out
+    if fastest is not None:
+        check(f"metalearn auto float32 / fastest peer ({fastest}), parity or better", auto / peers[fastest], 1.0,
+              at_most=True)
+        check(f"fastest peer in float32 ({fastest}) / metalearn bf16", peers[fastest] / figures["metalearn bf16"]["ms"],
+              BF16_TARGET)
+        mem_auto = (figures["metalearn auto"].get("memory") or {}).get("heap_mib")
+        mem_peer = (figures[fastest].get("memory") or {}).get("heap_mib")
+        if mem_auto is not None and mem_peer is not None:
+            check(f"peak heap, metalearn auto / {fastest}", mem_auto / mem_peer, 1.0, at_most=True)
+    return out
+
+
+def compare(auto: dict, h: dict, name: str) -> dict:
+    """Prints and returns metalearn auto against one higher contender: speed and peak memory."""
     speedup = h["ms"] / auto["ms"]
     cpu_speedup = h["cpu_ms"] / auto["cpu_ms"]
-    out = {"speedup_vs_higher": speedup, "cpu_speedup_vs_higher": cpu_speedup, "grad_agreement": agreement}
+    out = {"speedup_vs_higher": speedup, "cpu_speedup_vs_higher": cpu_speedup}
     line = f"  metalearn auto ({auto['path']}) vs {name}: {speedup:.2f}x faster (CPU time {cpu_speedup:.2f}x)"
     mem_a, mem_h = auto.get("memory"), h.get("memory")
     if mem_a and mem_h:
@@ -531,7 +731,6 @@ def compare(auto: dict, h: dict, name: str, agreement: float) -> dict:
                 f"{mem_h[key]:.1f} MiB ({out['peak_ratio_vs_higher']:.2f}x; anonymous RSS " \
                 f"{out['anon_rss_ratio_vs_higher']:.2f}x, total RSS {out['rss_ratio_vs_higher']:.2f}x)"
     print(line)
-    print(f"  meta-gradients of the first iteration, metalearn vs {name}: max |diff| / max |grad| = {agreement:.1e}")
     return out
 
 
@@ -558,11 +757,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["sinusoid", "conv4"], help="run one workload family")
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per contender (default 40 / 5)")
     parser.add_argument("--no-tune-malloc", action="store_true", help="keep the inherited glibc allocator settings")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (--quick does)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile=True contender (--quick does: "
+                        "its cold compile alone takes ~1 min)")
     parser.add_argument("--memory-repeats", type=int, default=3, help="fresh subprocesses per contender (median)")
     parser.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "CONTENDER", "ITERATIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # a smoke run in under a minute: no memory subprocesses, no cold compile
+        args.no_memory = args.no_compile = True
     malloc = malloc_setting(args)
     torch.set_num_threads(1)
     if args.memory_child:
@@ -577,15 +780,21 @@ def main() -> None:
     print(f"memory: {MEMORY_METHOD}" if not args.no_memory else "memory: not measured (--no-memory)")
     report = {w: run_workload(w, args) for w in workloads}
     load_end = os.getloadavg()
-    higher_version = None
-    if has_higher():
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        higher_version = version("higher")
+    versions = {}
+    for package in ("higher", "torchopt"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    higher_version = versions["higher"]
     print(json.dumps({
         "benchmark": "meta_iteration",
         "torch": torch.__version__,
         "higher": higher_version,
+        "torchopt": versions["torchopt"],
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "allocator": malloc,

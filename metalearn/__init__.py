@@ -8,6 +8,7 @@ re-exported here (every class of `metalearn.knowledge`, `metalearn.models` and
 """
 
 from metalearn.checkpoint import CheckpointLoadError, ResumeEnvironmentWarning, load_checkpoint, save_checkpoint
+from metalearn.compile import CompileFallbackWarning
 from metalearn.deprecated import renamed_attribute
 from metalearn.distributed import DistributedError, DistributedOptions
 from metalearn.errors import CheckpointMismatchError, NonFiniteError
@@ -59,7 +60,8 @@ from metalearn.knowledge import (
 )
 from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, DropBlock, ResNet12, SearchableConvNet
 from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, MultiStepLoss, Reptile, Truncated, Unrolled
-from metalearn.outer import meta_gradient, meta_loss, meta_step
+from metalearn.outer import MetaStep, meta_gradient, meta_loss, meta_step
+from metalearn.precision import LossScaler
 from metalearn.run_folder import RunFolderInUseError
 from metalearn.tasks import (
     CIFARFS,
@@ -118,6 +120,7 @@ __all__ = [
     "Checkpointed",
     "ClassAugmentation",
     "ClassSplit",
+    "CompileFallbackWarning",
     "ConcatContext",
     "ContextInit",
     "Conv4",
@@ -139,11 +142,13 @@ __all__ = [
     "LabelledDataset",
     "Learned",
     "Logger",
+    "LossScaler",
     "MLP",
     "MetaDatasetSampling",
     "MetaGradientMode",
     "MetaKnowledge",
     "MetaSGD",
+    "MetaStep",
     "MiniImageNet",
     "MomentumSGD",
     "MultiSourceEpisodes",

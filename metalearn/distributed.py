@@ -45,7 +45,7 @@ from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
 from metalearn.mapping import Chunking
 from metalearn.modes import MetaGradientMode
-from metalearn.outer import _check_grads, _explained_meta_gradient, _grad_norm, check_batch, clip_meta_gradient
+from metalearn.outer import _check_grads, _explained_meta_gradient, _grad_norm, _Speed, check_batch, clip_meta_gradient
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
@@ -491,6 +491,7 @@ def sharded_meta_step(
     chunk_size: int | str | None = None,
     memory_budget: int | None = None,
     kernels: str = "auto",
+    precision: str = "float32",
 ) -> dict[str, float | str]:
     """`metalearn.meta_step` on this rank's share ``batch`` (tasks ``lo .. lo+len(batch)-1`` of a
     meta-batch of ``total``): local meta-gradient, one all-reduce, then the same clipping and outer
@@ -506,7 +507,13 @@ def sharded_meta_step(
     """
     n = len(batch)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
-    chunking = Chunking(chunk_size, memory_budget)  # each rank's share runs in chunks of this size
+    if precision == "fp16":
+        raise ValueError(
+            "precision='fp16' is not run under torch.distributed (its loss scale would have to agree across "
+            "ranks); use precision='bf16' or 'float32', or run in one process (distributed=False)"
+        )
+    # each rank's share runs in chunks of chunk_size, under the precision's autocast
+    speed = _Speed(precision=precision, chunking=Chunking(chunk_size, memory_budget), kernels=kernels)
     check_outer_optimizer(omega, outer_optimizer)
     outer_optimizer.zero_grad(set_to_none=True)
     error: Exception | None = None
@@ -516,9 +523,9 @@ def sharded_meta_step(
         try:
             check_batch("meta_step", omega, batch, inner_steps)
             with drawing_window(omega, lo, total):
-                stats, _ = _explained_meta_gradient(
-                    omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
-                )
+                stats = _explained_meta_gradient(
+                    omega, batch, inner_steps, first_order, batching, generator, mode, speed
+                ).stats
             summary = [getattr(stats, k) for k in _SUMMARY]
             ran = stats.batching
         except Exception as err:  # reported to every rank through the reduction's failure flag
@@ -529,7 +536,7 @@ def sharded_meta_step(
         shard.raise_if_failed(error, "computing its share of the meta-gradient")
     grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
     _check_grads(omega, grad_norm)  # the same reduced gradient on every rank: all raise or none
-    clip_meta_gradient(omega, clip_grad_norm, grad_norm)  # as metalearn.meta_step clips
+    clip_meta_gradient(list(omega.parameters()), clip_grad_norm, grad_norm)  # as metalearn.meta_step clips
     outer_optimizer.step()
     return {
         **dict(zip(_SUMMARY, reduced, strict=True)),

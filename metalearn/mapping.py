@@ -26,6 +26,7 @@ from metalearn.inner import adapt_params, check_finite_losses, check_finite_task
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape, default_loss
 from metalearn.knowledge.parts import Params
+from metalearn.precision import scale_for_backward
 
 __all__ = [
     "AUTO_BUDGET_FRACTION",
@@ -381,7 +382,8 @@ def task_objective(
     """One task: adapt on train (with ``adapt_fn``), then (val loss, val metric, inner losses). Pure; vmap-safe."""
     params, losses = adapt_fn(omega, theta0, x_train, y_train, inner_steps, first_order)
     output = omega(params, x_val)
-    return default_loss(output, y_val), metric(output, y_val), losses
+    # the same tensor unless an fp16 meta-step's loss scale is active (`metalearn.precision`)
+    return scale_for_backward(default_loss(output, y_val)), metric(output, y_val), losses
 
 
 def _shared_over_tasks(t: Tensor) -> bool:

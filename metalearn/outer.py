@@ -18,8 +18,10 @@ slower, with ~10x the memory, for the Conv-4 (see ``docs/architecture.md``).
 
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -34,8 +36,8 @@ from metalearn.checks import (
     explain_label_error,
     inner_steps_keyword,
 )
+from metalearn.compile import CompiledMetaGradient, CompileFallbackWarning, check_compile, compile_blocker
 from metalearn.errors import NonFiniteError
-from metalearn.inner import adapt_params
 from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.mapping import (
@@ -47,12 +49,15 @@ from metalearn.mapping import (
     task_objective,
     vmap_theta0,
 )
-from metalearn.modes import MetaGradientMode, resolve_mode
-from metalearn.modes.base import with_kernels
+from metalearn.modes import MetaGradientMode, Unrolled, resolve_mode
+from metalearn.modes.base import add_grad, with_kernels
+from metalearn.modes.multi_step import mode_at_outer_step
+from metalearn.precision import LossScaler, autocast, check_precision
 from metalearn.tasks.task import TaskBatch
 
 __all__ = [
     "MetaStats",
+    "MetaStep",
     "meta_gradient",
     "meta_loss",
     "meta_step",
@@ -89,22 +94,46 @@ def _grad_norm(grads: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
-def _check_grads(omega: MetaKnowledge, grad_norm: Tensor) -> None:
-    """Raises `NonFiniteError` naming a parameter with a NaN/Inf meta-gradient.
+def _non_finite_grad(omega: MetaKnowledge) -> str | None:
+    """The name of the first ω parameter whose ``.grad`` holds a NaN/Inf, or ``None``.
 
-    ``grad_norm`` (the norm of every ω gradient) is NaN/Inf whenever one entry is, so it is
-    the only check on the common path; the per-parameter scan runs only when it is not finite
-    (it may be Inf by overflow alone, with every entry finite: then nothing is raised).
+    Runs only when the gradients' norm is not finite (it may be Inf by overflow alone, with
+    every entry finite: then ``None``), so the common path costs no per-parameter check.
     """
-    if bool(torch.isfinite(grad_norm)):
-        return
     for name, p in omega.named_parameters():
         if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            raise NonFiniteError(
-                f"non-finite meta-gradient for ω parameter {name!r}; ω was not updated. "
-                "Lower the outer or inner learning rate, or pass clip_grad_norm",
-                task=None,
-            )
+            return name
+    return None
+
+
+def _raise_non_finite_grad(name: str) -> None:
+    raise NonFiniteError(
+        f"non-finite meta-gradient for ω parameter {name!r}; ω was not updated. "
+        "Lower the outer or inner learning rate, or pass clip_grad_norm",
+        task=None,
+    )
+
+
+def _check_grads(omega: MetaKnowledge, grad_norm: Tensor) -> None:
+    """Raises `NonFiniteError` naming a parameter with a NaN/Inf meta-gradient, when ``grad_norm``
+    (the norm of every ω gradient, NaN/Inf whenever one entry is) is not finite."""
+    if not bool(torch.isfinite(grad_norm)):
+        bad = _non_finite_grad(omega)
+        if bad is not None:
+            _raise_non_finite_grad(bad)
+
+
+def clip_meta_gradient(params: list[Tensor], clip_grad_norm: float | None, grad_norm: Tensor) -> None:
+    """Scales the ``.grad`` of ``params`` to total norm ``clip_grad_norm`` (if given) from their already
+    computed norm ``grad_norm`` (`meta_step`, `MetaStep` and the sharded step clip alike)."""
+    if clip_grad_norm is None:
+        return
+    params = [p for p in params if p.grad is not None]
+    clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if clip_with_norm is not None:
+        clip_with_norm(params, float(clip_grad_norm), grad_norm)
+    elif params:
+        torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
 
 
 @inner_steps_keyword
@@ -155,11 +184,8 @@ def meta_gradient(
     """
     check_batch("meta_gradient", omega, batch, inner_steps)
     check_kernels(kernels, batch.train[0].device)
-    chunking = Chunking(chunk_size, memory_budget)
-    stats, _ = _explained_meta_gradient(
-        omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
-    )
-    return stats
+    speed = _Speed(chunking=Chunking(chunk_size, memory_budget), kernels=kernels)
+    return _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, speed).stats
 
 
 def check_batch(caller: str, omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, need_grad: bool = True) -> None:
@@ -191,19 +217,91 @@ def _explained_meta_gradient(
     batching: str,
     generator: torch.Generator | None,
     mode: str | MetaGradientMode,
-    chunking: Chunking,
-    kernels: str = "auto",
-) -> tuple[MetaStats, Tensor]:
+    speed: _Speed | None = None,
+) -> _Gradient:
     """`_meta_gradient`, turning torch's raw "target out of bounds" into an error that names the task,
     the label and the head size (the labels' upper bound needs the head size, known only from a
     forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
     try:
-        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels)
+        return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, speed)
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
         if explained is err:
             raise
         raise explained from err
+
+
+@dataclass(frozen=True)
+class _Gradient:
+    """What `_meta_gradient` gives: the stats, the norm of ω's gradients (tensor, for clipping, and
+    float) and whether every gradient entry is finite."""
+
+    stats: MetaStats
+    norm_tensor: Tensor
+    norm: float
+    finite: bool
+
+
+@dataclass
+class _Speed:
+    """How a step runs: precision, loss scale, the compiled meta-gradient (if any), chunks, kernels."""
+
+    precision: str = "float32"
+    scaler: LossScaler | None = None
+    compiled: CompiledMetaGradient | None = None
+    #: under vmap, tasks per chunk (`metalearn.mapping.Chunking`); ``None``: the whole batch at once
+    chunking: Chunking | None = None
+    #: how inner updates are applied (`metalearn.kernels`)
+    kernels: str = "auto"
+    #: ω's parameters, listed once by a `MetaStep` (listing walks ω's modules: ~10% of a small step)
+    params: list[Tensor] | None = None
+
+    def omega_params(self, omega: MetaKnowledge) -> list[Tensor]:
+        return self.params if self.params is not None else list(omega.parameters())
+
+
+def _accumulate(
+    omega: MetaKnowledge,
+    batch: TaskBatch,
+    inner_steps: int,
+    how: MetaGradientMode,
+    batching: str,
+    generator: torch.Generator | None,
+    speed: _Speed,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The mode's meta-gradient into ω's ``.grad`` (compiled where ``speed`` has it), under the
+    precision's autocast and loss scale; the gradients are unscaled afterwards."""
+    device = batch.train[0].device
+    scaling = speed.scaler.scaling() if speed.scaler is not None else contextlib.nullcontext()
+    with autocast(speed.precision, device), scaling:
+        out = speed.compiled(batch, inner_steps) if speed.compiled is not None else None
+        if out is None:
+            accumulate = with_kernels(how.accumulate, speed.kernels, f"{type(how).__name__}.accumulate")
+            chunks = _chunk_option(how, batching, speed.chunking)
+            val_losses, metrics, inner = accumulate(omega, batch, inner_steps, batching, generator, **chunks)
+        else:
+            grads, (val_losses, metrics, inner) = out
+            check_losses(inner, val_losses, by_task=False)  # before ω's .grad is touched, as the vmap path
+            params = dict(omega.named_parameters())
+            for name, g in grads.items():
+                add_grad(params[name], g)
+    if speed.scaler is not None:
+        speed.scaler.unscale_([p.grad for p in speed.omega_params(omega) if p.grad is not None])
+    return val_losses, metrics, inner
+
+
+def _chunk_option(how: MetaGradientMode, batching: str, chunking: Chunking | None) -> dict[str, Any]:
+    """``{"chunking": chunking}`` when chunks apply (vmap), passed only to a mode that takes it (a user's
+    mode may not); chunks asked of a mode whose vmap path runs in one piece are refused."""
+    if chunking is None or not chunking.active or batching != "vmap":
+        return {}
+    if not how.chunked_vmap:
+        raise ValueError(
+            f"mode={how.name or type(how).__name__!r} runs its vmap path in one piece (it does not set "
+            f"chunked_vmap), so chunk_size={chunking.size!r} cannot apply; pass chunk_size=None, or "
+            "batching='loop' (one task's graph at a time)"
+        )
+    return {"chunking": chunking}
 
 
 def _meta_gradient(
@@ -214,42 +312,44 @@ def _meta_gradient(
     batching: str,
     generator: torch.Generator | None,
     gradient_mode: str | MetaGradientMode = "unrolled",
-    chunking: Chunking | None = None,
-    kernels: str = "auto",
-) -> tuple[MetaStats, Tensor]:
-    """`meta_gradient`, also returning the norm of ω's gradients (computed once, for the
-    finiteness check and for `meta_step`'s report and clipping)."""
+    speed: _Speed | None = None,
+) -> _Gradient:
+    """`meta_gradient`, also returning the norm of ω's gradients and whether they are finite.
+
+    Lean on purpose (it runs every step): the stats, the gradient norm and its finiteness come
+    from one stacked tensor and one ``.tolist()`` (one host sync); the per-parameter scan for
+    the name of a non-finite gradient runs only when the norm is not finite. A non-finite
+    meta-gradient raises `NonFiniteError`, except under a loss scale (fp16), where the step is
+    reported not finite (``False``) and the caller skips it.
+    """
+    speed = speed if speed is not None else _Speed()
     how = resolve_mode(gradient_mode, first_order)
     batching = how.resolve_batching(omega, batching, batch.train[0].device)
-    chunks: dict[str, Any] = {}  # passed only to a mode that takes it (a user's mode may not)
-    if chunking is not None and chunking.active and batching == "vmap":
-        if not how.chunked_vmap:
-            raise ValueError(
-                f"mode={how.name or type(how).__name__!r} runs its vmap path in one piece (it does not set "
-                f"chunked_vmap), so chunk_size={chunking.size!r} cannot apply; pass chunk_size=None, or "
-                "batching='loop' (one task's graph at a time)"
-            )
-        chunks["chunking"] = chunking
-    accumulate = with_kernels(how.accumulate, kernels, f"{type(how).__name__}.accumulate")
-    val_losses, metrics, inner = accumulate(omega, batch, inner_steps, batching, generator, **chunks)
-    grad_norm = _grad_norm([p.grad for p in omega.parameters() if p.grad is not None])
-    _check_grads(omega, grad_norm)
+    val_losses, metrics, inner = _accumulate(omega, batch, inner_steps, how, batching, generator, speed)
+    grad_norm = _grad_norm([p.grad for p in speed.omega_params(omega) if p.grad is not None])
     inner = inner.detach()
     summary = [val_losses.detach().mean(), metrics.mean()]
     if inner_steps:
         first = inner[:, 0].mean()
         summary += [first, first if inner_steps == 1 else inner[:, -1].mean()]
-    values = torch.stack(summary).tolist() + ([] if inner_steps else [float("nan")] * 2)
-    return (
-        MetaStats(
-            meta_loss=values[0],
-            val_metric=values[1],
-            inner_loss_first=values[2],
-            inner_loss_last=values[3],
-            batching=batching,
-        ),
-        grad_norm,
+    dtype = torch.promote_types(summary[0].dtype, grad_norm.dtype)
+    values = torch.stack([t.to(summary[0].device, dtype) for t in [*summary, grad_norm]]).tolist()
+    norm = values.pop()
+    values += [] if inner_steps else [float("nan")] * 2
+    finite = True
+    if not math.isfinite(norm):
+        bad = _non_finite_grad(omega)
+        finite = bad is None
+        if bad is not None and speed.scaler is None:
+            _raise_non_finite_grad(bad)
+    stats = MetaStats(
+        meta_loss=values[0],
+        val_metric=values[1],
+        inner_loss_first=values[2],
+        inner_loss_last=values[3],
+        batching=batching,
     )
+    return _Gradient(stats, grad_norm, norm, finite)
 
 
 @inner_steps_keyword
@@ -261,7 +361,6 @@ def meta_loss(
     first_order: bool = False,
     batching: str = "auto",
     generator: torch.Generator | None = None,
-    kernels: str = "auto",
 ) -> Tensor:
     """The meta-objective: mean over ``batch`` of the val loss after adaptation, differentiable w.r.t. ω.
 
@@ -269,7 +368,6 @@ def meta_loss(
     memory-lean way to get the same gradient. Raises as `meta_gradient` does for bad inputs.
     """
     check_batch("meta_loss", omega, batch, inner_steps, need_grad=False)  # its value alone may be wanted
-    check_kernels(kernels, batch.train[0].device)
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     n = len(batch)
     mode = resolve_batching(omega, batching, x_tr.device)
@@ -278,10 +376,9 @@ def meta_loss(
     else:
         theta0 = omega.initial_params(n, generator, train=batch.train)
         dims = dict.fromkeys(theta0, 0)
-    objective = partial(task_objective, adapt_fn=partial(adapt_params, kernels=kernels))
     val_losses, _, inner = map_tasks(
-        objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching=mode, kernels=kernels,
+        task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
+        batching=mode,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()
@@ -299,6 +396,7 @@ def meta_step(
     clip_grad_norm: float | None = None,
     generator: torch.Generator | None = None,
     mode: str | MetaGradientMode = "unrolled",
+    precision: str = "float32",
     chunk_size: int | str | None = None,
     memory_budget: int | None = None,
     kernels: str = "auto",
@@ -306,7 +404,9 @@ def meta_step(
     """One outer step: zero grads, meta-gradient over ``batch``, optional clipping, optimizer step.
 
     ``mode``, ``chunk_size``, ``memory_budget`` and ``kernels`` are as in `meta_gradient` (``"reptile"``
-    with ``torch.optim.SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0)).
+    with ``torch.optim.SGD(lr=ε)`` is Reptile's θ0 ← θ0 + ε(mean φ − θ0)). ``precision`` is ``"float32"``
+    or ``"bf16"`` (`metalearn.precision`); fp16 (its loss scale is kept across steps) and ``compile=``
+    are options of `MetaStep`, which runs many steps with the same settings.
 
     ω is left untouched if any loss or the meta-gradient is NaN/Inf (`NonFiniteError`).
 
@@ -316,8 +416,9 @@ def meta_step(
 
     Raises:
         ValueError: ``clip_grad_norm`` not a positive finite number, an outer optimizer that holds
-            none of ω's parameters or tensors that are not ω's, and the bad inputs `meta_gradient`
-            refuses; all before ω or its gradients change.
+            none of ω's parameters or tensors that are not ω's, a ``precision`` other than
+            ``"float32"``/``"bf16"``, and the bad inputs `meta_gradient` refuses; all before ω or
+            its gradients change.
         RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Warns:
@@ -326,24 +427,150 @@ def meta_step(
     check_batch("meta_step", omega, batch, inner_steps)
     clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
     check_outer_optimizer(omega, outer_optimizer)
+    if check_precision(precision) == "fp16":
+        raise ValueError(
+            "meta_step runs one step, but precision='fp16' keeps a loss scale across steps: build "
+            "MetaStep(omega, outer_optimizer, inner_steps, precision='fp16') once and call it on each batch"
+        )
     check_kernels(kernels, batch.train[0].device)
-    chunking = Chunking(chunk_size, memory_budget)
-    outer_optimizer.zero_grad(set_to_none=True)
-    stats, grad_norm = _explained_meta_gradient(
-        omega, batch, inner_steps, first_order, batching, generator, mode, chunking, kernels
+    speed = _Speed(precision=precision, chunking=Chunking(chunk_size, memory_budget), kernels=kernels)
+    return _step(
+        omega, outer_optimizer, batch, inner_steps, first_order, batching, clip_grad_norm, generator, mode, speed
     )
-    clip_meta_gradient(omega, clip_grad_norm, grad_norm)
+
+
+def _step(
+    omega: MetaKnowledge,
+    outer_optimizer: torch.optim.Optimizer,
+    batch: TaskBatch,
+    inner_steps: int,
+    first_order: bool,
+    batching: str,
+    clip_grad_norm: float | None,
+    generator: torch.Generator | None,
+    mode: str | MetaGradientMode,
+    speed: _Speed,
+) -> dict[str, float | str]:
+    """`meta_step` after its checks: the meta-gradient, clipping, the optimizer step (skipped, under a
+    loss scale, when the meta-gradient is not finite)."""
+    outer_optimizer.zero_grad(set_to_none=True)
+    got = _explained_meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, speed)
+    row: dict[str, float | str] = {**got.stats.__dict__, "grad_norm": got.norm}
+    if speed.scaler is not None:
+        speed.scaler.update(got.finite)
+        row.update(loss_scale=speed.scaler.scale, skipped_steps=speed.scaler.skipped)
+        if not got.finite:  # fp16 overflow: ω unchanged, this step's gradients dropped
+            outer_optimizer.zero_grad(set_to_none=True)
+            return row
+    clip_meta_gradient(speed.omega_params(omega), clip_grad_norm, got.norm_tensor)
     outer_optimizer.step()
-    return {**stats.__dict__, "grad_norm": float(grad_norm)}
+    return row
 
 
-def clip_meta_gradient(omega: MetaKnowledge, clip_grad_norm: float | None, grad_norm: Tensor) -> None:
-    """Scales ω's ``.grad`` to total norm ``clip_grad_norm`` (if given) from its already computed norm."""
-    if clip_grad_norm is None:
-        return
-    params = [p for p in omega.parameters() if p.grad is not None]
-    clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
-    if clip_with_norm is not None:
-        clip_with_norm(params, float(clip_grad_norm), grad_norm)
-    elif params:
-        torch.nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
+class MetaStep:
+    """`meta_step` with its settings fixed, called once per batch; holds what lasts across steps.
+
+    The settings are checked once, when it is built (`meta_train` builds one per run): each call
+    checks only its batch. Besides `meta_step`'s options it keeps:
+
+    * ``compile``: ``True`` (or a backend name, `metalearn.compile.COMPILE_BACKENDS`) runs the
+      meta-gradient through ``torch.compile`` (`metalearn.compile`), compiled at the first call
+      and reused; where it cannot compile, the eager step runs with a `CompileFallbackWarning`
+      (given once). `compile_seconds` is the first compiled call's wall time.
+    * ``precision``: ``"float32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with the dynamic `LossScaler`
+      `loss_scaler`, whose skipped steps are reported in each row as ``skipped_steps``).
+
+    Example:
+        >>> from metalearn import MLP, Sinusoid, maml
+        >>> omega = maml(MLP((1, 40, 1)), lr=0.01)
+        >>> step = MetaStep(omega, torch.optim.Adam(omega.parameters(), 1e-3), inner_steps=1, precision="bf16")
+        >>> tasks = Sinusoid(5, 5, seed=0)
+        >>> rows = [step(tasks.batch(range(4 * s, 4 * s + 4))) for s in range(3)]
+        >>> rows[-1]["batching"], rows[-1]["grad_norm"] > 0
+        ('vmap', True)
+
+    Raises:
+        TypeError, ValueError: a bad setting (as `meta_step`; a ``compile`` or ``precision`` value
+            not listed; fp16 with ω on a device other than CUDA), when it is built.
+    """
+
+    def __init__(
+        self,
+        omega: MetaKnowledge,
+        outer_optimizer: torch.optim.Optimizer,
+        inner_steps: int,
+        *,
+        first_order: bool = False,
+        batching: str = "auto",
+        clip_grad_norm: float | None = None,
+        mode: str | MetaGradientMode = "unrolled",
+        compile: bool | str = False,
+        precision: str = "float32",
+        loss_scaler: LossScaler | None = None,
+        chunk_size: int | str | None = None,
+        memory_budget: int | None = None,
+        kernels: str = "auto",
+    ) -> None:
+        check_steps("inner_steps", inner_steps)
+        if not isinstance(omega, MetaKnowledge):
+            raise TypeError(
+                f"omega must be a MetaKnowledge, got {type(omega).__name__}; "
+                "wrap the model: MetaKnowledge(model, InnerSGD(lr))"
+            )
+        self.clip_grad_norm = check_clip_grad_norm(clip_grad_norm)
+        check_outer_optimizer(omega, outer_optimizer)
+        device = next((p.device for p in omega.parameters()), torch.device("cpu"))
+        self.precision = check_precision(precision, device)
+        self.backend = check_compile(compile)
+        self.mode = resolve_mode(mode, first_order)
+        self.mode.resolve_batching(omega, batching, device)  # refuses a batching the mode cannot run, now
+        self.omega, self.outer_optimizer, self.inner_steps = omega, outer_optimizer, inner_steps
+        self.batching = batching
+        if loss_scaler is None and self.precision == "fp16":
+            loss_scaler = LossScaler()
+        self.loss_scaler = loss_scaler
+        self.params: list[Tensor] = list(omega.parameters())
+        check_kernels(kernels, device)
+        self._speed = _Speed(
+            precision=self.precision, scaler=loss_scaler, params=self.params,
+            chunking=Chunking(chunk_size, memory_budget), kernels=kernels,
+        )
+        self._compile_checked = self.backend is None
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Wall time of the first compiled call (cold compile and one step), or ``None``."""
+        return self._speed.compiled.compile_seconds if self._speed.compiled is not None else None
+
+    def _prepare_compile(self, device: torch.device) -> None:
+        """At the first call: the compiled meta-gradient, or a `CompileFallbackWarning` saying why not."""
+        self._compile_checked = True
+        batching = self.mode.resolve_batching(self.omega, self.batching, device)
+        why = compile_blocker(self.omega, self.mode, batching, self.precision)
+        if why is None and self._speed.chunking is not None and self._speed.chunking.active:
+            why = f"chunk_size={self._speed.chunking.size!r} is not compiled (the compiled form is one vmap)"
+        if why is None and self._speed.kernels == "triton":
+            why = "kernels='triton' is not compiled (the kernels serve eager steps; compiled steps trace the reference)"
+        if why is not None:
+            warnings.warn(
+                f"compile=True: {why}; this run's meta-steps run eagerly. Pass compile=False to silence this",
+                CompileFallbackWarning,
+                stacklevel=3,
+            )
+            return
+        assert isinstance(self.mode, Unrolled)
+        self._speed.compiled = CompiledMetaGradient(self.omega, self.mode, backend=self.backend or "inductor")
+
+    def __call__(
+        self, batch: TaskBatch, generator: torch.Generator | None = None, outer_step: int | None = None
+    ) -> dict[str, float | str]:
+        """One outer step on ``batch``; returns `meta_step`'s row (``loss_scale`` and ``skipped_steps`` too
+        under a loss scale). ``outer_step`` tells a mode with a schedule (`metalearn.modes.MultiStepLoss`)
+        the step. Raises as `meta_step` does for a bad batch or a NaN/Inf."""
+        check_batch("MetaStep", self.omega, batch, self.inner_steps)
+        if not self._compile_checked:
+            self._prepare_compile(batch.train[0].device)
+        return _step(
+            self.omega, self.outer_optimizer, batch, self.inner_steps, False, self.batching, self.clip_grad_norm,
+            generator, self.mode if outer_step is None else mode_at_outer_step(self.mode, outer_step), self._speed,
+        )

@@ -27,8 +27,7 @@ from metalearn import (
 )
 from metalearn.checkpoint import list_checkpoints
 from metalearn.distributed import drawing_window, shard_bounds
-from metalearn.mapping import Chunking
-from metalearn.outer import _explained_meta_gradient
+from metalearn.outer import _explained_meta_gradient, _Speed
 from metalearn.tasks.task import TaskBatch
 
 pytestmark = pytest.mark.filterwarnings("ignore:iMAML. the proximal inner problem:RuntimeWarning")
@@ -67,7 +66,7 @@ def test_weighted_slices_of_a_sampled_init_sum_to_the_batch_meta_gradient():
         omega.zero_grad(set_to_none=True)
         part = TaskBatch(train=tuple(t[lo:hi] for t in batch.train), val=tuple(t[lo:hi] for t in batch.val))
         with drawing_window(omega, lo, len(batch)):
-            _explained_meta_gradient(omega, part, 1, False, "auto", cases.generator(), "unrolled", Chunking())
+            _explained_meta_gradient(omega, part, 1, False, "auto", cases.generator(), "unrolled", _Speed())
         for k, g in cases.flat_grads(omega).items():
             total[k] += g * (hi - lo) / len(batch)
     for k in expected:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.checks import check_clip_grad_norm, check_log_path, check_seed
+from metalearn.compile import check_compile
 from metalearn.distributed import DistributedOptions, distributed_options
 from metalearn.kernels import check_kernels
 from metalearn.mapping import BATCHING_MODES, check_chunk_size
 from metalearn.modes import MetaGradientMode, resolve_mode
+from metalearn.precision import check_precision
 
 __all__ = ["TrainConfig"]
 
@@ -36,6 +38,10 @@ def _resolved_first_order(config: TrainConfig, value: Any) -> bool:
 def _mode_identity(config: TrainConfig, value: Any) -> Any:
     identity = config.gradient_mode.run_identity()
     return _OMIT if identity is None else identity
+
+
+def _unless_float32(config: TrainConfig, value: Any) -> Any:
+    return _OMIT if value == "float32" else value  # float32 runs keep the identity they always had
 
 
 def _identity(to_json: Any = _plain) -> dict[str, Any]:
@@ -84,6 +90,13 @@ class TrainConfig:
         kernels: how inner updates are applied: ``"auto"`` (fused Triton kernels for CUDA tensors when
             Triton imports), ``"triton"`` or ``"reference"`` (`metalearn.kernels`). Not part of the
             identity: every choice computes the same updates, up to floating-point rounding.
+        compile: run the meta-gradient through ``torch.compile`` (``True``, or a backend name in
+            `metalearn.compile.COMPILE_BACKENDS`); falls back to the eager step with a
+            `metalearn.compile.CompileFallbackWarning` where it cannot compile (`metalearn.outer.MetaStep`).
+            Not part of the identity: the compiled step computes the same meta-gradient.
+        precision: ``"float32"``, ``"bf16"`` (CPU, CUDA) or ``"fp16"`` (CUDA, loss-scaled): the inner
+            and outer loop under autocast, ω and the outer optimizer in float32 (`metalearn.precision`).
+            Part of the identity (other than float32, which keeps older runs' identity).
         gradient_mode: the resolved mode object (derived from ``mode`` and ``first_order``).
 
     Raises:
@@ -110,6 +123,8 @@ class TrainConfig:
     chunk_size: int | str | None = None
     memory_budget: int | None = None
     kernels: str = "auto"
+    compile: bool | str = False
+    precision: str = field(default="float32", metadata=_identity(_unless_float32))
     gradient_mode: MetaGradientMode = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +143,8 @@ class TrainConfig:
         _check_count("checkpoint_every", self.checkpoint_every)
         if self.keep_last is not None:
             _check_count("keep_last", self.keep_last)
+        check_compile(self.compile)
+        check_precision(self.precision)
         self._normalise("gradient_mode", resolve_mode(self.mode, self.first_order))
         check_kernels(self.kernels)
         if self.checkpoint_dir is not None:

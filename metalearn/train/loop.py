@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,12 +13,14 @@ import torch
 from tqdm import tqdm
 
 from metalearn.checks import check_grad_mode, check_outer_optimizer
+from metalearn.compile import CompileFallbackWarning
 from metalearn.distributed import check_identical, checksum_due, shard_scope, sharded_meta_step
 from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.modes.multi_step import mode_at_outer_step
-from metalearn.outer import meta_step
+from metalearn.outer import MetaStep
+from metalearn.precision import check_precision
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
 from metalearn.train.log import Row
@@ -51,11 +54,21 @@ def set_outer_step(omega: MetaKnowledge, step: int) -> None:
             hook(step)
 
 
-def _check_omega_finite(omega: MetaKnowledge, step: int) -> None:
-    params = list(omega.parameters())
-    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tensor] | None = None) -> None:
+    """Raises `NonFiniteError` if the outer optimizer step made a parameter of ω NaN/Inf.
+
+    One fused norm over every parameter and one host sync per step; the per-parameter scan for
+    the names runs only when that norm is not finite (it may be Inf by overflow alone: then
+    nothing is raised)."""
+    params = [p.detach() for p in (omega.parameters() if params is None else params)]
+    if not params:
+        return
+    norms = torch._foreach_norm(params)
+    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
         return
     bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return
     raise NonFiniteError(
         f"outer step {step}: ω parameter(s) {bad} became NaN/Inf in the outer optimizer step although the "
         f"meta-gradient was finite; no checkpoint was written after step {step}. Lower the outer learning rate "
@@ -124,13 +137,35 @@ def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -
         chunk_size=cfg.chunk_size,
         memory_budget=cfg.memory_budget,
         kernels=cfg.kernels,
+        precision=cfg.precision,
     )
 
 
-def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device) -> Row:
+def _meta_step_of(run: Run) -> MetaStep:
+    """The run's `MetaStep`: its settings checked once, its compiled step and loss scale kept across steps."""
+    cfg = run.config
+    return MetaStep(
+        run.omega,
+        run.outer_optimizer,
+        cfg.inner_steps,
+        batching=cfg.batching,
+        clip_grad_norm=cfg.clip_grad_norm,
+        mode=cfg.gradient_mode,
+        compile=cfg.compile,
+        precision=cfg.precision,
+        chunk_size=cfg.chunk_size,
+        memory_budget=cfg.memory_budget,
+        kernels=cfg.kernels,
+    )
+
+
+def _one_step(
+    run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device, stepper: MetaStep | None = None
+) -> Row:
     """Meta-step ``step`` (data, schedule, meta_step, checks, scheduler); returns its log row."""
     cfg, omega = run.config, run.omega
     began = time.perf_counter()
+    stepper = stepper if stepper is not None else _meta_step_of(run)
     indices: list[int] | None = None
     try:
         if run.shard is not None:
@@ -140,23 +175,11 @@ def _one_step(run: Run, source: IndexedSource | IterableSource, step: int, devic
         else:
             batch, indices = source.batch(step)
             set_outer_step(omega, step)
-            stats = meta_step(
-                omega,
-                run.outer_optimizer,
-                to_device(batch, device),
-                cfg.inner_steps,
-                first_order=cfg.first_order,
-                batching=cfg.batching,
-                clip_grad_norm=cfg.clip_grad_norm,
-                generator=step_generator(cfg.seed, step),
-                mode=mode_at_outer_step(cfg.gradient_mode, step),  # a scheduled mode (MultiStepLoss) learns the step
-                chunk_size=cfg.chunk_size,
-                memory_budget=cfg.memory_budget,
-                kernels=cfg.kernels,
-            )
+            # a scheduled mode (MultiStepLoss) learns the outer step
+            stats = stepper(to_device(batch, device), generator=step_generator(cfg.seed, step), outer_step=step)
     except NonFiniteError as err:
         raise reraise_with_step(err, step, indices, "meta-training") from err
-    _check_omega_finite(omega, step)
+    _check_omega_finite(omega, step, stepper.params)
     step_scheduler(run.scheduler, stats)
     row: Row = {"kind": "train", "step": step, **stats, "time": time.perf_counter() - began}
     run.emit(row)
@@ -188,12 +211,20 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     cfg = run.config
     device = omega_device(run.omega)
     run.open_logs(start)
+    stepper = _meta_step_of(run)
+    if run.shard is not None and cfg.compile:
+        warnings.warn(
+            f"compile={cfg.compile!r}: a torch.distributed run's sharded steps run eagerly (the compiled form is "
+            "one process's); pass compile=False to silence this",
+            CompileFallbackWarning,
+            stacklevel=3,
+        )
     quiet = not cfg.progress or not run.writes_files  # under torch.distributed, one bar: rank 0's
     label = cfg.progress if isinstance(cfg.progress, str) else "meta-train"
     bar = tqdm(total=cfg.steps, initial=start, disable=quiet, desc=label, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.steps):
-            row = _one_step(run, source, step, device)
+            row = _one_step(run, source, step, device, stepper)
             val_row, stop = _after_step(run, step, row, callback)
             postfix = {"meta_loss": f"{row['meta_loss']:.4g}"}
             if val_row is not None:
@@ -308,6 +339,7 @@ def meta_train(
     check_outer_optimizer(omega, outer_optimizer)
     cfg = _config(run, settings)
     check_scheduler(scheduler, outer_optimizer)
+    check_precision(cfg.precision, omega_device(omega))  # fp16 off CUDA: refused before any file is touched
     identity = _run_identity(cfg, tasks, config, scheduler)
     with shard_scope(cfg.distributed, omega_device(omega)) as shard:
         state = Run(omega, outer_optimizer, cfg, identity, val_tasks, scheduler, loggers, shard=shard)

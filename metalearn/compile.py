@@ -1,0 +1,164 @@
+r"""``compile=``: the meta-gradient of a step through ``torch.compile``, cached across steps.
+
+Double backward (``autograd.grad(create_graph=True)`` then ``backward()``) is not supported by
+``torch.compile``'s AOT autograd, so the compiled step is the functional form of MAML's
+meta-gradient (Finn et al., 2017):
+
+.. math:: g = \nabla_\omega\, \frac{1}{B}\sum_i \mathcal{L}\big(D^{val}_i;\ \theta_K(\omega, D^{train}_i)\big)
+
+as ``torch.func.grad`` over the ``torch.func.vmap``-ped task objective (the inner gradients by
+``torch.func.grad_and_value`` inside), traced with ``fullgraph=True`` under
+``torch._dynamo.config.trace_autograd_ops`` (patched for the call only, restored after). It
+is the same function as the eager vmap path, so it gives the same meta-gradient (the tests
+compare them in float64).
+
+Where it cannot compile, the eager step runs instead, with a `CompileFallbackWarning` that
+says why: another mode than ``"unrolled"``/``"first_order"``, the loop batching, an init other
+than MAML's `PointInit`, norm layers (their exact vmap formula is not applied while tracing),
+fp16 loss scaling, or a trace that failed (the error is quoted).
+
+Cold compile takes tens of seconds even for a small MLP (``benchmarks/meta_iteration.py``
+reports it); later steps with the same shapes reuse the compiled code.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metalearn.knowledge.builtins import PointInit
+from metalearn.knowledge.meta_knowledge import MetaKnowledge, native_norm_layers
+from metalearn.mapping import task_in_dims, task_objective
+from metalearn.models.batchnorm import BatchNorm
+from metalearn.modes import MetaGradientMode, Unrolled
+from metalearn.tasks.task import TaskBatch
+
+__all__ = ["COMPILE_BACKENDS", "CompileFallbackWarning", "CompiledMetaGradient", "check_compile", "compile_blocker"]
+
+#: what ``compile=`` accepts besides ``True``/``False`` (a ``torch.compile`` backend name)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+class CompileFallbackWarning(UserWarning):
+    """``compile=True`` was asked for, but this step runs eagerly (the message says why)."""
+
+
+def check_compile(value: object) -> str | None:
+    """``compile=`` as a backend name (``True`` is ``"inductor"``) or ``None`` (``False``).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "inductor"
+    if isinstance(value, str) and value in COMPILE_BACKENDS:
+        return value
+    raise ValueError(
+        f"compile must be True, False or a torch.compile backend in {COMPILE_BACKENDS}, got {value!r}; "
+        "pass compile=True (inductor) or compile='aot_eager' (traces but does not generate code: quick to start)"
+    )
+
+
+def compile_blocker(omega: MetaKnowledge, mode: MetaGradientMode, batching: str, precision: str) -> str | None:
+    """Why the meta-step of ``omega`` cannot be compiled, or ``None`` if it can."""
+    if type(mode) is not Unrolled:
+        return f"mode={mode.name!r} is not compiled (only 'unrolled' and 'first_order' are)"
+    if batching != "vmap":
+        return "batching='loop' is not compiled (the compiled form is torch.func.grad over the vmapped objective)"
+    if type(omega.init) is not PointInit or omega.init.uses_train_data:
+        return f"the init {type(omega.init).__name__} is not compiled (only MAML's PointInit is)"
+    norms = native_norm_layers(omega.model) + [n for n, m in omega.model.named_modules() if isinstance(m, BatchNorm)]
+    if norms:
+        return f"norm layers {norms[:3]} are not compiled (their exact vmap formula is not applied while tracing)"
+    if precision == "fp16":
+        return "precision='fp16' (loss scaling) is not compiled"
+    return None
+
+
+class _MetaObjective(nn.Module):
+    """ω's mean val loss over a batch as a module, so ``torch.func.functional_call`` can swap ω's parameters."""
+
+    def __init__(self, omega: MetaKnowledge, adapt_fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.omega = omega
+        self.adapt_fn = adapt_fn
+
+    def forward(
+        self, x_tr: Tensor, y_tr: Tensor, x_val: Tensor, y_val: Tensor, inner_steps: int, first_order: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        theta0 = self.omega.model_params()
+        objective = partial(task_objective, adapt_fn=self.adapt_fn)
+        in_dims = task_in_dims(dict.fromkeys(theta0))
+        out = torch.func.vmap(objective, in_dims=in_dims)(
+            self.omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order
+        )
+        return out[0].mean(), out
+
+
+class CompiledMetaGradient:
+    """The compiled meta-gradient of one ω, kept across steps (recompiled only for new shapes).
+
+    Args:
+        omega: the meta-knowledge (not copied: its parameters are read at every call).
+        mode: an `Unrolled` mode.
+        backend: a ``torch.compile`` backend (``"inductor"`` by default).
+
+    Attributes:
+        compile_seconds: wall time of the first call (the cold compile and one step), or ``None``.
+        failed: why compiling failed (a `CompileFallbackWarning` was given), or ``None``.
+    """
+
+    def __init__(self, omega: MetaKnowledge, mode: Unrolled, backend: str = "inductor") -> None:
+        self.omega = omega
+        self.mode = mode
+        self.compile_seconds: float | None = None
+        self.failed: str | None = None
+        objective = _MetaObjective(omega, mode.adapt_task)
+
+        def meta_grad(params: dict[str, Tensor], *batch: Any) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+            def mean_val_loss(p: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+                # ω's other parameters and buffers stay as they are (strict=False)
+                return torch.func.functional_call(objective, p, batch, strict=False)
+
+            grads, aux = torch.func.grad(mean_val_loss, has_aux=True)(params)
+            return grads, tuple(t.detach() for t in aux)
+
+        self._compiled = torch.compile(meta_grad, fullgraph=True, dynamic=False, backend=backend)
+
+    def __call__(
+        self, batch: TaskBatch, inner_steps: int
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]] | None:
+        """ω's meta-gradients by parameter name and (val losses, metrics, inner losses); ``None`` if
+        compiling failed (then the caller runs the eager step; warned once)."""
+        if self.failed is not None:
+            return None
+        params: dict[str, Tensor] = {f"omega.{n}": p for n, p in self.omega.named_parameters() if p.requires_grad}
+        args = (*batch.train, *batch.val, inner_steps, self.mode.first_order)
+        began = time.perf_counter()
+        try:
+            # scoped: double backward inside the trace needs dynamo to trace autograd ops
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                grads, aux = self._compiled(params, *args)
+        except Exception as err:  # noqa: BLE001 - any trace/compile failure falls back to the eager step
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]  # e.g. the backend's own error
+            self.failed = f"{type(err).__name__}: {' '.join(lines)}"
+            warnings.warn(
+                f"compile=True: the meta-step could not be compiled ({self.failed[:300]}); it runs eagerly. "
+                "Pass compile=False to silence this",
+                CompileFallbackWarning,
+                stacklevel=3,
+            )
+            return None
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - began
+        # detached: the compiled function's outputs carry a graph to its inputs (ω's parameters)
+        named = {n.removeprefix("omega."): g.detach() for n, g in grads.items()}
+        return named, aux  # type: ignore[return-value]

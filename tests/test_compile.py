@@ -1,0 +1,109 @@
+"""``compile=``: the compiled meta-gradient equals the eager one; fallbacks warn, naming why."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from metalearn.compile import CompileFallbackWarning, check_compile, compile_blocker
+from metalearn.knowledge.recipes import maml
+from metalearn.models import MLP, Conv4
+from metalearn.modes import resolve_mode
+from metalearn.outer import MetaStep
+from metalearn.tasks.task import TaskBatch
+
+
+def _batch(n: int = 3, k: int = 4) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    x = lambda: torch.rand(n, k, 1, generator=g, dtype=torch.float64) * 4 - 2  # noqa: E731
+    y = lambda: torch.randn(n, k, 1, generator=g, dtype=torch.float64)  # noqa: E731
+    return TaskBatch(train=(x(), y()), val=(x(), y()))
+
+
+def _omega(seed: int = 0):
+    torch.manual_seed(seed)
+    return maml(MLP((1, 6, 1)).double(), lr=0.1)
+
+
+def _steps(compile_: bool | str, first_order: bool, steps: int = 3):
+    """ω after ``steps`` SGD meta-steps on the same batch, and the meta-gradient of each step."""
+    omega = _omega()
+    step = MetaStep(omega, torch.optim.SGD(omega.parameters(), lr=0.05), 2, batching="vmap",
+                    first_order=first_order, compile=compile_)
+    grads, rows = [], []
+    for _ in range(steps):
+        rows.append(step(_batch()))
+        grads.append({n: p.grad.clone() for n, p in omega.named_parameters()})
+    return omega, grads, rows, step
+
+
+# slow: each compiles once (~5-40 s for this 1-6-1 MLP with aot_eager, depending on the load)
+@pytest.mark.slow
+@pytest.mark.parametrize("first_order", [False, True])
+def test_compiled_meta_gradient_equals_the_eager_one_at_every_step(first_order: bool) -> None:
+    eager, eager_grads, eager_rows, _ = _steps(False, first_order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # it must really compile
+        compiled, grads, rows, step = _steps("aot_eager", first_order)
+    assert step.compile_seconds is not None and step.compile_seconds > 0
+    assert step._speed.compiled is not None and step._speed.compiled.failed is None  # reused, never fell back
+    assert not any(p.grad.requires_grad for p in compiled.parameters())  # plain gradients, no graph kept
+    for g, g_eager in zip(grads, eager_grads, strict=True):
+        assert g.keys() == g_eager.keys()
+        for n in g_eager:
+            torch.testing.assert_close(g[n], g_eager[n], rtol=1e-12, atol=1e-14)
+    for row, eager_row in zip(rows, eager_rows, strict=True):
+        assert row["meta_loss"] == pytest.approx(eager_row["meta_loss"], rel=1e-12)
+        assert row["grad_norm"] == pytest.approx(eager_row["grad_norm"], rel=1e-12)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_meta_gradient_equals_the_eager_one() -> None:
+    _, eager_grads, _, _ = _steps(False, False, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        _, grads, _, _ = _steps(True, False, steps=1)
+    for n in eager_grads[0]:
+        torch.testing.assert_close(grads[0][n], eager_grads[0][n], rtol=1e-10, atol=1e-12)
+
+
+def test_loop_batching_falls_back_with_a_warning_and_the_same_gradient() -> None:
+    omega = _omega()
+    opt = torch.optim.SGD(omega.parameters(), lr=0.0)
+    step = MetaStep(omega, opt, 1, batching="loop", compile=True)
+    with pytest.warns(CompileFallbackWarning, match="batching='loop'"):
+        step(_batch())
+    eager = _omega()
+    MetaStep(eager, torch.optim.SGD(eager.parameters(), lr=0.0), 1, batching="loop")(_batch())
+    for p, q in zip(omega.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # warned once per MetaStep
+        step(_batch())
+
+
+@pytest.mark.parametrize(
+    ("mode", "batching", "precision", "match"),
+    [("implicit", "loop", "float32", "mode='implicit'"), ("unrolled", "loop", "float32", "batching='loop'"),
+     ("unrolled", "vmap", "fp16", "fp16")],
+)
+def test_compile_blocker_names_why(mode: str, batching: str, precision: str, match: str) -> None:
+    why = compile_blocker(_omega(), resolve_mode(mode), batching, precision)
+    assert why is not None and match in why
+    assert compile_blocker(_omega(), resolve_mode("unrolled"), "vmap", "float32") is None
+
+
+def test_norm_layers_are_not_compiled() -> None:
+    why = compile_blocker(maml(Conv4(5), lr=0.4), resolve_mode("unrolled"), "vmap", "float32")
+    assert why is not None and "norm layers" in why
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, "cudagraphs"])
+def test_bad_compile_value_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="compile must be True, False or a torch.compile backend"):
+        check_compile(bad)
+    assert check_compile(True) == "inductor" and check_compile(False) is None
