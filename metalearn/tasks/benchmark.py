@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.datasets import LabelledDataset, select_rows, uint8_to_unit
 from metalearn.tasks.describe import describe_value
 from metalearn.tasks.download import default_file_mode
 from metalearn.tasks.splits import ClassSplit
@@ -222,14 +222,11 @@ class BenchmarkImages(LabelledDataset):
 
     def get_input(self, index: int) -> Tensor:
         """Image ``index`` as ``float32 [3, H, W]`` in ``[0, 1]``."""
-        return self.images[index].float().div_(255.0)
+        return uint8_to_unit(self.images[index])
 
     def gather(self, indices: Tensor) -> Tensor:
         """Images at ``indices`` as ``float32 [k, 3, H, W]`` in ``[0, 1]``."""
-        indices = torch.as_tensor(indices)
-        if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):
-            return self.images.index_select(0, indices).float().div_(255.0)
-        return self.images[indices].float().div_(255.0)
+        return uint8_to_unit(select_rows(self.images, indices))
 
     def few_shot_split(self) -> ClassSplit:
         """The published split as class pools: train classes as ``source``, val as

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from metalearn.tasks.benchmark import arrays_digest, read_cache_file, write_cache_file
-from metalearn.tasks.datasets import LabelledDataset, StoredInputs, uint8_to_unit
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs, select_rows, uint8_to_unit
 from metalearn.tasks.download import download_file
 from metalearn.tasks.splits import ClassSplit
 
@@ -208,14 +208,11 @@ class Omniglot(LabelledDataset):
 
     def get_input(self, index: int) -> Tensor:
         """Image ``index`` as ``float32 [1, image_size, image_size]`` in ``[0, 1]``."""
-        return self.images[index].float().div_(255.0)
+        return uint8_to_unit(self.images[index])
 
     def gather(self, indices: Tensor) -> Tensor:
         """Images at ``indices`` as ``float32 [k, 1, image_size, image_size]`` in ``[0, 1]``."""
-        indices = torch.as_tensor(indices)
-        if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):
-            return self.images.index_select(0, indices).float().div_(255.0)  # ~5x faster than fancy indexing
-        return self.images[indices].float().div_(255.0)
+        return uint8_to_unit(select_rows(self.images, indices))
 
     def stored_inputs(self) -> StoredInputs:
         """The ``uint8`` images and their decoding to ``[0, 1]`` (what `gather` does)."""
