@@ -261,6 +261,15 @@ def concat_pools(parts: Sequence[Decoded]) -> Decoded:
     )
 
 
+def join_pools(pools: Sequence[str], loaded: Sequence[tuple[Decoded, str]]) -> tuple[Decoded, dict[str, int], str]:
+    """Pools loaded one by one, each ``(decoded, digest)`` as `load_or_decode` returns it, as what a
+    `BenchmarkImages` is made of: one split (`concat_pools`), the number of classes of each pool, and
+    the digests joined by ``":"``."""
+    parts = [decoded for decoded, _ in loaded]
+    sizes = {pool: len(p.class_names) for pool, p in zip(pools, parts, strict=True)}
+    return concat_pools(parts), sizes, ":".join(digest for _, digest in loaded)
+
+
 def check_classes(found: Sequence[str], published: Sequence[str], what: str, where: str) -> None:
     """Raises `BenchmarkFormatError` if the classes in the data are not the published ones."""
     missing = sorted(set(published) - set(found))
@@ -278,6 +287,12 @@ def check_classes(found: Sequence[str], published: Sequence[str], what: str, whe
 
 
 # -- the cache ---------------------------------------------------------------------------------
+
+
+def cache_folder(root: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Where a dataset read from ``root`` caches its decoded arrays: ``cache_dir``, by default
+    ``root/.metalearn_cache``."""
+    return Path(cache_dir) if cache_dir is not None else root / ".metalearn_cache"
 
 
 def fingerprint(paths: Sequence[Path]) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.benchmark import arrays_digest, read_cache_file, write_cache_file
+from metalearn.tasks.benchmark import arrays_digest, cache_folder, read_cache_file, write_cache_file
 from metalearn.tasks.datasets import LabelledDataset, StoredInputs, select_rows, uint8_to_unit
 from metalearn.tasks.download import download_file
 from metalearn.tasks.splits import ClassSplit
@@ -183,7 +183,7 @@ class Omniglot(LabelledDataset):
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         sources = OMNIGLOT_ARCHIVES if sources is None else sources
 
         parts: list[_Decoded] = []
