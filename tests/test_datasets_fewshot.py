@@ -7,6 +7,7 @@ nothing is downloaded except from a loopback server.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import warnings
@@ -44,7 +45,7 @@ from metalearn.tasks import (
     TieredImageNet,
     published_split,
 )
-from metalearn.tasks.benchmark import safe_unpickle
+from metalearn.tasks.benchmark import arrays_digest, safe_unpickle
 from metalearn.tasks.download import ChecksumMismatchError
 
 # -- the published lists -----------------------------------------------------------------------
@@ -211,6 +212,27 @@ def test_cache_is_used_and_a_corrupt_one_is_rebuilt(cifar_root, tmp_path):
     with pytest.warns(RuntimeWarning, match="corrupt.*rebuilding"):
         rebuilt = CIFARFS(cifar_root, split="val", cache_dir=tmp_path)
     assert torch.equal(first.images, rebuilt.images)
+
+
+def test_a_cache_whose_labels_outnumber_its_classes_is_rebuilt_at_the_callers_line(tmp_path):
+    """Consistent arrays and checksum, but a label beyond the header's class names: not trusted."""
+    root = tmp_path / "root"
+    write_mini_pickle(root, "val", per_class=1)
+    first = MiniImageNet(root, split="val")
+    cache = root / ".metalearn_cache" / "mini_imagenet-val-84px.npz"
+    with np.load(cache, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(arrays["header"].tobytes())
+    arrays["labels"] = arrays["labels"].copy()
+    arrays["labels"][-1] = len(header["class_names"])
+    header["sha256"] = arrays_digest(arrays["images"], arrays["labels"])
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.warns(RuntimeWarning, match="benchmark cache .* is corrupt.*rebuilding it from the source files") as w:
+        rebuilt = MiniImageNet(root, split="val")
+    assert [x.filename for x in w] == [__file__]
+    assert torch.equal(rebuilt.labels, first.labels) and torch.equal(rebuilt.images, first.images)
 
 
 def test_cache_follows_the_source(tmp_path):

@@ -264,6 +264,20 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(root, reference, damage, monkey
     assert_same(Omniglot(root), reference)
 
 
+def test_cache_warnings_point_at_the_caller(root, archives, tmp_path):
+    """The shared cache reader and writer warn at the line that made the dataset, not inside metalearn."""
+    Omniglot(root)
+    _garbage(root / ".metalearn_cache" / "images_evaluation-28px.npz")
+    with pytest.warns(RuntimeWarning, match="Omniglot cache .* is corrupt.*rebuilding it from the archive") as read:
+        Omniglot(root)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("cache_dir cannot be created below a file")
+    with pytest.warns(RuntimeWarning, match="could not write the Omniglot cache") as write:
+        Omniglot(archives, split="background", cache_dir=blocker / "cache")
+    assert [w.filename for w in read] == [__file__]
+    assert [w.filename for w in write] == [__file__]
+
+
 def test_unwritable_cache_warns_and_still_loads(archives, reference, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("cache_dir cannot be created below a file")

@@ -25,13 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset
+from metalearn.tasks.datasets import LabelledDataset, select_rows, uint8_to_unit
 from metalearn.tasks.describe import describe_value
 from metalearn.tasks.download import default_file_mode
 from metalearn.tasks.splits import ClassSplit
@@ -48,6 +48,7 @@ CACHE_FORMAT_VERSION = 1
 #: the split names of every benchmark; ``"all"`` is the three pools together (train, val, test)
 BENCHMARK_SPLITS = ("train", "val", "test", "all")
 _POOLS = ("train", "val", "test")
+_T = TypeVar("_T")
 
 
 class BenchmarkFormatError(ValueError):
@@ -221,14 +222,11 @@ class BenchmarkImages(LabelledDataset):
 
     def get_input(self, index: int) -> Tensor:
         """Image ``index`` as ``float32 [3, H, W]`` in ``[0, 1]``."""
-        return self.images[index].float().div_(255.0)
+        return uint8_to_unit(self.images[index])
 
     def gather(self, indices: Tensor) -> Tensor:
         """Images at ``indices`` as ``float32 [k, 3, H, W]`` in ``[0, 1]``."""
-        indices = torch.as_tensor(indices)
-        if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):
-            return self.images.index_select(0, indices).float().div_(255.0)
-        return self.images[indices].float().div_(255.0)
+        return uint8_to_unit(select_rows(self.images, indices))
 
     def few_shot_split(self) -> ClassSplit:
         """The published split as class pools: train classes as ``source``, val as
@@ -263,6 +261,15 @@ def concat_pools(parts: Sequence[Decoded]) -> Decoded:
     )
 
 
+def join_pools(pools: Sequence[str], loaded: Sequence[tuple[Decoded, str]]) -> tuple[Decoded, dict[str, int], str]:
+    """Pools loaded one by one, each ``(decoded, digest)`` as `load_or_decode` returns it, as what a
+    `BenchmarkImages` is made of: one split (`concat_pools`), the number of classes of each pool, and
+    the digests joined by ``":"``."""
+    parts = [decoded for decoded, _ in loaded]
+    sizes = {pool: len(p.class_names) for pool, p in zip(pools, parts, strict=True)}
+    return concat_pools(parts), sizes, ":".join(digest for _, digest in loaded)
+
+
 def check_classes(found: Sequence[str], published: Sequence[str], what: str, where: str) -> None:
     """Raises `BenchmarkFormatError` if the classes in the data are not the published ones."""
     missing = sorted(set(published) - set(found))
@@ -280,6 +287,12 @@ def check_classes(found: Sequence[str], published: Sequence[str], what: str, whe
 
 
 # -- the cache ---------------------------------------------------------------------------------
+
+
+def cache_folder(root: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Where a dataset read from ``root`` caches its decoded arrays: ``cache_dir``, by default
+    ``root/.metalearn_cache``."""
+    return Path(cache_dir) if cache_dir is not None else root / ".metalearn_cache"
 
 
 def fingerprint(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -316,48 +329,75 @@ def load_or_decode(cache_file: Path, header: dict[str, Any], decode: Callable[[]
     """
     header = {"format_version": CACHE_FORMAT_VERSION, **header}
     if cache_file.exists():
-        cached = _read_cache(cache_file, header)
+        cached = read_cache_file(cache_file, header, _parse_cache, what="benchmark", source="the source files")
         if cached is not None:
             return cached
     decoded = decode()
     digest = arrays_digest(decoded.images, decoded.labels)
-    _write_cache(cache_file, header, decoded, digest)
+    stored = dict(header, class_names=list(decoded.class_names), sha256=digest)
+    write_cache_file(cache_file, stored, decoded.images, decoded.labels, what="benchmark", source="the source files")
     return decoded, digest
 
 
-def _read_cache(cache_file: Path, expected: dict[str, Any]) -> tuple[Decoded, str] | None:
-    """The cached arrays, or ``None`` (with a warning if the file is damaged) when they must be rebuilt."""
+def _parse_cache(header: dict[str, Any], images: np.ndarray, labels: np.ndarray) -> tuple[Decoded, str]:
+    """A benchmark cache's arrays with the class names of its header (`read_cache_file` checked the rest)."""
+    names = header["class_names"]
+    if not all(isinstance(n, str) for n in names) or (labels.size and labels.max() >= len(names)):
+        raise ValueError("the class names of the header do not match the labels")
+    return Decoded(images=images, labels=labels, class_names=list(names)), header["sha256"]
+
+
+def read_cache_file(
+    cache_file: Path,
+    expected: dict[str, Any],
+    parse: Callable[[dict[str, Any], np.ndarray, np.ndarray], _T],
+    *,
+    what: str,
+    source: str,
+) -> _T | None:
+    """The arrays cached in ``cache_file`` as ``parse(header, images, labels)`` makes them, or ``None`` when
+    they must be rebuilt: quietly when the header does not match ``expected`` (another format version,
+    setting or source), with a `RuntimeWarning` (``"{what} cache ... is corrupt; rebuilding it from
+    {source}"``) when the file cannot be trusted.
+
+    Checked here for every cache: ``uint8`` images ``[n, C, H, W]``, ``int64`` labels ``[n]`` from 0 and
+    the SHA-256 of both (``header["sha256"]``, `arrays_digest`); ``parse`` checks what its dataset adds
+    to the header, raising any exception for a file that does not hold it. The warning points at the
+    dataset's caller: this is called by the function its constructor calls.
+    """
     try:
         with np.load(cache_file, allow_pickle=False) as npz:
             header = json.loads(npz["header"].tobytes().decode("utf-8"))
             if {k: header.get(k) for k in expected} != expected:
                 return None  # stale: another format version, setting or source; rebuilt quietly
             images, labels = npz["images"], npz["labels"]
-        names = header["class_names"]
         if (
             images.dtype != np.uint8
             or images.ndim != 4
             or labels.dtype != np.int64
             or labels.shape != (images.shape[0],)
-            or not all(isinstance(n, str) for n in names)
-            or (labels.size and (labels.min() < 0 or labels.max() >= len(names)))
-            or arrays_digest(images, labels) != header["sha256"]
+            or (labels.size and labels.min() < 0)
         ):
-            raise ValueError("the arrays do not match the header (shape, dtype, labels or checksum)")
+            raise ValueError("the arrays do not match the header (shape, dtype or labels)")
+        parsed = parse(header, images, labels)
+        if arrays_digest(images, labels) != header["sha256"]:  # last: it reads every byte
+            raise ValueError("the arrays do not match the checksum of the header")
     except Exception as exc:  # any failure to read means the file cannot be trusted
         warnings.warn(
-            f"benchmark cache {cache_file} is corrupt ({type(exc).__name__}: {exc}); rebuilding it from the source "
-            "files",
+            f"{what} cache {cache_file} is corrupt ({type(exc).__name__}: {exc}); rebuilding it from {source}",
             RuntimeWarning,
             stacklevel=4,
         )
         return None
-    return Decoded(images=images, labels=labels, class_names=list(names)), header["sha256"]
+    return parsed
 
 
-def _write_cache(cache_file: Path, header: dict[str, Any], decoded: Decoded, digest: str) -> None:
-    """Writes the cache atomically (temp file + ``os.replace``); warns and carries on if it cannot."""
-    header = dict(header, class_names=list(decoded.class_names), sha256=digest)
+def write_cache_file(
+    cache_file: Path, header: dict[str, Any], images: np.ndarray, labels: np.ndarray, *, what: str, source: str
+) -> None:
+    """Writes ``header`` (as JSON) and the arrays to ``cache_file`` atomically (temp file + ``os.replace``);
+    warns and carries on if it cannot (``"could not write the {what} cache ...; the next load will decode
+    {source} again"``). The warning points at the dataset's caller, as in `read_cache_file`."""
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     tmp: Path | None = None
     try:
@@ -367,7 +407,7 @@ def _write_cache(cache_file: Path, header: dict[str, Any], decoded: Decoded, dig
         if hasattr(os, "fchmod"):
             os.fchmod(fd, default_file_mode())  # the process's normal mode, not mkstemp's 0o600
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, header=header_bytes, images=decoded.images, labels=decoded.labels)
+            np.savez(f, header=header_bytes, images=images, labels=labels)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, cache_file)
@@ -376,8 +416,8 @@ def _write_cache(cache_file: Path, header: dict[str, Any], decoded: Decoded, dig
             with contextlib.suppress(OSError):
                 tmp.unlink()
         warnings.warn(
-            f"could not write the benchmark cache to {cache_file} ({exc}); the next load will decode the source "
-            "files again. Pass cache_dir= a writable folder to cache it",
+            f"could not write the {what} cache to {cache_file} ({exc}); the next load will decode {source} "
+            "again. Pass cache_dir= a writable folder to cache it",
             RuntimeWarning,
             stacklevel=4,
         )

@@ -31,6 +31,7 @@ from metalearn.tasks.benchmark import (
     BenchmarkImages,
     Decoded,
     as_text,
+    cache_folder,
     check_split_name,
     concat_pools,
     fingerprint,
@@ -163,7 +164,7 @@ class _CIFAR100Split(BenchmarkImages):
     ) -> None:
         check_split_name(split)
         self.root = Path(root)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         source = _locate(self.root, download, CIFAR100_ARCHIVE if sources is None else sources)
         files = [source] if source.is_file() else [source / m for m in _MEMBERS]
         header = {"dataset": self._list_name, "split": split, "source": fingerprint(files)}

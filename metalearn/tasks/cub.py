@@ -25,11 +25,12 @@ from metalearn.tasks.benchmark import (
     BenchmarkFormatError,
     BenchmarkImages,
     Decoded,
+    cache_folder,
     check_classes,
     check_split_name,
-    concat_pools,
     decode_rgb,
     fingerprint,
+    join_pools,
     load_or_decode,
     published_split,
     refuse_download,
@@ -149,19 +150,17 @@ class CUB(BenchmarkImages):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root)
         self.image_size = image_size
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         source = _locate(self.root)
         published = published_split("cub")
         pools = split_pools(split)
-        parts, digests = [], []
+        loaded = []
         for pool in pools:
             classes = list(published[pool])
             files = [source] if source.is_file() else [source / c for c in classes if (source / c).is_dir()]
             header = {"dataset": "cub", "pool": pool, "image_size": image_size, "source": fingerprint(files)}
             cache_file = self.cache_dir / f"cub-{pool}-{image_size}px.npz"
             decode = functools.partial(_decode, source, classes, image_size)
-            decoded, digest = load_or_decode(cache_file, header, decode)
-            parts.append(decoded)
-            digests.append(digest)
-        sizes = {pool: len(p.class_names) for pool, p in zip(pools, parts, strict=True)}
-        super().__init__(concat_pools(parts), split=split, pool_sizes=sizes, digest=":".join(digests))
+            loaded.append(load_or_decode(cache_file, header, decode))
+        decoded, sizes, digest = join_pools(pools, loaded)
+        super().__init__(decoded, split=split, pool_sizes=sizes, digest=digest)

@@ -28,11 +28,12 @@ from metalearn.tasks.benchmark import (
     BenchmarkImages,
     Decoded,
     as_text,
+    cache_folder,
     check_classes,
     check_split_name,
-    concat_pools,
     decode_rgb,
     fingerprint,
+    join_pools,
     load_or_decode,
     published_split,
     refuse_download,
@@ -170,22 +171,20 @@ class MiniImageNet(BenchmarkImages):
         check_split_name(split)
         refuse_download(download, "mini-ImageNet", f"Put its files in {root} (see docs/datasets.md)")
         self.root = Path(root)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         published = published_split("mini_imagenet")
         pools = split_pools(split)
         forms = {pool: self._form(pool) for pool in pools}  # every file checked before any work
-        parts, digests = [], []
+        loaded = []
         for pool in pools:
             classes = list(published[pool])
             form, files = forms[pool]
             header = {"dataset": "mini_imagenet", "pool": pool, "form": form, "source": fingerprint(files)}
             cache_file = self.cache_dir / f"mini_imagenet-{pool}-{IMAGE_SIZE}px.npz"
             decode = functools.partial(_decode_pool, self.root, pool, classes, form)
-            decoded, digest = load_or_decode(cache_file, header, decode)
-            parts.append(decoded)
-            digests.append(digest)
-        sizes = {pool: len(p.class_names) for pool, p in zip(pools, parts, strict=True)}
-        super().__init__(concat_pools(parts), split=split, pool_sizes=sizes, digest=":".join(digests))
+            loaded.append(load_or_decode(cache_file, header, decode))
+        decoded, sizes, digest = join_pools(pools, loaded)
+        super().__init__(decoded, split=split, pool_sizes=sizes, digest=digest)
 
     def _form(self, pool: str) -> tuple[str, list[Path]]:
         """Which form holds ``pool`` (``"pickle"`` or ``"csv"``) and its files (for the cache's fingerprint)."""

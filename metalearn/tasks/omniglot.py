@@ -26,13 +26,9 @@ from 0 in that order; with ``split="all"`` the evaluation ids follow on from 964
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import os
 import re
-import tempfile
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -44,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.tasks.datasets import LabelledDataset, StoredInputs, uint8_to_unit
-from metalearn.tasks.download import default_file_mode, download_file
+from metalearn.tasks.benchmark import arrays_digest, cache_folder, read_cache_file, write_cache_file
+from metalearn.tasks.datasets import LabelledDataset, StoredInputs, select_rows, uint8_to_unit
+from metalearn.tasks.download import download_file
 from metalearn.tasks.splits import ClassSplit
 
 __all__ = [
@@ -186,7 +183,7 @@ class Omniglot(LabelledDataset):
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         sources = OMNIGLOT_ARCHIVES if sources is None else sources
 
         parts: list[_Decoded] = []
@@ -211,14 +208,11 @@ class Omniglot(LabelledDataset):
 
     def get_input(self, index: int) -> Tensor:
         """Image ``index`` as ``float32 [1, image_size, image_size]`` in ``[0, 1]``."""
-        return self.images[index].float().div_(255.0)
+        return uint8_to_unit(self.images[index])
 
     def gather(self, indices: Tensor) -> Tensor:
         """Images at ``indices`` as ``float32 [k, 1, image_size, image_size]`` in ``[0, 1]``."""
-        indices = torch.as_tensor(indices)
-        if indices.ndim == 1 and indices.dtype in (torch.int64, torch.int32):
-            return self.images.index_select(0, indices).float().div_(255.0)  # ~5x faster than fancy indexing
-        return self.images[indices].float().div_(255.0)
+        return uint8_to_unit(select_rows(self.images, indices))
 
     def stored_inputs(self) -> StoredInputs:
         """The ``uint8`` images and their decoding to ``[0, 1]`` (what `gather` does)."""
@@ -463,13 +457,6 @@ def _fingerprint(source: Path) -> dict:
     return {"kind": "zip", "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(images).data)
-    digest.update(np.ascontiguousarray(labels).data)
-    return digest.hexdigest()
-
-
 def _header(name: str, image_size: int, fingerprint: dict) -> dict:
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -486,74 +473,28 @@ def _load_archive(source: Path, name: str, image_size: int, cache_dir: Path) -> 
     cache_file = cache_dir / f"{name}-{image_size}px.npz"
     expected = _header(name, image_size, _fingerprint(source))
     if cache_file.exists():
-        decoded = _read_cache(cache_file, expected)
+        decoded = read_cache_file(cache_file, expected, _parse_cache, what="Omniglot", source="the archive")
         if decoded is not None:
             return decoded
     decoded = _decode(source, name, image_size)
-    _write_cache(cache_file, expected, decoded)
+    header = dict(
+        expected,
+        images=int(decoded.images.shape[0]),
+        characters=[list(c) for c in decoded.characters],
+        sha256=arrays_digest(decoded.images, decoded.labels),
+    )
+    write_cache_file(cache_file, header, decoded.images, decoded.labels, what="Omniglot", source="the archive")
     return decoded
 
 
-def _read_cache(cache_file: Path, expected: dict) -> _Decoded | None:
-    """The cached arrays, or ``None`` (with a warning if the file is damaged) when they must be rebuilt."""
-    try:
-        with np.load(cache_file, allow_pickle=False) as npz:
-            header = json.loads(npz["header"].tobytes().decode("utf-8"))
-            stored = {k: header.get(k) for k in expected}
-            if stored != expected:
-                return None  # stale: another format version, image size or source; rebuilt quietly
-            images, labels = npz["images"], npz["labels"]
-        n, size = header["images"], expected["image_size"]
-        characters = [tuple(c) for c in header["characters"]]
-        if (
-            images.dtype != np.uint8
-            or images.shape != (n, 1, size, size)
-            or labels.dtype != np.int64
-            or labels.shape != (n,)
-            or _arrays_digest(images, labels) != header["sha256"]
-            or not all(len(c) == 2 and all(isinstance(s, str) for s in c) for c in characters)
-            or (n and (labels.min() < 0 or labels.max() >= len(characters)))
-        ):
-            raise ValueError("the arrays do not match the header (shape, dtype or checksum)")
-    except Exception as exc:  # any failure to read means the file cannot be trusted
-        warnings.warn(
-            f"Omniglot cache {cache_file} is corrupt ({type(exc).__name__}: {exc}); rebuilding it from the "
-            "archive",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
+def _parse_cache(header: dict, images: np.ndarray, labels: np.ndarray) -> _Decoded:
+    """An Omniglot cache's arrays with the characters of its header (`read_cache_file` checked the rest)."""
+    n, size = header["images"], header["image_size"]
+    characters = [tuple(c) for c in header["characters"]]
+    if (
+        images.shape != (n, 1, size, size)
+        or not all(len(c) == 2 and all(isinstance(s, str) for s in c) for c in characters)
+        or (n and labels.max() >= len(characters))
+    ):
+        raise ValueError("the arrays do not match the header (shape or characters)")
     return _Decoded(images=images, labels=labels, characters=characters)
-
-
-def _write_cache(cache_file: Path, header: dict, decoded: _Decoded) -> None:
-    """Writes the cache atomically (temp file + ``os.replace``); warns and carries on if it cannot."""
-    header = dict(
-        header,
-        images=int(decoded.images.shape[0]),
-        characters=[list(c) for c in decoded.characters],
-        sha256=_arrays_digest(decoded.images, decoded.labels),
-    )
-    header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    tmp: Path | None = None
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, default_file_mode())  # the process's normal mode, not mkstemp's 0o600
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, header=header_bytes, images=decoded.images, labels=decoded.labels)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_file)
-    except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        warnings.warn(
-            f"could not write the Omniglot cache to {cache_file} ({exc}); the next load will decode the "
-            "archive again. Pass cache_dir= a writable folder to cache it",
-            RuntimeWarning,
-            stacklevel=4,
-        )

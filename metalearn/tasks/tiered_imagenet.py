@@ -30,11 +30,12 @@ from metalearn.tasks.benchmark import (
     BenchmarkImages,
     Decoded,
     as_text,
+    cache_folder,
     check_classes,
     check_split_name,
-    concat_pools,
     decode_rgb,
     fingerprint,
+    join_pools,
     load_or_decode,
     published_split,
     refuse_download,
@@ -137,10 +138,10 @@ class TieredImageNet(BenchmarkImages):
             download, "tiered-ImageNet", f"Get the pickles published with {_ORIGIN} and extract them into {root}"
         )
         self.root = Path(root)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".metalearn_cache"
+        self.cache_dir = cache_folder(self.root, cache_dir)
         pools = split_pools(split)
         files = {pool: _files(self.root, pool) for pool in pools}  # every file checked before any work
-        parts, digests, categories = [], [], []
+        loaded, categories = [], []
         for pool in pools:
             images_pkl, labels_pkl = files[pool]
             header = {"dataset": "tiered_imagenet", "pool": pool, "source": fingerprint([images_pkl, labels_pkl])}
@@ -154,11 +155,10 @@ class TieredImageNet(BenchmarkImages):
             decoded, digest = load_or_decode(cache_file, header, decode)
             if "categories" not in kept:  # read from the cache: the categories come from the small label pickle
                 kept["categories"] = _categories(labels_pkl, decoded.class_names)
-            parts.append(decoded)
-            digests.append(digest)
+            loaded.append((decoded, digest))
             categories.extend(kept["categories"])
-        sizes = {pool: len(p.class_names) for pool, p in zip(pools, parts, strict=True)}
-        super().__init__(concat_pools(parts), split=split, pool_sizes=sizes, digest=":".join(digests))
+        joined, sizes, joined_digest = join_pools(pools, loaded)
+        super().__init__(joined, split=split, pool_sizes=sizes, digest=joined_digest)
         self.categories: tuple[str, ...] = tuple(categories)
 
 
