@@ -494,7 +494,13 @@ def fused_step(
     (`metalearn.kernels.use_triton`), it is exactly ``part.step``; otherwise every adapted tensor is
     updated by `metalearn.kernels.fused_update` at once and split back, with the same state keys.
     """
-    plan = None if kernels == "reference" else fused_plan(part)
+    if kernels == "reference" or not params:
+        return part.step(params, grads, state, step)
+    if kernels == "auto" and next(iter(params.values())).device.type != "cuda":
+        # the common CPU case, on the inner loop's hot path: "auto" serves CUDA tensors only, so no plan
+        # and no scan of every tensor are needed (`use_triton` would say the same after both)
+        return part.step(params, grads, state, step)
+    plan = fused_plan(part)
     tensors = [*params.values(), *grads.values(), *state.values()]
     if plan is None or not params or not use_triton(kernels, tensors):
         return part.step(params, grads, state, step)
