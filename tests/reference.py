@@ -259,6 +259,32 @@ def image_batch(
     return x_tr, y_tr, x_val, y_val
 
 
+def sine_task_batch(n_tasks: int = 3, n: int = 6, seed: int = 1):
+    """A float64 `TaskBatch` of noisy ``sin(2x)`` regression tasks, ``n`` points per half."""
+    from metalearn.tasks.task import TaskBatch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def half():
+        x = torch.randn(n_tasks, n, 1, generator=g, dtype=torch.float64)
+        return x, torch.sin(2 * x) + 0.1 * torch.randn(n_tasks, n, 1, generator=g, dtype=torch.float64)
+
+    return TaskBatch(train=half(), val=half())
+
+
+def image_task_batch(n_tasks: int = 2, ways: int = 3, shots: int = 2, size: int = 16, seed: int = 1):
+    """A float64 `TaskBatch` of random 1-channel ``ways``-way tasks, ``shots`` images per class and half."""
+    from metalearn.tasks.task import TaskBatch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def half():
+        x = torch.randn(n_tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64)
+        return x, torch.arange(ways).repeat_interleave(shots).expand(n_tasks, -1).clone()
+
+    return TaskBatch(train=half(), val=half())
+
+
 def rule_trajectory(part, params, loss, steps=4):
     """θ after each of ``steps`` applications of an inner-optimizer part to the gradient of ``loss``."""
     part.bind(params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fd_check import fd_check
+from reference import image_task_batch, sine_task_batch
 from torch import nn
 
 from metalearn.evaluate import fine_tune
@@ -26,28 +27,6 @@ from metalearn.tasks.task import TaskBatch
 F64 = torch.float64
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _regression_batch(n_tasks: int = 3, n: int = 6, seed: int = 1) -> TaskBatch:
-    g = _gen(seed)
-
-    def half():
-        x = torch.randn(n_tasks, n, 1, generator=g, dtype=F64)
-        return x, torch.sin(2 * x) + 0.1 * torch.randn(n_tasks, n, 1, generator=g, dtype=F64)
-
-    return TaskBatch(train=half(), val=half())
-
-
-def _image_batch(n_tasks: int = 2, ways: int = 3, shots: int = 2, size: int = 16, seed: int = 1) -> TaskBatch:
-    g = _gen(seed)
-
-    def half():
-        x = torch.randn(n_tasks, ways * shots, 1, size, size, generator=g, dtype=F64)
-        return x, torch.arange(ways).repeat_interleave(shots).expand(n_tasks, -1).clone()
-
-    return TaskBatch(train=half(), val=half())
 
 
 def _cavia(num_context: int = 3, seed: int = 0) -> MetaKnowledge:
@@ -76,7 +55,7 @@ def test_boil_adapts_the_body_and_freezes_the_head() -> None:
     omega = boil(Conv4(3, hidden=3, image_size=16).to(F64), lr=0.3)
     assert omega.static_names == ["head.weight", "head.bias"]
     assert "features.0.weight" in omega.adapted_names
-    batch = _image_batch(n_tasks=1)
+    batch = image_task_batch(n_tasks=1)
     adapted = adapt(omega, (batch.train[0][0], batch.train[1][0]), inner_steps=2)
     model = omega.model_params()
     assert torch.equal(adapted.params["head.weight"], model["head.weight"])  # an inner step size of 0
@@ -86,7 +65,7 @@ def test_boil_adapts_the_body_and_freezes_the_head() -> None:
 def test_boil_meta_gradient_reaches_the_head_and_matches_finite_differences() -> None:
     torch.manual_seed(1)
     omega = boil(Conv4(3, hidden=3, image_size=16).to(F64), lr=0.3)
-    batch = _image_batch(n_tasks=2)
+    batch = image_task_batch(n_tasks=2)
     loop, vm = _grads(omega, batch, 2, "loop"), _grads(omega, batch, 2, "vmap")
     _assert_close(loop, vm)
     assert loop["model.head.weight"].abs().max() > 0
@@ -117,7 +96,7 @@ def test_cavia_adapts_only_the_context_from_zero_for_every_task() -> None:
     with torch.no_grad():
         omega.model.context.fill_(7.0)  # whatever the template holds, φ0 is 0
     assert torch.equal(omega.initial_params(2, None)["context"], torch.zeros(2, 3, dtype=F64))
-    batch = _regression_batch(n_tasks=1)
+    batch = sine_task_batch(n_tasks=1)
     adapted = fine_tune(omega, (batch.train[0][0], batch.train[1][0]), inner_steps=3)
     assert adapted.params["context"].abs().max() > 0
     for name in omega.static_names:
@@ -126,7 +105,7 @@ def test_cavia_adapts_only_the_context_from_zero_for_every_task() -> None:
 
 def test_cavia_meta_gradient_loop_equals_vmap_and_finite_differences() -> None:
     omega = _cavia()
-    batch = _regression_batch()
+    batch = sine_task_batch()
     loop, vm = _grads(omega, batch, 2, "loop"), _grads(omega, batch, 2, "vmap")
     _assert_close(loop, vm)
     assert "model.context" not in loop

@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 import torch
 from fd_check import fd_check
+from reference import image_task_batch, sine_task_batch
 from torch import nn
 
 from metalearn.knowledge import (
@@ -59,24 +60,6 @@ def _norm_mlp(seed: int = 0) -> nn.Module:
     return _NormMLP().to(F64)
 
 
-def _regression_batch(n_tasks: int = 3, n: int = 6, seed: int = 1) -> TaskBatch:
-    g = _gen(seed)
-
-    def half():
-        x = torch.randn(n_tasks, n, 1, generator=g, dtype=F64)
-        return x, torch.sin(2 * x) + 0.1 * torch.randn(n_tasks, n, 1, generator=g, dtype=F64)
-
-    return TaskBatch(train=half(), val=half())
-
-
-def _image_batch(n_tasks: int = 2, ways: int = 3, shots: int = 2, size: int = 16, seed: int = 1) -> TaskBatch:
-    g = _gen(seed)
-
-    def half():
-        x = torch.randn(n_tasks, ways * shots, 1, size, size, generator=g, dtype=F64)
-        return x, torch.arange(ways).repeat_interleave(shots).expand(n_tasks, -1).clone()
-
-    return TaskBatch(train=half(), val=half())
 
 
 def _perturb(omega: MetaKnowledge, seed: int = 3, scale: float = 0.05) -> None:
@@ -136,7 +119,7 @@ def test_multi_step_weights_refuse_bad_arguments() -> None:
 
 def test_multi_step_loss_multiplies_each_steps_val_loss_by_its_weight() -> None:
     omega = maml(_mlp(), lr=0.1)
-    batch = _regression_batch(n_tasks=1)
+    batch = sine_task_batch(n_tasks=1)
     (x, y), (xv, yv) = batch.train, batch.val
     weights = multi_step_weights(3, 2, 15)
     got, _, _ = multi_step_objective(omega, omega.model_params(), x[0], y[0], xv[0], yv[0], 3, False, weights=weights)
@@ -157,7 +140,7 @@ def test_multi_step_loss_multiplies_each_steps_val_loss_by_its_weight() -> None:
 
 def test_multi_step_loss_after_annealing_is_mamls_meta_gradient() -> None:
     omega = maml(_mlp(), lr=0.1)
-    batch = _regression_batch()
+    batch = sine_task_batch()
     plain = _grads(omega, batch, 3, Unrolled())
     late = _grads(omega, batch, 3, MultiStepLoss(anneal_epochs=2, steps_per_epoch=10).at_outer_step(20))
     early = _grads(omega, batch, 3, MultiStepLoss(anneal_epochs=2, steps_per_epoch=10).at_outer_step(19))
@@ -167,7 +150,7 @@ def test_multi_step_loss_after_annealing_is_mamls_meta_gradient() -> None:
 
 def test_derivative_order_annealing_is_first_order_then_second_order() -> None:
     omega = maml(_mlp(), lr=0.3)
-    batch = _regression_batch()
+    batch = sine_task_batch()
     mode = MultiStepLoss(anneal_epochs=0, first_order_epochs=2, steps_per_epoch=5)
     fo, so = _grads(omega, batch, 2, Unrolled(first_order=True)), _grads(omega, batch, 2, Unrolled())
     at_9, at_10 = _grads(omega, batch, 2, mode.at_outer_step(9)), _grads(omega, batch, 2, mode.at_outer_step(10))
@@ -208,7 +191,7 @@ def test_per_step_lr_uses_each_steps_rate_and_the_last_beyond_the_table() -> Non
 
 
 def test_per_step_lr_untrained_is_inner_sgd_bit_for_bit() -> None:
-    batch = _regression_batch()
+    batch = sine_task_batch()
     a, b = maml(_mlp(), lr=0.1), MetaKnowledge(_mlp(), optimizer=PerStepLR(0.1, 3))
     ga, gb = _grads(a, batch, 3, Unrolled()), _grads(b, batch, 3, Unrolled())
     for n in ga:
@@ -278,7 +261,7 @@ def _multi_step_mean(omega: MetaKnowledge, batch: TaskBatch, steps: int, weights
 def test_maml_plus_plus_meta_gradient_matches_finite_differences() -> None:
     omega = maml_plus_plus(_norm_mlp(), lr=0.1, inner_steps=3)
     _perturb(omega)
-    batch = _regression_batch(n_tasks=2)
+    batch = sine_task_batch(n_tasks=2)
     weights = multi_step_weights(3, 1, 5)
     names = [
         "optimizer.optimizer.lrs.layer:weight",
@@ -293,7 +276,7 @@ def test_maml_plus_plus_meta_gradient_matches_finite_differences() -> None:
 def test_maml_plus_plus_mode_gradient_is_the_multi_step_objectives() -> None:
     omega = maml_plus_plus(_norm_mlp(), lr=0.1, inner_steps=3)
     _perturb(omega)
-    batch = _regression_batch()
+    batch = sine_task_batch()
     mode = MultiStepLoss(anneal_epochs=5, steps_per_epoch=1).at_outer_step(1)
     got = _grads(omega, batch, 3, mode)
     expected = torch.autograd.grad(_multi_step_mean(omega, batch, 3, mode.weights(3)), list(omega.parameters()))
@@ -305,7 +288,7 @@ def test_maml_plus_plus_loop_equals_vmap_second_order_on_a_conv_net() -> None:
     torch.manual_seed(0)
     omega = maml_plus_plus(Conv4(3, hidden=3, image_size=16).to(F64), lr=0.3, inner_steps=2)
     _perturb(omega, scale=0.1)
-    batch = _image_batch()
+    batch = image_task_batch()
     mode = MultiStepLoss(anneal_epochs=4, steps_per_epoch=1).at_outer_step(1)
     loop, vm = _grads(omega, batch, 2, mode, "loop"), _grads(omega, batch, 2, mode, "vmap")
     assert set(loop) == set(vm) == {n for n, p in omega.named_parameters()}
@@ -342,7 +325,7 @@ def test_inner_loop_after_step_sees_every_intermediate_theta() -> None:
     from metalearn.inner import inner_loop
 
     omega = maml(_mlp(), lr=0.1)
-    batch = _regression_batch(n_tasks=1)
+    batch = sine_task_batch(n_tasks=1)
     x, y = batch.train[0][0], batch.train[1][0]
     for graph in ("full", "first_order", "none"):
         seen: list[tuple[int, dict[str, torch.Tensor]]] = []
