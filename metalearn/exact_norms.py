@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - then batch_norm called directly uses k
     _mode_stack = None  # type: ignore[assignment]
 
 __all__ = [
+    "NORM_LAYERS",
     "ExactNorms",
     "active_kernels",
     "batch_norm",
@@ -67,6 +68,7 @@ __all__ = [
     "inside_vmap",
     "instance_norm",
     "layer_norm",
+    "norm_free",
     "rms_norm",
 ]
 
@@ -376,6 +378,41 @@ class ExactNorms(TorchFunctionMode):
         if name == "batch_norm":
             return exact(*args, **(kwargs or {}), kernels=self.kernels)
         return exact(*args, **(kwargs or {}))
+
+
+#: torch's norm layers: a module of one of these types calls a fused norm in its forward.
+NORM_LAYERS: tuple[type[torch.nn.Module], ...] = tuple(
+    t for t in (
+        torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+        getattr(torch.nn, "RMSNorm", None), torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d,
+    ) if t is not None
+)
+
+
+def norm_free(module: torch.nn.Module) -> bool:
+    """Whether ``module`` and its submodules are known to call none of torch's fused norms.
+
+    True only when every module is either one of ``torch.nn``'s own layers other than a norm layer
+    (`NORM_LAYERS`), or of a class that declares ``native_norm_free = True`` in its own body (a
+    subclass that does not re-declare it is not trusted: its ``forward`` may differ). Anything
+    else may call ``F.layer_norm`` and friends from its ``forward``, so it is not norm-free; the
+    answer errs only towards routing (`ExactNorms`), which is always correct.
+
+    Example:
+        >>> norm_free(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU()))
+        True
+        >>> norm_free(torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.LayerNorm(4)))
+        False
+    """
+    for m in module.modules():
+        cls = type(m)
+        if isinstance(m, NORM_LAYERS):
+            return False
+        if cls.__dict__.get("native_norm_free", False) is True:
+            continue
+        if not cls.__module__.startswith("torch.nn.modules."):
+            return False
+    return True
 
 
 def active_kernels() -> str:

@@ -14,14 +14,16 @@ memory of a meta-batch under vmap is bounded by the chunk size instead of the ba
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 from torch.func import vmap
 
-from metalearn.exact_norms import exact_norms
+from metalearn.exact_norms import exact_norms, norm_free
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape, default_loss
@@ -40,6 +42,7 @@ __all__ = [
     "map_chunks",
     "map_tasks",
     "metric",
+    "needs_norm_routing",
     "random_layers",
     "resolve_batching",
     "run_vmapped",
@@ -134,7 +137,37 @@ def _random_under_vmap(what: str) -> str:
     )
 
 
-def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto"):
+def needs_norm_routing(omega: MetaKnowledge, *runners: object) -> bool:
+    """Whether a vmapped computation over ω must run under `metalearn.exact_norms.ExactNorms`.
+
+    The mode costs a Python call for every torch call inside the vmap (about a fifth of a
+    sinusoid MLP's meta-step), so the library's own callers skip it where nothing inside can call
+    one of torch's fused norms: ω's modules (model and parts) are all `norm_free`, ω's inner loss
+    is `default_loss` or one of ``torch.nn.functional``'s, and every one of ``runners`` (what else
+    runs inside, e.g. the meta-gradient mode) is of a class of this library. A user's own model,
+    part, loss or mode subclass keeps the mode: the answer errs only towards routing.
+
+    Example:
+        >>> from metalearn import MLP, Conv4, maml
+        >>> needs_norm_routing(maml(MLP((1, 40, 1))))
+        False
+        >>> needs_norm_routing(maml(Conv4(num_classes=5)))  # its BatchNorm reads the kernels choice from the mode
+        True
+    """
+    loss = omega.loss
+    if loss is not None and not isinstance(loss, nn.Module):
+        if getattr(loss, "__module__", None) != "torch.nn.functional" or loss in _FUSED_NORM_FUNCTIONS:
+            return True
+    if not norm_free(omega):
+        return True
+    return any(not type(r).__module__.startswith("metalearn.") for r in runners)
+
+
+_FUSED_NORM_FUNCTIONS = (F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, *(
+    (F.rms_norm,) if hasattr(F, "rms_norm") else ()))
+
+
+def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto", route_norms: bool = True):
     """``vmap(fn, in_dims)(*args)`` with every norm computed exactly (`metalearn.exact_norms`).
 
     The vmap branch of `map_tasks`: torch's fused norms give wrong second-order meta-gradients
@@ -142,13 +175,14 @@ def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto"):
     needs nothing: its graph holds only primitives). A random operation inside (e.g.
     ``F.dropout`` in a model's own forward) is refused with an error naming the fix, instead of
     torch's raw randomness error. ``kernels`` picks how batch norm's batch statistics are computed
-    (`metalearn.exact_norms.ExactNorms`).
+    (`metalearn.exact_norms.ExactNorms`). ``route_norms=False`` runs without the mode: only for a
+    computation that `needs_norm_routing` clears.
 
     Raises:
         ValueError: ``fn`` called a random operation.
     """
     try:
-        with exact_norms(kernels):
+        with exact_norms(kernels) if route_norms else nullcontext():
             return vmap(fn, in_dims=in_dims)(*args)
     except RuntimeError as err:
         if "randomness" not in str(err):
@@ -157,7 +191,8 @@ def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto"):
 
 
 def map_tasks(
-    fn: Callable[..., tuple[Tensor, ...]], in_dims: tuple, *args: Any, batching: str, kernels: str = "auto"
+    fn: Callable[..., tuple[Tensor, ...]], in_dims: tuple, *args: Any, batching: str, kernels: str = "auto",
+    route_norms: bool = True,
 ) -> tuple[Tensor, ...]:
     """``fn`` applied to every task of a batch; its outputs (a tuple of tensors) stacked over tasks.
 
@@ -166,10 +201,10 @@ def map_tasks(
     a dict of tensors (θ0). ``batching="vmap"`` runs `run_vmapped`; ``"loop"`` calls ``fn`` once per
     task, in order, so anything ``fn`` does besides returning (a backward, a ``.grad`` update)
     happens task by task and a task's graph is freed before the next one runs. ``kernels`` reaches
-    `run_vmapped` (the norms); ``fn`` gets its own for the inner updates.
+    `run_vmapped` (the norms), as does ``route_norms``; ``fn`` gets its own for the inner updates.
     """
     if batching == "vmap":
-        return run_vmapped(fn, in_dims, *args, kernels=kernels)
+        return run_vmapped(fn, in_dims, *args, kernels=kernels, route_norms=route_norms)
     outputs = [fn(*_task_args(in_dims, args, i)) for i in range(_task_count(in_dims, args))]
     return tuple(torch.stack(list(column)) for column in zip(*outputs, strict=True))
 
@@ -332,8 +367,11 @@ def map_chunks(
     *args: Any,
     chunking: Chunking,
     after_chunk: Callable[[tuple[Tensor, ...], int], tuple[Tensor, ...]],
+    kernels: str = "auto",
+    route_norms: bool = True,
 ) -> tuple[Tensor, ...]:
-    """``fn`` vmapped over consecutive chunks of the batch's tasks (`run_vmapped` per chunk).
+    """``fn`` vmapped over consecutive chunks of the batch's tasks (`run_vmapped` per chunk, with
+    ``kernels`` and ``route_norms``).
 
     ``after_chunk(outputs, start)`` is called with each chunk's outputs (still attached to their
     graph) and the index of its first task, before the next chunk runs: the place to backpropagate
@@ -350,14 +388,16 @@ def map_chunks(
         budget = chunking.budget(tensors[0].device if tensors else torch.device("cpu"))
         size = n
         if budget is not None and n > 1:
-            probe = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, 0, 1))
+            probe = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, 0, 1), kernels=kernels,
+                                route_norms=route_norms)
             per_task = graph_bytes(probe, exclude=_storages(args))
             kept.append(after_chunk(probe, 0))
             del probe  # its graph went with its backward
             size, start = max(1, budget // max(per_task, 1)), 1
     assert isinstance(size, int)
     for first, stop in chunk_bounds(n - start, size):
-        outputs = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, start + first, start + stop))
+        outputs = run_vmapped(fn, in_dims, *_chunk_args(in_dims, args, start + first, start + stop),
+                              kernels=kernels, route_norms=route_norms)
         kept.append(after_chunk(outputs, start + first))
         del outputs
     return tuple(torch.cat(list(column)) for column in zip(*kept, strict=True))

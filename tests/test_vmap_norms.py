@@ -15,6 +15,7 @@ the library routes them to primitives while it vmaps. These tests hold, in float
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import reference
@@ -24,8 +25,10 @@ from torch import Tensor, nn
 
 from metalearn import exact_norms as E
 from metalearn.evaluate import evaluate
-from metalearn.knowledge import MetaKnowledge, maml
-from metalearn.mapping import choose_batching
+from metalearn.knowledge import InnerSGD, MetaKnowledge, maml
+from metalearn.mapping import choose_batching, needs_norm_routing
+from metalearn.models import MLP, Conv4
+from metalearn.modes import Unrolled
 from metalearn.outer import meta_gradient, meta_step
 from metalearn.tasks import Task, TaskBatch
 
@@ -368,3 +371,71 @@ def test_functional_dropout_under_vmap_is_refused_with_the_fix_not_torchs_error(
     assert "randomness error mode" not in str(info.value)
     assert all(p.grad is None for p in omega.parameters())
     assert meta_gradient(omega, regression(), 1, batching="loop").batching == "loop"
+
+
+# ---------------------------------------------------------------- where the interception is skipped
+
+
+class OwnMLP(MLP):
+    """A user's subclass of a norm-free library model that does not re-declare it: not trusted."""
+
+
+@dataclass(frozen=True)
+class OwnUnrolled(Unrolled):
+    """A user's mode subclass: its adapt_task runs inside the vmap, so it keeps the interception."""
+
+
+@pytest.mark.parametrize(
+    ("make", "loss", "runners", "routed"),
+    [
+        (lambda: MLP((3, HID, 1)), None, (), False),
+        (lambda: MLP((3, HID, 1)), F.mse_loss, (), False),
+        (lambda: MLP((3, HID, 1)), None, (Unrolled(),), False),
+        (lambda: nn.Sequential(nn.Linear(3, HID), nn.Tanh(), nn.Linear(HID, 1)), None, (), False),
+        (lambda: Conv4(num_classes=3), None, (), True),  # its BatchNorm reads the kernels choice from the mode
+        (lambda: mlp(nn.LayerNorm(HID)), None, (), True),
+        (lambda: mlp(nn.GroupNorm(2, HID)), None, (), True),
+        (lambda: OwnMLP((3, HID, 1)), None, (), True),
+        (lambda: KINDS["F.layer_norm [C,H,W]"][0](), None, (), True),
+        (lambda: MLP((3, HID, 1)), lambda out, y: (out - y).square().mean(), (), True),
+        (lambda: MLP((3, HID, 1)), F.layer_norm, (), True),
+        (lambda: MLP((3, HID, 1)), None, (OwnUnrolled(),), True),
+    ],
+    ids=["MLP", "F.mse_loss", "Unrolled", "torch layers", "Conv4", "LayerNorm", "GroupNorm", "subclass",
+         "functional norm", "own loss", "norm as loss", "own mode"],
+)
+def test_the_interception_is_skipped_only_where_nothing_can_call_a_fused_norm(make, loss, runners, routed) -> None:
+    omega = MetaKnowledge(make(), InnerSGD(lr=0.1), loss=loss)
+    assert needs_norm_routing(omega, *runners) is routed
+
+
+def test_norm_free_trusts_torch_layers_and_declared_classes_only() -> None:
+    assert E.norm_free(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Dropout(0.0)))
+    assert not E.norm_free(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)))
+    assert not E.norm_free(nn.Sequential(nn.Linear(2, 2), OwnMLP((2, 2))))
+    assert E.norm_free(MLP((2, 2)))
+
+
+def test_a_norm_free_model_runs_without_the_mode_and_gets_the_routed_meta_gradient(monkeypatch) -> None:
+    """Skipping the interception changes nothing but speed: float64 meta-gradients equal bit for bit."""
+    import metalearn.mapping as mapping
+    import metalearn.modes.unrolled as unrolled
+
+    entered: list[str] = []
+    real = mapping.exact_norms
+
+    def counting(kernels: str = "auto") -> E.ExactNorms:
+        entered.append(kernels)
+        return real(kernels)
+
+    monkeypatch.setattr(mapping, "exact_norms", counting)
+    batch = regression()
+    torch.manual_seed(0)
+    omega = maml(MLP((3, HID, HID, 1)).to(DT), lr=0.3)
+    skipped = grads_of(omega, batch, 2, "vmap")
+    assert entered == []
+    monkeypatch.setattr(unrolled, "needs_norm_routing", lambda *args: True)
+    routed = grads_of(omega, batch, 2, "vmap")
+    assert entered == ["auto"]
+    assert all(torch.equal(skipped[k], routed[k]) for k in routed)
+    assert rel_diff(grads_of(omega, batch, 2, "loop"), routed) <= 1e-12

@@ -47,6 +47,8 @@ class ArchitectureWeights(SoftChoice, ArchitecturePart):
             candidate. ``()`` chooses among all.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(
         self,
         edges: int,

@@ -17,6 +17,8 @@ __all__ = ["AdaptAll", "AdaptExcept", "AdaptOnly", "InnerSGD", "MetaSGD", "Point
 class PointInit(InitPart):
     """θ0 is the model's own parameters, one point shared by every task (MAML; Finn et al., 2017)."""
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def initial_params(
         self, model_params: Mapping[str, Tensor], n_tasks: int, generator: torch.Generator | None
     ) -> Params:
@@ -31,6 +33,8 @@ class InnerSGD(_ScaleByLearningRate):
     Args:
         lr: the inner step size α (not learned).
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(self, lr: float) -> None:
         if not lr > 0:
@@ -55,6 +59,8 @@ class MetaSGD(_ScaleByLearningRate):
         init_lr: initial value of every entry of α (``lr=`` is accepted as well).
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, init_lr: float | None = None, *, lr: float | None = None) -> None:
         if (init_lr is None) == (lr is None):
             raise TypeError(f"MetaSGD takes the initial step size once, as init_lr or lr; got {init_lr=}, {lr=}")
@@ -68,6 +74,8 @@ class MetaSGD(_ScaleByLearningRate):
 
 class AdaptAll(AdaptPart):
     """Every parameter adapts (MAML, Meta-SGD)."""
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def select(self, names: list[str]) -> list[str]:
         return list(names)
@@ -83,6 +91,8 @@ class AdaptOnly(AdaptPart):
     Args:
         patterns: one or more name patterns.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(self, *patterns: str | Sequence[str]) -> None:
         super().__init__()
@@ -118,6 +128,8 @@ class AdaptExcept(AdaptOnly):
     Args:
         patterns: one or more name patterns of the parameters that do *not* adapt.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def select(self, names: list[str]) -> list[str]:
         if not any(self._matches(n) for n in names):

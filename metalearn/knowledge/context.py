@@ -40,6 +40,8 @@ class ConcatContext(nn.Module):
         num_context: number of context parameters.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, body: nn.Module, num_context: int) -> None:
         super().__init__()
         if isinstance(num_context, bool) or not isinstance(num_context, int) or num_context < 1:
@@ -62,6 +64,8 @@ class ContextInit(InitPart):
     Args:
         names: the context parameters (default ``("context",)``, `ConcatContext`'s).
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(self, names: Sequence[str] = ("context",)) -> None:
         super().__init__()

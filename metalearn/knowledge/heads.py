@@ -84,6 +84,8 @@ class PrototypeInit(InitPart):
         >>> stats = meta_step(omega, torch.optim.Adam(omega.parameters()), batch, inner_steps=0)  # ProtoNets
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     uses_model_parameters = True
     uses_train_data = True
 

@@ -74,6 +74,8 @@ class GaussianInit(InitPart):
         >>> stats = meta_step(omega, opt, batch, inner_steps=1, generator=torch.Generator().manual_seed(0))
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     uses_model_parameters = True
 
     def __init__(self, init_scale: float = 0.01, mode: str = "sample") -> None:
@@ -181,6 +183,8 @@ class ScaledInit(InitPart):
         init_gain: initial learned gain (positive; stored as its log).
         nonlinearity: for the Kaiming schemes, passed to ``nn.init.calculate_gain``.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     uses_model_parameters = False
     ROOT = "<model>"  # key of parameters owned by the top-level module, and of per="network"

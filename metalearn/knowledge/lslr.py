@@ -46,6 +46,8 @@ class PerStepLR(OptimizerPart):
         steps: K, the inner steps of meta-training.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, lr: float, steps: int) -> None:
         super().__init__()
         _check_steps("PerStepLR", steps)
@@ -106,6 +108,8 @@ class PerStepNormWeights(OptimizerPart):
         names: patterns (``fnmatch``) of the per-step parameters, e.g. the output of
             `norm_parameter_names`; each must match an adapted parameter.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(self, optimizer: OptimizerPart, steps: int, names: Sequence[str]) -> None:
         super().__init__()

@@ -204,6 +204,8 @@ class MetaKnowledge(nn.Module):
         >>> omega = MetaKnowledge(Conv4(num_classes=5), optimizer=InnerSGD(lr=0.4))  # MAML
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(
         self,
         model: nn.Module,

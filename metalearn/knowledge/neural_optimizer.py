@@ -50,6 +50,8 @@ class NeuralOptimizer(OptimizerPart):
         seed: seed of the MLP's initial weights (explicit randomness: not torch's global RNG).
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(
         self,
         lr: float,

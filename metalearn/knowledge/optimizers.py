@@ -63,6 +63,8 @@ def _specs(values: Mapping[str, float], learned: tuple[str, ...], per: str) -> d
 class _Preset(Chain):
     """A named chain with a fixed set of hyper-parameters, readable by name with `hyper`."""
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def hyper(self, name: str, param_name: str | None = None) -> Tensor | float:
         """The value of hyper-parameter ``name`` for ``param_name`` (a float if fixed, else a tensor)."""
         return hyper_of(self, name).hyper(name, param_name)
@@ -91,6 +93,8 @@ class MomentumSGD(_Preset):
         per: one of `HYPER_GROUPS`: share each hyper-parameter, one per tensor, or one per entry.
         nesterov: Nesterov momentum.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(
         self,
@@ -132,6 +136,8 @@ class InnerAdam(_Preset):
         learn: which of ``"lr"``, ``"beta1"``, ``"beta2"`` (both: ``"betas"``), ``"eps"`` are learned.
         per: one of `HYPER_GROUPS`.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(
         self,
@@ -239,6 +245,8 @@ class OptimizerMixture(SoftChoice, OptimizerPart):
         temperature: initial T (> 0).
         anneal: optional schedule ``outer_step -> T``.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(
         self,

@@ -128,6 +128,8 @@ class LearnedHyper(nn.ParameterDict):
     Empty until `bind` creates one entry (``per="shared"``) or one per adapted parameter.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, rule: str, name: str, spec: Learned) -> None:
         super().__init__()
         if spec.per not in HYPER_GROUPS:
@@ -229,6 +231,8 @@ class Rule(OptimizerPart):
 class _ScaleByLearningRate(Rule):
     """u = -lr · g (a positive learning rate)."""
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     HYPER = {"lr": "positive"}
 
     def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
@@ -239,6 +243,8 @@ class _ScaleByLearningRate(Rule):
 class _Scale(Rule):
     """u = factor · g (any real factor)."""
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     HYPER = {"factor": "real"}
 
     def update(self, grads: Params, state: State, params: Params, step: int) -> tuple[Params, State]:
@@ -247,6 +253,8 @@ class _Scale(Rule):
 
 class _Trace(Rule):
     """Momentum, ``torch.optim.SGD``'s convention: b_k = μ b_{k-1} + g_k; u = b_k (Nesterov: g_k + μ b_k)."""
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     HYPER = {"momentum": "unit"}
 
@@ -272,6 +280,8 @@ class _Trace(Rule):
 
 class _ScaleByAdam(Rule):
     r"""Adam's direction: :math:`\hat m / (\sqrt{\hat v} + \epsilon)` with torch.optim's bias corrections."""
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     HYPER = {"beta1": "unit", "beta2": "unit", "eps": "positive"}
 
@@ -301,6 +311,8 @@ class Chain(OptimizerPart):
 
     The state is one flat dict: rule i's keys under ``"<i>/"``.
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(self, *rules: OptimizerPart) -> None:
         super().__init__()

@@ -70,6 +70,8 @@ class SoftChoice(AnnealedTemperature):
         >>> choice.fix("adam"); choice.weights()  # tensor([0., 1.])  # doctest: +SKIP
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     fixed_index: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(

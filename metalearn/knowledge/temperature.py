@@ -24,6 +24,8 @@ class AnnealedTemperature(nn.Module):
         anneal: optional schedule ``outer_step -> T``.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     temperature_saved: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, temperature: float = 1.0, anneal: Callable[[int], float] | None = None) -> None:

@@ -35,6 +35,8 @@ class Conv4(nn.Module):
         image_size: side of the square input images.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, num_classes: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -17,6 +17,8 @@ class MLP(nn.Module):
         activation: module class applied between layers.
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, sizes: Sequence[int] = (1, 40, 40, 1), activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         if len(sizes) < 2:

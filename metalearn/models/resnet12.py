@@ -39,6 +39,8 @@ class DropBlock(nn.Module):
         generator: the source of the masks (a fresh one seeded with 0 if None).
     """
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     #: read by `metalearn.mapping.random_layers`: the forward draws random numbers in training mode
     random_in_training = True
 
@@ -77,6 +79,8 @@ class DropBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """One ResNet-12 block: 3 x [conv 3x3, `BatchNorm`, leaky ReLU 0.1] + a 1x1 conv shortcut, max-pool 2."""
 
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+
     def __init__(self, in_channels: int, channels: int, dropblock: DropBlock | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
@@ -112,6 +116,8 @@ class ResNet12(nn.Module):
         dropblock_size: DropBlock's block size (5 in the literature).
         generator: DropBlock's source of randomness (one fresh generator seeded with 0 if None).
     """
+
+    native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
 
     def __init__(
         self,

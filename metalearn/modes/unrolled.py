@@ -21,6 +21,7 @@ from metalearn.mapping import (
     check_losses,
     map_chunks,
     map_tasks,
+    needs_norm_routing,
     task_in_dims,
     task_objective,
     vmap_theta0,
@@ -69,10 +70,13 @@ class ThroughInnerLoop(MetaGradientMode):
         """
         objective = self.objective_for(inner_steps, kernels)
         first_order = self.meta_first_order()
+        route = batching == "vmap" and needs_norm_routing(omega, self)  # self: a user's subclass keeps the mode
         if batching == "vmap" and chunking is not None and chunking.active:
-            return _chunked_vmap_backward(omega, batch, inner_steps, first_order, generator, objective, chunking)
+            return _chunked_vmap_backward(
+                omega, batch, inner_steps, first_order, generator, objective, chunking, kernels, route
+            )
         if batching == "vmap":
-            return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective, kernels)
+            return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective, kernels, route)
         return _loop_backward(omega, batch, inner_steps, first_order, generator, objective)
 
     def objective_for(self, inner_steps: int, kernels: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
@@ -101,14 +105,14 @@ class Unrolled(ThroughInnerLoop):
 
 def _vmap_backward(
     omega: MetaKnowledge, batch: TaskBatch, inner_steps: int, first_order: bool, generator, objective,
-    kernels: str = "auto",
+    kernels: str = "auto", route_norms: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vmap path: every task in one batched computation, one backward over the mean val loss."""
     (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
     theta0, dims = vmap_theta0(omega, len(batch), generator, batch.train)
     val_losses, metrics, inner = map_tasks(
         objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching="vmap", kernels=kernels,
+        batching="vmap", kernels=kernels, route_norms=route_norms,
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()
@@ -123,6 +127,8 @@ def _chunked_vmap_backward(
     generator,
     objective,
     chunking: Chunking,
+    kernels: str = "auto",
+    route_norms: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The vmap path over chunks of tasks: each chunk's share of the mean val loss is backpropagated
     before the next chunk runs, so one chunk's graph is alive at a time.
@@ -146,7 +152,7 @@ def _chunked_vmap_backward(
 
     val_losses, metrics, inner = map_chunks(
         objective, task_in_dims(dims), omega, leaves, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        chunking=chunking, after_chunk=backward_share,
+        chunking=chunking, after_chunk=backward_share, kernels=kernels, route_norms=route_norms,
     )
     carried = [k for k, t in theta0.items() if t is not leaves[k] and leaves[k].grad is not None]
     if carried:
