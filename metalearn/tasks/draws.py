@@ -177,6 +177,20 @@ class TaskDraws:
         z = self.keys[:, None] + _offsets(stream, n, self.device)
         return mix64(z).view(len(self), *shape)
 
+    @property
+    def uses_numpy(self) -> bool:
+        """Whether the words are computed with numpy (CPU draws; see `numpy_words`)."""
+        return self._keys_np is not None
+
+    def numpy_words(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
+        """`words` as a uint64 numpy array ``[n_tasks, *shape]`` (CPU draws made with numpy only:
+        see `uses_numpy`), for a caller that does its own integer arithmetic on the host."""
+        if self._keys_np is None:
+            raise ValueError("numpy_words needs draws made with numpy (CPU keys, numpy=True)")
+        w = self._words(stream, shape)
+        assert isinstance(w, np.ndarray)
+        return w
+
     def words(self, stream: int, shape: tuple[int, ...]) -> Tensor:
         """Raw 64-bit words (int64 bits) ``[n_tasks, *shape]`` of ``stream``."""
         w = self._words(stream, shape)

@@ -14,6 +14,7 @@ import copy
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,8 @@ SizeSpec = int | tuple[int, int]
 SIZE_STREAM, CLASS_STREAM, ITEM_STREAM = 0, 1, 2
 #: sorts after every real item's key (an int64 word)
 _LAST = (1 << 63) - 1
+#: the low 63 bits of a word (`TaskDraws.integers`)
+_MASK63 = np.uint64((1 << 63) - 1)
 
 
 def _as_int(value: object) -> int | None:
@@ -208,6 +211,9 @@ class EpisodicTaskSet(TaskSet):
         self._offsets_on = self._offsets.to(device)
         self._counts_on = self.class_counts.to(device)
         self._ranks_on = torch.arange(max(self._ways[1], self._max_count), device=device)
+        self._items_np, self._offsets_np = self._items.numpy(), self._offsets.numpy()  # the host path's
+        self._counts_np = self.class_counts.numpy()
+        self._label_rows: dict[tuple[int, int, torch.device], Tensor] = {}
         cache = self._cache if self._cache is not None or device.type == "cpu" else "stored"
         dataset = self.dataset.base if isinstance(self.dataset, CachedDataset) else self.dataset
         self._store = dataset if cache is None else CachedDataset(dataset, device, decoded=cache == "decoded")
@@ -267,8 +273,33 @@ class EpisodicTaskSet(TaskSet):
             chosen = torch.cat((chosen, rj + (drawn <= rj).sum(1, keepdim=True)), dim=1)
         return chosen
 
-    def _episodes(self, draws: TaskDraws, ways: int, shots: int) -> TaskBatch:
-        n_tasks, per_class, width = len(draws), shots + self.queries, self._max_count
+    def _classes_numpy(self, draws: TaskDraws, ways: int) -> np.ndarray:
+        """`_classes` in numpy's int64 arithmetic (CPU draws): the same positions, a few times
+        cheaper per operation on these small arrays than torch."""
+        n_pool = self.classes.numel()
+        ranks = np.arange(ways, dtype=np.int64)
+        r = (draws.numpy_words(CLASS_STREAM, (ways,)) & _MASK63).view(np.int64) % (n_pool - ranks)
+        chosen = r[:, :1]
+        for j in range(1, ways):
+            drawn = np.sort(chosen, axis=1) - ranks[:j]
+            rj = r[:, j : j + 1]
+            chosen = np.concatenate((chosen, rj + (drawn <= rj).sum(1, keepdims=True)), axis=1)
+        return chosen
+
+    def _episode_indices(self, draws: TaskDraws, ways: int, shots: int) -> Tensor:
+        """Dataset indices of the batch's items, flat: every task's train items, then every task's
+        val items, each task class by class. A drawn class gives its ``shots + queries`` items of
+        smallest key (stream 2), in key order: the first ``shots`` train, the rest val."""
+        width, per_class = self._max_count, shots + self.queries
+        if draws.uses_numpy and self._device.type == "cpu":  # the same integers, computed on the host
+            chosen_np = self._classes_numpy(draws, ways)
+            keys_np = draws.numpy_words(ITEM_STREAM, (ways, width)).view(np.int64)
+            if not self._balanced:
+                keys_np = np.where(np.arange(width) >= self._counts_np[chosen_np][..., None], _LAST, keys_np)
+            positions_np = np.argsort(keys_np, axis=2, kind="stable")[..., :per_class]
+            items_np = self._items_np[self._offsets_np[chosen_np][..., None] + positions_np]
+            flat = (items_np[..., :shots].reshape(-1), items_np[..., shots:].reshape(-1))
+            return torch.from_numpy(np.concatenate(flat))
         chosen = self._classes(draws, ways)
         keys = draws.words(ITEM_STREAM, (ways, width))
         if not self._balanced:  # positions past a class's count sort last
@@ -276,12 +307,23 @@ class EpisodicTaskSet(TaskSet):
             keys = keys.masked_fill(past, _LAST)
         positions = torch.sort(keys, dim=2, stable=True).indices[..., :per_class]  # the per_class smallest
         items = self._items_on[self._offsets_on[chosen][..., None] + positions]  # [B, ways, per_class]
+        return torch.cat((items[..., :shots].reshape(-1), items[..., shots:].reshape(-1)))
+
+    def _labels(self, ways: int, per_class: int, device: torch.device) -> Tensor:
+        """``[0]*per_class + [1]*per_class + ...`` (``ways`` classes), made once per shape and device."""
+        key = (ways, per_class, device)
+        labels = self._label_rows.get(key)
+        if labels is None:
+            labels = self._label_rows[key] = torch.arange(ways, device=device).repeat_interleave(per_class)
+        return labels
+
+    def _episodes(self, draws: TaskDraws, ways: int, shots: int) -> TaskBatch:
+        n_tasks = len(draws)
         n_train, n_val = ways * shots, ways * self.queries
-        indices = torch.cat((items[..., :shots].reshape(-1), items[..., shots:].reshape(-1)))
-        x = self._store.gather(indices)
-        labels = torch.arange(ways, device=x.device)
-        train_y = labels.repeat_interleave(shots).expand(n_tasks, -1).contiguous()
-        val_y = labels.repeat_interleave(self.queries).expand(n_tasks, -1).contiguous()
+        x = self._store.gather(self._episode_indices(draws, ways, shots))
+        # every batch gets its own label tensors (a copy of the cached row), so writing to them is harmless
+        train_y = self._labels(ways, shots, x.device).expand(n_tasks, -1).contiguous()
+        val_y = self._labels(ways, self.queries, x.device).expand(n_tasks, -1).contiguous()
         item_shape = tuple(x.shape[1:])
         return TaskBatch(
             train=(x[: n_tasks * n_train].view(n_tasks, n_train, *item_shape), train_y),
