@@ -14,7 +14,8 @@ rotations, 423 target characters; Vinyals et al., 2016):
 * ``maml++`` — `maml_plus_plus` (per-layer per-step step sizes, per-step norm weights and biases),
   `MultiStepLoss` (annealed multi-step loss over ``--anneal-epochs`` epochs of ``--steps-per-epoch``
   outer steps, first order for ``--first-order-epochs`` epochs) and ``CosineAnnealingLR`` on the outer
-  learning rate from 0.001 to 1e-5 over ``--iterations`` outer steps.
+  learning rate from 0.001 to 1e-5 over ``--cosine-steps`` outer steps (default ``--iterations``), held at
+  1e-5 after them.
 
 Each run stops at ``--iterations`` or after ``--minutes`` of meta-training, whichever comes first, then
 meta-tests on ``--test-tasks`` fixed target tasks (the same for both) with its own inner loop (accuracy ±
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,6 +77,20 @@ def build_tasks(args: argparse.Namespace) -> tuple[EpisodicTaskSet, EpisodicTask
     return source, target
 
 
+def cosine_then_constant(
+    outer: torch.optim.Optimizer, steps: int, eta_min: float = 1e-5
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing of the outer learning rate to ``eta_min`` over ``steps`` outer steps, then ``eta_min``
+    (torch's ``CosineAnnealingLR`` rises again after ``T_max``; a run longer than ``steps`` must not)."""
+    base = outer.param_groups[0]["lr"]
+
+    def factor(step: int) -> float:
+        done = min(step, steps) / steps
+        return (eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * done))) / base
+
+    return torch.optim.lr_scheduler.LambdaLR(outer, factor)
+
+
 def run(method: str, args: argparse.Namespace, source: EpisodicTaskSet, target: EpisodicTaskSet) -> dict:
     torch.manual_seed(0)
     channels, size = (3, 84) if args.image_folder is not None else (1, 28)
@@ -86,7 +102,7 @@ def run(method: str, args: argparse.Namespace, source: EpisodicTaskSet, target: 
     omega = maml_plus_plus(model, args.inner_lr, args.inner_steps) if plus else maml(model, args.inner_lr)
     omega = omega.to(args.device)
     outer = torch.optim.Adam(omega.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(outer, T_max=args.iterations, eta_min=1e-5) if plus else None
+    scheduler = cosine_then_constant(outer, args.cosine_steps or args.iterations) if plus else None
     mode = (
         MultiStepLoss(args.anneal_epochs, args.steps_per_epoch, args.first_order_epochs) if plus else "unrolled"
     )
@@ -119,7 +135,8 @@ def main() -> None:
     p.add_argument("--batching", choices=["auto", "loop", "vmap"], default="auto",
                    help="auto: the per-task loop for these conv nets on CPU, vmap on CUDA")
     p.add_argument("--minutes", type=float, default=60.0, help="meta-training budget of each method")
-    p.add_argument("--iterations", type=int, default=4000, help="most outer steps (and the cosine's T_max)")
+    p.add_argument("--iterations", type=int, default=4000, help="most outer steps")
+    p.add_argument("--cosine-steps", type=int, default=None, help="MAML++'s cosine length (default --iterations)")
     p.add_argument("--inner-steps", type=int, default=5)
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--meta-batch", type=int, default=8)
