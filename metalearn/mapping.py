@@ -151,7 +151,7 @@ def needs_norm_routing(omega: MetaKnowledge, *runners: object) -> bool:
         >>> from metalearn import MLP, Conv4, maml
         >>> needs_norm_routing(maml(MLP((1, 40, 1)), lr=0.01))
         False
-        >>> needs_norm_routing(maml(Conv4(num_classes=5), lr=0.4))  # its BatchNorm reads the kernels choice from the mode
+        >>> needs_norm_routing(maml(Conv4(num_classes=5), lr=0.4))  # its BatchNorm reads kernels= from the mode
         True
     """
     loss = omega.loss
