@@ -139,7 +139,7 @@ def test_conv4_pools_before_the_relu_with_identical_values_and_gradients() -> No
     torch.manual_seed(0)
     model = Conv4(5, hidden=8).double()
     blocks = list(model.features)
-    assert [type(m).__name__ for m in blocks[:4]] == ["Conv2d", "BatchNorm", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in blocks[:4]] == ["Conv2d", "BatchNorm", "MaxPool2x2", "ReLU"]
     # the paper's order, [conv, BN, ReLU, pool], from the same modules
     paper = nn.Sequential(*[blocks[i + j] for i in range(0, 16, 4) for j in (0, 1, 3, 2)], blocks[16])
     x = torch.randn(7, 1, 28, 28, dtype=torch.float64)

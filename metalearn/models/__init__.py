@@ -10,6 +10,7 @@ meta-gradients under ``vmap`` when its affine weights are adapted in the inner l
 * `mlp` — `MLP`;
 * `resnet12` — `ResNet12` and `DropBlock` (its block: `metalearn.models.resnet12.ResidualBlock`);
 * `batchnorm` — `BatchNorm`;
+* `pooling` — `MaxPool2x2` and `max_pool_2x2` (``nn.MaxPool2d(2)`` with a vectorised forward);
 * `searchable` — the DARTS search space: the op library (`SEARCH_OPS`), `MixedOp`,
   `SearchableConvNet` and the plain `CellConvNet` it derives (its α, `ArchitectureWeights`,
   are ω's part and live in `metalearn.knowledge`).
@@ -18,6 +19,7 @@ meta-gradients under ``vmap`` when its affine weights are adapted in the inner l
 from metalearn.models.batchnorm import BatchNorm, inside_vmap
 from metalearn.models.conv4 import Conv4, conv4_feature_size
 from metalearn.models.mlp import MLP
+from metalearn.models.pooling import MaxPool2x2, max_pool_2x2
 from metalearn.models.resnet12 import DropBlock, ResNet12
 from metalearn.models.searchable import (
     DEFAULT_CANDIDATES,
@@ -39,6 +41,7 @@ __all__ = [
     "CellConvNet",
     "Conv4",
     "DropBlock",
+    "MaxPool2x2",
     "MixedOp",
     "OpFactory",
     "ResNet12",
@@ -46,4 +49,5 @@ __all__ = [
     "Zero",
     "conv4_feature_size",
     "inside_vmap",
+    "max_pool_2x2",
 ]

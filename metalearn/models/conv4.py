@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metalearn.models.batchnorm import BatchNorm
+from metalearn.models.pooling import MaxPool2x2
 
 __all__ = ["Conv4", "conv4_feature_size"]
 
@@ -26,6 +27,8 @@ class Conv4(nn.Module):
     ``head``. Use 64 filters for Omniglot (1x28x28) and 32 for mini-ImageNet (3x84x84).
     Each block runs the max-pool before the ReLU: the same function (max commutes with the
     ReLU, values are bit-identical) with the ReLU and its backward on a quarter of the elements.
+    The max-pool is `MaxPool2x2`, ``nn.MaxPool2d(2)`` with a vectorised forward (the same values
+    and gradients).
 
     Args:
         num_classes: outputs of the head (the number of ways N); 0 gives no head (an
@@ -45,7 +48,7 @@ class Conv4(nn.Module):
             layers += [
                 nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
                 BatchNorm(hidden),
-                nn.MaxPool2d(2),  # then ReLU: relu(maxpool(h)) == maxpool(relu(h)), 4x less ReLU work
+                MaxPool2x2(),  # then ReLU: relu(maxpool(h)) == maxpool(relu(h)), 4x less ReLU work
                 nn.ReLU(),
             ]
             channels = hidden

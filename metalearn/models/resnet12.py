@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.models.batchnorm import BatchNorm
+from metalearn.models.pooling import MaxPool2x2
 
 __all__ = ["DropBlock", "ResNet12", "ResidualBlock"]
 
@@ -90,7 +91,7 @@ class ResidualBlock(nn.Module):
         self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.norm3 = BatchNorm(channels)
         self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), BatchNorm(channels))
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.dropblock = dropblock if dropblock is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -58,11 +58,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.models.batchnorm import BatchNorm
 from metalearn.models.conv4 import conv4_feature_size
+from metalearn.models.pooling import max_pool_2x2
 
 if TYPE_CHECKING:  # ω's part; imported where it is built (models sit below metalearn.knowledge)
     from metalearn.knowledge.architecture import ArchitectureWeights
@@ -243,7 +243,7 @@ class Cell(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor | int | None = None) -> Tensor:
         h = self.op(x) if weights is None else self.op(x, weights)
-        return torch.relu(F.max_pool2d(self.norm(h), 2))  # == maxpool(relu(.)), 4x less ReLU work
+        return torch.relu(max_pool_2x2(self.norm(h)))  # == maxpool(relu(.)), 4x less ReLU work
 
 
 class _CellNetBase(nn.Module):
