@@ -92,7 +92,7 @@ def test_refuses_inputs_it_cannot_pool() -> None:
 
 
 def _with_torch_pooling(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, MaxPool2x2):
                 setattr(module, child_name, nn.MaxPool2d(2))
