@@ -36,7 +36,7 @@ from metalearn.inner import Adapted, InnerProblem, check_finite_losses, check_fi
 from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.knowledge.parts import Params
-from metalearn.mapping import map_tasks, resolve_batching, task_objective
+from metalearn.mapping import map_tasks, needs_norm_routing, resolve_batching, task_objective
 from metalearn.modes import MetaGradientMode, resolve_mode
 from metalearn.tasks.task import Task, TaskBatch, stack_tasks
 from metalearn.tasks.taskset import task_seed
@@ -378,6 +378,7 @@ def _evaluate_chunks(
     kind: str | None = None
     offset = 0
     objective = partial(task_objective, adapt_fn=partial(problem.solve, kernels=kernels))
+    route_norms = needs_norm_routing(omega, problem)  # the problem: a user's subclass keeps the interception
     for k, chunk in enumerate(_chunks(tasks, batch_size)):
         if owned is not None and not owned(k):
             if kind is None:
@@ -403,6 +404,7 @@ def _evaluate_chunks(
             val_loss, met, inner = map_tasks(
                 objective, (None, theta0_dims, 0, 0, 0, 0, None, None),
                 omega, theta0, *batch.train, *batch.val, inner_steps, True, batching=batching, kernels=kernels,
+                route_norms=route_norms,
             )
             check_finite_losses(inner, task_offset=offset)
             check_finite_task_losses(val_loss, what="val loss (after fine-tuning)", task_offset=offset)

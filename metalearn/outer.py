@@ -44,6 +44,7 @@ from metalearn.mapping import (
     Chunking,
     check_losses,
     map_tasks,
+    needs_norm_routing,
     resolve_batching,
     task_in_dims,
     task_objective,
@@ -378,7 +379,7 @@ def meta_loss(
         dims = dict.fromkeys(theta0, 0)
     val_losses, _, inner = map_tasks(
         task_objective, task_in_dims(dims), omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order,
-        batching=mode,
+        batching=mode, route_norms=needs_norm_routing(omega),
     )
     check_losses(inner.detach(), val_losses.detach(), by_task=mode == "loop")
     return val_losses.mean()

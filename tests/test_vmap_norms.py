@@ -433,7 +433,9 @@ def test_a_norm_free_model_runs_without_the_mode_and_gets_the_routed_meta_gradie
     torch.manual_seed(0)
     omega = maml(MLP((3, HID, HID, 1)).to(DT), lr=0.3)
     skipped = grads_of(omega, batch, 2, "vmap")
-    assert entered == []
+    evaluated = evaluate(omega, batch, 2, batching="vmap")
+    assert entered == []  # neither the meta-gradient nor evaluate entered the mode
+    assert evaluated.mean == pytest.approx(evaluate(omega, batch, 2, batching="loop").mean, rel=1e-12)
     monkeypatch.setattr(unrolled, "needs_norm_routing", lambda *args: True)
     routed = grads_of(omega, batch, 2, "vmap")
     assert entered == ["auto"]
