@@ -138,3 +138,36 @@ def test_check_part_reports_a_rule_that_is_not_vmap_safe():
     with pytest.raises(ContractError, match=r"\[vmap-safe\].*data-dependent Python control flow"):
         check_part(SignSwitch())
     assert "vmap-safe" in check_part(chain(trace(0.5), scale(-0.1))).rules
+
+
+@pytest.mark.parametrize("make", [lambda: InnerSGD(0.3), lambda: MetaSGD(0.3)], ids=["InnerSGD", "MetaSGD"])
+def test_sgd_step_in_one_go_is_bit_for_bit_update_then_apply(make) -> None:
+    """θ - lr·g equals apply_updates(θ, -(lr·g)) exactly, and so do its first and second derivatives."""
+    rule = make()
+    g0 = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(3, 4, generator=g0, dtype=F64), "b": torch.randn(4, generator=g0, dtype=F64)}
+    rule.bind(params)
+    leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+    grads = {n: (p.sin() * 2).requires_grad_() for n, p in params.items()}
+
+    def outer_grads(new: dict) -> tuple:
+        loss = sum((t**3).sum() for t in new.values())
+        first = torch.autograd.grad(loss, [*leaves.values(), *grads.values()], create_graph=True)
+        return first, torch.autograd.grad(sum(f.square().sum() for f in first), [*leaves.values(), *grads.values()])
+
+    fast, _ = rule.step(leaves, grads, {}, 0)
+    slow = apply_updates(leaves, rule.update(grads, {}, leaves, 0)[0])
+    assert all(torch.equal(fast[n], slow[n]) for n in params)
+    for a, b in zip(outer_grads(fast), outer_grads(slow), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_an_sgd_subclass_with_its_own_update_takes_the_general_step() -> None:
+    class HalfSGD(InnerSGD):
+        def update(self, grads, state, params, step):
+            updates, state = super().update(grads, state, params, step)
+            return {n: u / 2 for n, u in updates.items()}, state
+
+    params, grads = {"w": torch.ones(2, dtype=F64)}, {"w": torch.ones(2, dtype=F64)}
+    new, _ = HalfSGD(0.5).step(params, grads, {}, 0)
+    assert torch.equal(new["w"], torch.full((2,), 0.75, dtype=F64))  # its update ran: 1 - 0.5 / 2

@@ -73,9 +73,10 @@ class InitPart(nn.Module, ABC):
 
 
 def apply_updates(params: Params, updates: Params) -> Params:
-    """θ + u for every parameter: the one place the inner loop's updates are applied.
+    """θ + u for every parameter: where `OptimizerPart.step` applies the updates of `update`.
 
-    Every `OptimizerPart.step` goes through here (the seam where fused kernels plug in).
+    (Plain SGD's step computes θ - lr · g in one go, the same bits; the fused kernels plug in at
+    `metalearn.knowledge.rules.fused_step`.)
     """
     return {n: p + updates[n] for n, p in params.items()}
 
