@@ -13,6 +13,8 @@ run (``--batch-size`` tasks per batch; the first batch is timed apart and left o
 - **indexing**: ``stack_tasks([taskset[i] for i in batch])``, each task on its own;
 - **batched**: ``taskset.batch(range(...))``, the whole batch in a few tensor operations (what
   ``meta_train`` uses), the same tasks bit for bit (checked on the first batches).
+- **batched (torch draws)** (Omniglot): the batched path with its random words in torch's int64
+  arithmetic (what another device runs) instead of numpy's, the same tasks: what the host arithmetic saves.
 
 Workloads: MAML's sinusoid (10 + 10 points), and Omniglot 5-way 1-shot 15-query episodes
 from the 1200 source characters without rotations, with the dataset read through
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metalearn.tasks import EpisodicTaskSet, LabelledDataset, Sinusoid, TaskBatch, TaskSet, stack_tasks  # noqa: E402
 from metalearn.tasks.datasets import uint8_to_unit  # noqa: E402
+from metalearn.tasks.draws import TaskDraws  # noqa: E402
 from metalearn.tasks.omniglot import Omniglot  # noqa: E402
 
 #: glibc thresholds that keep large freed blocks in the heap (as `benchmarks/meta_iteration.py` runs):
@@ -106,6 +109,12 @@ def rate(make: Callable[[range], TaskBatch], n_tasks: int, batch_size: int, devi
     return {"tasks": tasks, "seconds": seconds, "tasks_per_s": tasks / seconds, "first_batch_s": first_s}
 
 
+def torch_draws(taskset: TaskSet) -> Callable[[range], TaskBatch]:
+    """The batched path with the draws in torch's int64 arithmetic (what a non-CPU device runs) instead of
+    numpy's: the same tasks, to see what the host arithmetic of the CPU path saves."""
+    return lambda indices: taskset.sample_batch(TaskDraws.of(taskset.seed, indices, numpy=False))
+
+
 def check_same(a: TaskSet, b: TaskSet, batch_size: int) -> None:
     """Raises if the batched path's first batches differ from indexing (they must not, bit for bit)."""
     for b_index in range(3):
@@ -130,6 +139,7 @@ def workloads(args: argparse.Namespace, data: LabelledDataset, source: torch.Ten
         ("omniglot_5w1s15q", "indexing", indexing(plain), args.episodes // 4, args.batch_size, "cpu"),
         ("omniglot_5w1s15q", "batched (gather)", batched(plain), args.episodes, args.batch_size, "cpu"),
         ("omniglot_5w1s15q", "batched", batched(decoded), args.episodes, args.batch_size, "cpu"),
+        ("omniglot_5w1s15q", "batched (torch draws)", torch_draws(decoded), args.episodes, args.batch_size, "cpu"),
     ]
     if args.device != "cpu":
         on_device = episodes(device=args.device)
@@ -206,10 +216,10 @@ def main() -> None:
     print(described + f"; 5w1s15q episodes from 1200 source classes; torch threads: 1; allocator: {allocator}")
     if loads:
         print(f"cold load {loads['cold_load_s']:.2f} s, warm load {loads['warm_load_s']:.3f} s (best of 3)")
-    print(f"{'workload':<18} {'path':<18} {'batch':>5} {'tasks':>8} {'tasks/s':>11} {'first batch s':>14}")
+    print(f"{'workload':<18} {'path':<21} {'batch':>5} {'tasks':>8} {'tasks/s':>11} {'first batch s':>14}")
     for r in results:
         print(
-            f"{r['workload']:<18} {r['path']:<18} {r['batch_size']:>5} {r['tasks']:>8} "
+            f"{r['workload']:<18} {r['path']:<21} {r['batch_size']:>5} {r['tasks']:>8} "
             f"{r['tasks_per_s']:>11.0f} {r['first_batch_s']:>14.4f}"
         )
     summary = {}

@@ -58,7 +58,7 @@ from metalearn.knowledge import (
     protonet,
     theta_parameters,
 )
-from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, DropBlock, ResNet12, SearchableConvNet
+from metalearn.models import MLP, BatchNorm, CellConvNet, Conv4, DropBlock, MaxPool2x2, ResNet12, SearchableConvNet
 from metalearn.modes import Checkpointed, Implicit, MetaGradientMode, MultiStepLoss, Reptile, Truncated, Unrolled
 from metalearn.outer import MetaStep, meta_gradient, meta_loss, meta_step
 from metalearn.precision import LossScaler
@@ -144,6 +144,7 @@ __all__ = [
     "Logger",
     "LossScaler",
     "MLP",
+    "MaxPool2x2",
     "MetaDatasetSampling",
     "MetaGradientMode",
     "MetaKnowledge",
