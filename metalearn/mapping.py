@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalearn.exact_norms import exact_norms, norm_free
+from metalearn.exact_norms import ROUTES, exact_norms, norm_free
 from metalearn.inner import adapt_params, check_finite_losses, check_finite_task_losses
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape, default_loss
@@ -140,7 +139,7 @@ def _random_under_vmap(what: str) -> str:
 def needs_norm_routing(omega: MetaKnowledge, *runners: object) -> bool:
     """Whether a vmapped computation over ω must run under `metalearn.exact_norms.ExactNorms`.
 
-    The mode costs a Python call for every torch call inside the vmap (about a fifth of a
+    The mode costs a Python call for every torch call inside the vmap (about a tenth of a
     sinusoid MLP's meta-step), so the library's own callers skip it where nothing inside can call
     one of torch's fused norms: ω's modules (model and parts) are all `norm_free`, ω's inner loss
     is `default_loss` or one of ``torch.nn.functional``'s, and every one of ``runners`` (what else
@@ -156,15 +155,11 @@ def needs_norm_routing(omega: MetaKnowledge, *runners: object) -> bool:
     """
     loss = omega.loss
     if loss is not None and not isinstance(loss, nn.Module):
-        if getattr(loss, "__module__", None) != "torch.nn.functional" or loss in _FUSED_NORM_FUNCTIONS:
+        if getattr(loss, "__module__", None) != "torch.nn.functional" or loss in ROUTES:
             return True
     if not norm_free(omega):
         return True
     return any(not type(r).__module__.startswith("metalearn.") for r in runners)
-
-
-_FUSED_NORM_FUNCTIONS = (F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, *(
-    (F.rms_norm,) if hasattr(F, "rms_norm") else ()))
 
 
 def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto", route_norms: bool = True):
