@@ -123,30 +123,36 @@ class CompiledMetaGradient:
         self.failed: str | None = None
         objective = _MetaObjective(omega, mode.adapt_task)
 
-        def meta_grad(params: dict[str, Tensor], *batch: Any) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        def meta_grad(
+            params: dict[str, Tensor], *batch: Any
+        ) -> tuple[dict[str, Tensor], tuple[Tensor, ...], Tensor]:
             def mean_val_loss(p: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
                 # ω's other parameters and buffers stay as they are (strict=False)
                 return torch.func.functional_call(objective, p, batch, strict=False)
 
             grads, aux = torch.func.grad(mean_val_loss, has_aux=True)(params)
-            return grads, tuple(t.detach() for t in aux)
+            aux = tuple(t.detach() for t in aux)
+            return grads, aux, _step_summary(aux, list(grads.values()), batch[4]).detach()
 
         self._compiled = torch.compile(meta_grad, fullgraph=True, dynamic=False, backend=backend)
 
     def __call__(
         self, batch: TaskBatch, inner_steps: int
-    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor, Tensor]] | None:
-        """ω's meta-gradients by parameter name and (val losses, metrics, inner losses); ``None`` if
-        compiling failed (then the caller runs the eager step; warned once)."""
+    ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor, Tensor], Tensor] | None:
+        """ω's meta-gradients as (parameter, gradient) pairs, (val losses, metrics, inner losses) and
+        their `_step_summary`, all computed in the compiled code; ``None`` if compiling failed (then the
+        caller runs the eager step; warned once). ω's parameters are listed afresh at each call (one
+        walk over its modules), so a parameter added or frozen between steps is seen."""
         if self.failed is not None:
             return None
-        params: dict[str, Tensor] = {f"omega.{n}": p for n, p in self.omega.named_parameters() if p.requires_grad}
+        named = {n: p for n, p in self.omega.named_parameters() if p.requires_grad}
+        params: dict[str, Tensor] = {f"omega.{n}": p for n, p in named.items()}
         args = (*batch.train, *batch.val, inner_steps, self.mode.first_order)
         began = time.perf_counter()
         try:
             # scoped: double backward inside the trace needs dynamo to trace autograd ops
             with torch._dynamo.config.patch(trace_autograd_ops=True):
-                grads, aux = self._compiled(params, *args)
+                grads, aux, summary = self._compiled(params, *args)
         except Exception as err:  # noqa: BLE001 - any trace/compile failure falls back to the eager step
             lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]  # e.g. the backend's own error
             self.failed = f"{type(err).__name__}: {' '.join(lines)}"
@@ -160,5 +166,27 @@ class CompiledMetaGradient:
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - began
         # detached: the compiled function's outputs carry a graph to its inputs (ω's parameters)
-        named = {n.removeprefix("omega."): g.detach() for n, g in grads.items()}
-        return named, aux  # type: ignore[return-value]
+        pairs = [(named[n.removeprefix("omega.")], g.detach()) for n, g in grads.items()]
+        return pairs, aux, summary  # type: ignore[return-value]
+
+
+def _step_summary(outputs: tuple[Tensor, ...], grads: list[Tensor], inner_steps: int) -> Tensor:
+    """What a meta-step reports, as one tensor: mean val loss, mean val metric, mean inner loss before the
+    first and before the last inner step (NaN without inner steps), the 2-norm of ``grads`` (as
+    `metalearn.outer` computes it eagerly: the norm of the per-tensor norms) and 1.0 if every loss
+    is finite, else 0.0 — so the compiled step reads it all with one host sync.
+
+    Args:
+        outputs: (val losses ``[tasks]``, val metrics ``[tasks]``, inner losses ``[tasks, inner_steps]``).
+        grads: the meta-gradient's tensors.
+        inner_steps: K.
+    """
+    val_losses, metrics, inner = outputs
+    first = inner[:, 0].mean() if inner_steps else torch.full_like(val_losses[0], float("nan"))
+    last = inner[:, -1].mean() if inner_steps > 1 else first
+    norm = (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).to(val_losses.dtype)
+        if grads else val_losses.new_zeros(())
+    )
+    finite = (torch.isfinite(inner).all() & torch.isfinite(val_losses).all()).to(val_losses.dtype)
+    return torch.stack([val_losses.mean(), metrics.mean().to(val_losses.dtype), first, last, norm, finite])

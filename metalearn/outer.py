@@ -88,11 +88,12 @@ def _grad_norm(grads: list[Tensor]) -> Tensor:
     """The 2-norm of all ``grads`` as one vector, computed as ``clip_grad_norm_`` does."""
     if not grads:
         return torch.zeros(())
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if get_total_norm is not None:
-        return get_total_norm(grads, 2.0)
-    norms = [torch.linalg.vector_norm(g) for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    # one fused call for the per-tensor norms (the values of clip_grad_norm_'s per-tensor norms; no
+    # per-step grouping of the tensors by device and dtype, which costs more than the norms here)
+    norms = list(torch._foreach_norm(grads))
+    if len({n.device for n in norms}) > 1:
+        norms = [n.to(norms[0].device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _non_finite_grad(omega: MetaKnowledge) -> str | None:
@@ -269,11 +270,17 @@ def _accumulate(
     batching: str,
     generator: torch.Generator | None,
     speed: _Speed,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[list[float], Tensor] | None]:
     """The mode's meta-gradient into ω's ``.grad`` (compiled where ``speed`` has it), under the
-    precision's autocast and loss scale; the gradients are unscaled afterwards."""
+    precision's autocast and loss scale; the gradients are unscaled afterwards.
+
+    Returns the mode's (val losses, metrics, inner losses) and, from a compiled step whose gradients
+    are all of ω's (every ``.grad`` was empty), its summary: the floats [meta loss, metric, inner loss
+    first, last, grad norm] and the norm as a tensor (for clipping); ``None`` otherwise.
+    """
     device = batch.train[0].device
     scaling = speed.scaler.scaling() if speed.scaler is not None else contextlib.nullcontext()
+    summary = None
     with autocast(speed.precision, device), scaling:
         out = speed.compiled(batch, inner_steps) if speed.compiled is not None else None
         if out is None:
@@ -281,14 +288,20 @@ def _accumulate(
             chunks = _chunk_option(how, batching, speed.chunking)
             val_losses, metrics, inner = accumulate(omega, batch, inner_steps, batching, generator, **chunks)
         else:
-            grads, (val_losses, metrics, inner) = out
-            check_losses(inner, val_losses, by_task=False)  # before ω's .grad is touched, as the vmap path
-            params = dict(omega.named_parameters())
-            for name, g in grads.items():
-                add_grad(params[name], g)
+            grads, (val_losses, metrics, inner), step_summary = out
+            values = step_summary.tolist()  # the step's one host sync
+            if not values.pop():  # a NaN/Inf loss: raised naming it, before ω's .grad is touched
+                check_losses(inner, val_losses, by_task=False)
+            fresh = all(p.grad is None for p in speed.omega_params(omega))
+            for p, g in grads:
+                if p.grad is None and g.stride() == p.stride():
+                    p.grad = g  # the compiled step's own fresh output, laid out as p: no copy needed
+                else:
+                    add_grad(p, g)
+            summary = (values, step_summary[4]) if fresh and speed.scaler is None else None
     if speed.scaler is not None:
         speed.scaler.unscale_([p.grad for p in speed.omega_params(omega) if p.grad is not None])
-    return val_losses, metrics, inner
+    return val_losses, metrics, inner, summary
 
 
 def _chunk_option(how: MetaGradientMode, batching: str, chunking: Chunking | None) -> dict[str, Any]:
@@ -303,6 +316,28 @@ def _chunk_option(how: MetaGradientMode, batching: str, chunking: Chunking | Non
             "batching='loop' (one task's graph at a time)"
         )
     return {"chunking": chunking}
+
+
+def _summary(
+    val_losses: Tensor, metrics: Tensor, inner: Tensor, inner_steps: int, params: list[Tensor]
+) -> tuple[list[float], Tensor]:
+    """The floats [meta loss, metric, inner loss first, last, grad norm] of a step (one stacked tensor,
+    one host sync) and the norm of the ``.grad`` of ``params`` as a tensor (for clipping)."""
+    grad_norm = _grad_norm([p.grad for p in params if p.grad is not None])
+    inner = inner.detach()
+    summary = [val_losses.detach().mean(), metrics.mean()]
+    if inner_steps:
+        first = inner[:, 0].mean()
+        summary += [first, first if inner_steps == 1 else inner[:, -1].mean()]
+    summary.append(grad_norm)
+    device, dtype = summary[0].device, summary[0].dtype
+    if any(t.dtype != dtype or t.device != device for t in summary):  # e.g. float64 ω's losses, bf16 metrics
+        dtype = torch.promote_types(dtype, grad_norm.dtype)
+        summary = [t.to(device, dtype) for t in summary]
+    values = torch.stack(summary).tolist()
+    if not inner_steps:
+        values[2:2] = [float("nan")] * 2
+    return values, grad_norm
 
 
 def _meta_gradient(
@@ -326,17 +361,11 @@ def _meta_gradient(
     speed = speed if speed is not None else _Speed()
     how = resolve_mode(gradient_mode, first_order)
     batching = how.resolve_batching(omega, batching, batch.train[0].device)
-    val_losses, metrics, inner = _accumulate(omega, batch, inner_steps, how, batching, generator, speed)
-    grad_norm = _grad_norm([p.grad for p in speed.omega_params(omega) if p.grad is not None])
-    inner = inner.detach()
-    summary = [val_losses.detach().mean(), metrics.mean()]
-    if inner_steps:
-        first = inner[:, 0].mean()
-        summary += [first, first if inner_steps == 1 else inner[:, -1].mean()]
-    dtype = torch.promote_types(summary[0].dtype, grad_norm.dtype)
-    values = torch.stack([t.to(summary[0].device, dtype) for t in [*summary, grad_norm]]).tolist()
+    val_losses, metrics, inner, compiled = _accumulate(omega, batch, inner_steps, how, batching, generator, speed)
+    # a compiled step summed itself up in its compiled code
+    summed = compiled or _summary(val_losses, metrics, inner, inner_steps, speed.omega_params(omega))
+    values, grad_norm = summed
     norm = values.pop()
-    values += [] if inner_steps else [float("nan")] * 2
     finite = True
     if not math.isfinite(norm):
         bad = _non_finite_grad(omega)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
 from metalearn.compile import CompileFallbackWarning, check_compile, compile_blocker
+from metalearn.errors import NonFiniteError
 from metalearn.knowledge.recipes import maml
 from metalearn.models import MLP, Conv4
 from metalearn.modes import resolve_mode
@@ -54,11 +56,53 @@ def test_compiled_meta_gradient_equals_the_eager_one_at_every_step(first_order: 
         assert g.keys() == g_eager.keys()
         for n in g_eager:
             torch.testing.assert_close(g[n], g_eager[n], rtol=1e-12, atol=1e-14)
-    for row, eager_row in zip(rows, eager_rows, strict=True):
-        assert row["meta_loss"] == pytest.approx(eager_row["meta_loss"], rel=1e-12)
-        assert row["grad_norm"] == pytest.approx(eager_row["grad_norm"], rel=1e-12)
+    for row, eager_row in zip(rows, eager_rows, strict=True):  # the stats summed up in the compiled code
+        for key in ("meta_loss", "val_metric", "inner_loss_first", "inner_loss_last", "grad_norm"):
+            assert row[key] == pytest.approx(eager_row[key], rel=1e-12), key
     for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_compiled_step_reads_the_host_once_and_refuses_a_nan_loss_before_touching_omega(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    omega = _omega()
+    step = MetaStep(omega, torch.optim.SGD(omega.parameters(), lr=0.05), 2, batching="vmap", compile="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        step(_batch())  # compiled here; the batches below have the same shapes, so they reuse the code
+    with monkeypatch.context() as patch:
+        reads: list[str] = []
+        tolist, item, to_bool = torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__
+        patch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+        patch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
+        patch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or to_bool(t))
+        step(_batch())
+    assert reads == ["tolist"]  # losses' finiteness, stats and grad norm: one summary computed in the compiled code
+    before = {n: p.detach().clone() for n, p in omega.named_parameters()}
+    bad = _batch()
+    bad.train[0][1, 0, 0] = float("nan")
+    for p in omega.parameters():
+        p.grad = None
+    with pytest.raises(NonFiniteError, match="task 1"):
+        step(bad)
+    assert all(p.grad is None for p in omega.parameters())  # ω's .grad untouched
+    assert all(torch.equal(p, before[n]) for n, p in omega.named_parameters())
+
+
+@pytest.mark.slow
+def test_compiled_step_without_inner_steps_reports_no_inner_loss() -> None:
+    reference = _omega()
+    eager = MetaStep(reference, torch.optim.SGD(reference.parameters(), lr=0.05), 0, batching="vmap")(_batch())
+    omega = _omega()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        row = MetaStep(omega, torch.optim.SGD(omega.parameters(), lr=0.05), 0, batching="vmap",
+                       compile="aot_eager")(_batch())
+    assert math.isnan(row["inner_loss_first"]) and math.isnan(row["inner_loss_last"])
+    assert row["meta_loss"] == pytest.approx(eager["meta_loss"], rel=1e-12)
+    assert row["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-12)
 
 
 @pytest.mark.slow

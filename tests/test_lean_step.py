@@ -115,3 +115,43 @@ def test_meta_iteration_benchmark_quick_smoke_run() -> None:
     assert expected <= set(sinusoid["contenders"])
     assert all(value < 1e-5 for value in sinusoid["grad_agreement_vs_auto"].values())
     assert "learn2learn" in sinusoid["not_measured"] and sinusoid["targets"]
+
+
+def test_set_outer_step_reaches_hooks_on_classes_and_instances_only() -> None:
+    from metalearn.train.loop import set_outer_step
+
+    seen: list[tuple[str, int]] = []
+
+    class Scheduled(torch.nn.Module):
+        def set_outer_step(self, step: int) -> None:
+            seen.append(("class", step))
+
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), Scheduled(), torch.nn.Linear(4, 1))
+    model[2].set_outer_step = lambda step: seen.append(("instance", step))  # a hook set on one module
+    set_outer_step(maml(model, lr=0.1), 7)
+    assert sorted(seen) == [("class", 7), ("instance", 7)]
+
+
+def test_random_layers_reads_the_flag_on_classes_and_instances() -> None:
+    from metalearn.mapping import choose_batching, random_layers
+
+    class Noisy(torch.nn.Module):
+        random_in_training = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    flagged = torch.nn.Identity()
+    flagged.random_in_training = True
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), Noisy(), flagged, torch.nn.Dropout(0.0), torch.nn.Linear(4, 1))
+    assert random_layers(model) == ["1", "2"]  # a dropout of p=0 draws nothing
+    assert choose_batching(maml(model, lr=0.1), torch.device("cpu")) == "loop"
+    model.eval()
+    assert random_layers(model) == [] and choose_batching(maml(model, lr=0.1), torch.device("cpu")) == "vmap"
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_a_regression_step_reports_its_val_mse_as_the_metric(batching: str) -> None:
+    omega = _omega()
+    row = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.0), _batch(), 2, batching=batching)
+    assert row["val_metric"] == row["meta_loss"]  # the MSE is the val loss, read off it

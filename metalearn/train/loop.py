@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,10 @@ def set_outer_step(omega: MetaKnowledge, step: int) -> None:
     so the schedule is a pure function of the step and a resumed run follows it exactly.
     """
     for module in omega.modules():
+        # looked up on the instance's dict and its class: `getattr(module, ...)` would raise and catch
+        # nn.Module's AttributeError for every module without the hook, at every step
+        if "set_outer_step" not in module.__dict__ and not hasattr(type(module), "set_outer_step"):
+            continue
         hook = getattr(module, "set_outer_step", None)
         if callable(hook):
             hook(step)
@@ -60,12 +65,15 @@ def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tens
     One fused norm over every parameter and one host sync per step; the per-parameter scan for
     the names runs only when that norm is not finite (it may be Inf by overflow alone: then
     nothing is raised)."""
-    params = [p.detach() for p in (omega.parameters() if params is None else params)]
+    params = list(omega.parameters()) if params is None else params
     if not params:
         return
-    norms = torch._foreach_norm(params)
-    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
-        return
+    with torch.no_grad():
+        norms = list(torch._foreach_norm(params))
+        if len({n.device for n in norms}) > 1:
+            norms = [n.to(norms[0].device) for n in norms]
+        if math.isfinite(torch.stack(norms).sum().item()):  # a sum of norms is NaN/Inf if any is
+            return
     bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
     if not bad:
         return
