@@ -15,6 +15,9 @@ run (``--batch-size`` tasks per batch; the first batch is timed apart and left o
   ``meta_train`` uses), the same tasks bit for bit (checked on the first batches).
 - **batched (torch draws)** (Omniglot): the batched path with its random words in torch's int64
   arithmetic (what another device runs) instead of numpy's, the same tasks: what the host arithmetic saves.
+- **batched, N threads** (Omniglot, for information, on a machine of N > 1 cores): the batched path with
+  torch on every core, as a training run samples by default; the gather (``index_select`` of 2560
+  images, 8 MiB) is bound by memory bandwidth on one core. The targets are judged on one thread.
 
 Workloads: MAML's sinusoid (10 + 10 points), and Omniglot 5-way 1-shot 15-query episodes
 from the 1200 source characters without rotations, with the dataset read through
@@ -151,7 +154,16 @@ def workloads(args: argparse.Namespace, data: LabelledDataset, source: torch.Ten
     results = []
     for workload, path, make, n_tasks, batch_size, device in runs:
         r = rate(make, n_tasks, batch_size, device)
-        results.append({"workload": workload, "path": path, "batch_size": batch_size, **r})
+        results.append({"workload": workload, "path": path, "batch_size": batch_size, "threads": 1, **r})
+    threads = os.cpu_count() or 1
+    if threads > 1:  # for information: a training run samples with torch's default threads (every core)
+        torch.set_num_threads(threads)
+        try:
+            r = rate(batched(decoded), args.episodes, args.batch_size)
+        finally:
+            torch.set_num_threads(1)
+        results.append({"workload": "omniglot_5w1s15q", "path": f"batched, {threads} threads",
+                        "batch_size": args.batch_size, "threads": threads, **r})  # fmt: skip
     return results
 
 

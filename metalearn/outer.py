@@ -36,7 +36,14 @@ from metalearn.checks import (
     explain_label_error,
     inner_steps_keyword,
 )
-from metalearn.compile import CompiledMetaGradient, CompileFallbackWarning, check_compile, compile_blocker
+from metalearn.compile import (
+    CompiledMetaGradient,
+    CompiledOuterStep,
+    CompileFallbackWarning,
+    check_compile,
+    compile_blocker,
+    compiles_outer_step,
+)
 from metalearn.errors import NonFiniteError
 from metalearn.kernels import check_kernels
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
@@ -257,6 +264,8 @@ class _Speed:
     kernels: str = "auto"
     #: ω's parameters, listed once by a `MetaStep` (listing walks ω's modules: ~10% of a small step)
     params: list[Tensor] | None = None
+    #: the outer optimizer's step compiled (`metalearn.compile.CompiledOuterStep`), or ``None``: its own
+    outer_step: CompiledOuterStep | None = None
 
     def omega_params(self, omega: MetaKnowledge) -> list[Tensor]:
         return self.params if self.params is not None else list(omega.parameters())
@@ -493,7 +502,10 @@ def _step(
             outer_optimizer.zero_grad(set_to_none=True)
             return row
     clip_meta_gradient(speed.omega_params(omega), clip_grad_norm, got.norm_tensor)
-    outer_optimizer.step()
+    if speed.outer_step is not None:
+        speed.outer_step()
+    else:
+        outer_optimizer.step()
     return row
 
 
@@ -504,9 +516,11 @@ class MetaStep:
     checks only its batch. Besides `meta_step`'s options it keeps:
 
     * ``compile``: ``True`` (or a backend name, `metalearn.compile.COMPILE_BACKENDS`) runs the
-      meta-gradient through ``torch.compile`` (`metalearn.compile`), compiled at the first call
-      and reused; where it cannot compile, the eager step runs with a `CompileFallbackWarning`
-      (given once). `compile_seconds` is the first compiled call's wall time.
+      meta-gradient, and then the outer optimizer's step if it is one of torch.optim's
+      (`metalearn.compile.CompiledOuterStep`), through ``torch.compile`` (`metalearn.compile`),
+      compiled at the first call and reused; where it cannot compile, the eager step runs with a
+      `CompileFallbackWarning` (given once), as does the optimizer once its settings change (an LR
+      scheduler's new lr). `compile_seconds` is the first compiled call's wall time.
     * ``precision``: ``"float32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with the dynamic `LossScaler`
       `loss_scaler`, whose skipped steps are reported in each row as ``skipped_steps``).
 
@@ -569,8 +583,13 @@ class MetaStep:
 
     @property
     def compile_seconds(self) -> float | None:
-        """Wall time of the first compiled call (cold compile and one step), or ``None``."""
-        return self._speed.compiled.compile_seconds if self._speed.compiled is not None else None
+        """Wall time of the first compiled call (the cold compiles of the meta-gradient and of the outer
+        optimizer's step, and one step), or ``None``."""
+        compiled, outer = self._speed.compiled, self._speed.outer_step
+        if compiled is None or compiled.compile_seconds is None:
+            return None
+        outer_seconds = outer.compile_seconds if outer is not None and outer.compile_seconds is not None else 0.0
+        return compiled.compile_seconds + outer_seconds
 
     def _prepare_compile(self, device: torch.device) -> None:
         """At the first call: the compiled meta-gradient, or a `CompileFallbackWarning` saying why not."""
@@ -590,6 +609,8 @@ class MetaStep:
             return
         assert isinstance(self.mode, Unrolled)
         self._speed.compiled = CompiledMetaGradient(self.omega, self.mode, backend=self.backend or "inductor")
+        if compiles_outer_step(self.outer_optimizer):  # a user's own optimizer class steps eagerly
+            self._speed.outer_step = CompiledOuterStep(self.outer_optimizer, backend=self.backend or "inductor")
 
     def __call__(
         self, batch: TaskBatch, generator: torch.Generator | None = None, outer_step: int | None = None

@@ -151,3 +151,56 @@ def test_bad_compile_value_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="compile must be True, False or a torch.compile backend"):
         check_compile(bad)
     assert check_compile(True) == "inductor" and check_compile(False) is None
+
+
+def _adam_pair(lr: float = 0.01):
+    """Two Adam optimizers on equal float64 parameters with equal gradients."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (3,), (1, 4)]
+    made = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in shapes]
+        made.append((params, torch.optim.Adam(params, lr=lr)))
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    return made, grads
+
+
+@pytest.mark.slow
+def test_compiled_outer_step_equals_the_eager_one_and_falls_back_when_the_lr_changes() -> None:
+    from metalearn.compile import CompiledOuterStep
+
+    ((params, adam), (ref_params, ref_adam)), grads = _adam_pair()
+    step = CompiledOuterStep(adam, backend="aot_eager")
+    for i, gs in enumerate(grads):
+        if i == 2:  # an LR scheduler's change: compiled code holds lr as a constant
+            for opt in (adam, ref_adam):
+                opt.param_groups[0]["lr"] = 0.005
+        for p, q, g in zip(params, ref_params, gs, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if i == 2:
+            with pytest.warns(CompileFallbackWarning, match="settings changed"):
+                step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CompileFallbackWarning)
+                step()
+        ref_adam.step()
+        for p, q in zip(params, ref_params, strict=True):
+            # compiled, torch's Adam computes its bias corrections 1 - β^t in its float32 step tensor
+            # (eagerly: Python floats); 1 - 0.999 loses ~5e-5 of itself there, so the first updates
+            # differ by that much relatively (here lr * 5e-5 ≈ 5e-7 at most)
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert step.eager is not None and step.compile_seconds is not None
+
+
+def test_only_torch_optimizers_have_their_step_compiled() -> None:
+    from metalearn.compile import CompiledOuterStep, compiles_outer_step
+
+    class Mine(torch.optim.SGD):  # a user's optimizer: its step may break the graph anywhere
+        pass
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert compiles_outer_step(torch.optim.Adam(p)) and compiles_outer_step(torch.optim.SGD(p, lr=0.1))
+    assert not compiles_outer_step(Mine(p, lr=0.1)) and not compiles_outer_step(torch.optim.LBFGS(p))
+    with pytest.raises(TypeError, match="eagerly"):
+        CompiledOuterStep(Mine(p, lr=0.1))
