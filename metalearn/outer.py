@@ -521,6 +521,8 @@ class MetaStep:
       compiled at the first call and reused; where it cannot compile, the eager step runs with a
       `CompileFallbackWarning` (given once), as does the optimizer once its settings change (an LR
       scheduler's new lr). `compile_seconds` is the first compiled call's wall time.
+      ``compile_optimizer=False`` keeps the optimizer's step eager (`meta_train` passes it with a
+      scheduler, so that a resumed run steps as the uninterrupted one did).
     * ``precision``: ``"float32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with the dynamic `LossScaler`
       `loss_scaler`, whose skipped steps are reported in each row as ``skipped_steps``).
 
@@ -549,6 +551,7 @@ class MetaStep:
         clip_grad_norm: float | None = None,
         mode: str | MetaGradientMode = "unrolled",
         compile: bool | str = False,
+        compile_optimizer: bool = True,
         precision: str = "float32",
         loss_scaler: LossScaler | None = None,
         chunk_size: int | str | None = None,
@@ -580,6 +583,7 @@ class MetaStep:
             chunking=Chunking(chunk_size, memory_budget), kernels=kernels,
         )
         self._compile_checked = self.backend is None
+        self._compile_optimizer = bool(compile_optimizer)
 
     @property
     def compile_seconds(self) -> float | None:
@@ -609,7 +613,7 @@ class MetaStep:
             return
         assert isinstance(self.mode, Unrolled)
         self._speed.compiled = CompiledMetaGradient(self.omega, self.mode, backend=self.backend or "inductor")
-        if compiles_outer_step(self.outer_optimizer):  # a user's own optimizer class steps eagerly
+        if self._compile_optimizer and compiles_outer_step(self.outer_optimizer):  # a user's own class: eager
             self._speed.outer_step = CompiledOuterStep(self.outer_optimizer, backend=self.backend or "inductor")
 
     def __call__(

@@ -204,3 +204,32 @@ def test_only_torch_optimizers_have_their_step_compiled() -> None:
     assert not compiles_outer_step(Mine(p, lr=0.1)) and not compiles_outer_step(torch.optim.LBFGS(p))
     with pytest.raises(TypeError, match="eagerly"):
         CompiledOuterStep(Mine(p, lr=0.1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_a_compiled_run_stopped_and_resumed_ends_bit_identical(tmp_path, scheduled: bool) -> None:
+    from torch.optim.lr_scheduler import StepLR
+
+    from metalearn.tasks import Sinusoid
+    from metalearn.train import meta_train
+
+    settings = dict(steps=4, inner_steps=1, meta_batch_size=2, seed=3, progress=False, checkpoint_every=1,
+                    batching="vmap", compile="aot_eager")  # fmt: skip
+
+    def run(folder, **extra):
+        torch.manual_seed(0)
+        omega = maml(MLP((1, 6, 1)), lr=0.1)
+        opt = torch.optim.Adam(omega.parameters(), lr=1e-2)
+        scheduler = StepLR(opt, step_size=1, gamma=0.5) if scheduled else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)  # no fallback: with a scheduler, eager Adam
+            meta_train(omega, Sinusoid(3, 3, seed=0), opt, scheduler=scheduler, checkpoint_dir=tmp_path / folder,
+                       **settings, **extra)  # fmt: skip
+        return omega
+
+    whole = run("whole")
+    run("cut", callback=lambda step, row, val: step == 1)
+    resumed = run("cut")
+    for (n, p), q in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n

@@ -160,6 +160,10 @@ def _meta_step_of(run: Run) -> MetaStep:
         clip_grad_norm=cfg.clip_grad_norm,
         mode=cfg.gradient_mode,
         compile=cfg.compile,
+        # a scheduler changes the lr, which compiled optimizer code holds as a constant: the optimizer
+        # would step compiled until the first change and eagerly after, a history a resumed run
+        # would not repeat (its first lr is a later one); with a scheduler it steps eagerly throughout
+        compile_optimizer=run.scheduler is None,
         precision=cfg.precision,
         chunk_size=cfg.chunk_size,
         memory_budget=cfg.memory_budget,
