@@ -216,6 +216,10 @@ def test_a_compiled_run_stopped_and_resumed_ends_bit_identical(tmp_path, schedul
 
     settings = dict(steps=4, inner_steps=1, meta_batch_size=2, seed=3, progress=False, checkpoint_every=1,
                     batching="vmap", compile="aot_eager")  # fmt: skip
+    # each run stands for a fresh process: torch keeps at most recompile_limit (8) compiled versions of a
+    # function per process (every optimizer's step is one function to it), and runs it eagerly beyond
+    # that, so the compiles of the tests before would decide which of these runs steps compiled
+    torch._dynamo.reset()
 
     def run(folder, **extra):
         torch.manual_seed(0)
