@@ -223,7 +223,7 @@ class CompiledOuterStep:
     """``outer_optimizer.step()`` through ``torch.compile``, for a `metalearn.outer.MetaStep` with ``compile=``.
 
     One optimizer step is many small ops per parameter (Adam: about ten), run one by one eagerly on the
-    CPU; compiled, they are a few fused kernels (measured in ``benchmarks/meta_iteration.py``). The
+    CPU; compiled, they are a few fused kernels. The
     compiled code holds the learning rate and the other float settings as constants, so changing one
     (an LR scheduler) would compile again at every change: when the settings differ from those of
     the first call, this step runs the optimizer eagerly from then on, with a

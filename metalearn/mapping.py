@@ -437,7 +437,7 @@ def task_objective(
     output = omega(params, x_val)
     val_loss = default_loss(output, y_val)
     # a regression task's metric is its val loss (the mean squared error) as a value: read off it
-    # instead of computed again (four fewer batched ops per step, a few % of a small model's step)
+    # instead of computed again (four fewer batched ops per step)
     met = val_loss.detach() if y_val.is_floating_point() else metric(output, y_val)
     # the same tensor unless an fp16 meta-step's loss scale is active (`metalearn.precision`)
     return scale_for_backward(val_loss), met, losses

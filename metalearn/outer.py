@@ -95,8 +95,8 @@ def _grad_norm(grads: list[Tensor]) -> Tensor:
     """The 2-norm of all ``grads`` as one vector, computed as ``clip_grad_norm_`` does."""
     if not grads:
         return torch.zeros(())
-    # one fused call for the per-tensor norms (the values of clip_grad_norm_'s per-tensor norms; no
-    # per-step grouping of the tensors by device and dtype, which costs more than the norms here)
+    # one fused call for the per-tensor norms (the values of clip_grad_norm_'s per-tensor norms),
+    # without clip_grad_norm_'s grouping of the tensors by device and dtype in Python at every step
     norms = list(torch._foreach_norm(grads))
     if len({n.device for n in norms}) > 1:
         norms = [n.to(norms[0].device) for n in norms]
