@@ -92,7 +92,7 @@ class MetaStats:
 
 
 def _grad_norm(grads: list[Tensor]) -> Tensor:
-    """The 2-norm of all ``grads`` as one vector, computed as ``clip_grad_norm_`` does."""
+    """The 2-norm of all ``grads`` (or any tensors) as one vector, computed as ``clip_grad_norm_`` does."""
     if not grads:
         return torch.zeros(())
     # one fused call for the per-tensor norms (the values of clip_grad_norm_'s per-tensor norms),

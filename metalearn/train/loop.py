@@ -20,7 +20,7 @@ from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.modes.multi_step import mode_at_outer_step
-from metalearn.outer import MetaStep
+from metalearn.outer import MetaStep, _grad_norm
 from metalearn.precision import check_precision
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
@@ -68,11 +68,8 @@ def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tens
     params = list(omega.parameters()) if params is None else params
     if not params:
         return
-    with torch.no_grad():
-        norms = list(torch._foreach_norm(params))
-        if len({n.device for n in norms}) > 1:
-            norms = [n.to(norms[0].device) for n in norms]
-        if math.isfinite(torch.stack(norms).sum().item()):  # a sum of norms is NaN/Inf if any is
+    with torch.no_grad():  # the norm of every parameter as one vector: NaN/Inf if any entry is
+        if math.isfinite(_grad_norm(params).item()):
             return
     bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
     if not bad:
