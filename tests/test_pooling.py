@@ -120,3 +120,25 @@ def test_resnet12_pools_with_it() -> None:
     model = ResNet12(5, image_size=16, channels=(2, 2, 2, 2))
     assert sum(isinstance(m, MaxPool2x2) for m in model.modules()) == 4
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+def test_channels_last_input_runs_torchs_kernel_and_nchw_the_views(monkeypatch) -> None:
+    """A channels-last input goes to F.max_pool2d (vectorised over channels there); NCHW to the views.
+    Both give the same values and second-order gradients."""
+    calls = []
+    real = _MaxPool2x2.apply
+    monkeypatch.setattr(_MaxPool2x2, "apply", lambda x: calls.append(x.shape) or real(x))
+    x = with_ties((2, 4, 8, 6), torch.float64)
+    w = torch.randn(4, 1, 1, dtype=DT)
+
+    def meta(x: Tensor) -> Tensor:
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((max_pool_2x2(x * w).square() * w).sum(), x, create_graph=True)
+        (out,) = torch.autograd.grad(g.square().sum() + (max_pool_2x2(x) ** 3).sum(), x)
+        return out
+
+    nchw = meta(x)
+    assert len(calls) == 2
+    cl = meta(x.contiguous(memory_format=torch.channels_last))
+    assert len(calls) == 2, "the channels-last input took the views"
+    assert torch.equal(nchw, cl)

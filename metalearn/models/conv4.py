@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metalearn.models.batchnorm import BatchNorm
+from metalearn.models.layout import channels_last, runs_channels_last
 from metalearn.models.pooling import MaxPool2x2
 
 __all__ = ["Conv4", "conv4_feature_size"]
@@ -28,7 +29,10 @@ class Conv4(nn.Module):
     Each block runs the max-pool before the ReLU: the same function (max commutes with the
     ReLU, values are bit-identical) with the ReLU and its backward on a quarter of the elements.
     The max-pool is `MaxPool2x2`, ``nn.MaxPool2d(2)`` with a vectorised forward (the same values
-    and gradients).
+    and gradients). Under CPU bfloat16 autocast (``precision="bf16"``) the input is laid out
+    channels-last, which every layer keeps (`metalearn.models.layout`: oneDNN's bf16 convolutions
+    and torch's max-pool are fast in that layout; float32 stays NCHW, where its batch norm is more
+    accurate).
 
     Args:
         num_classes: outputs of the head (the number of ways N); 0 gives no head (an
@@ -58,4 +62,6 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if runs_channels_last(x):
+            x = channels_last(x)
         return self.head(self.features(x))
