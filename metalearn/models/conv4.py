@@ -31,8 +31,8 @@ class Conv4(nn.Module):
     The max-pool is `MaxPool2x2`, ``nn.MaxPool2d(2)`` with a vectorised forward (the same values
     and gradients). Under CPU bfloat16 autocast (``precision="bf16"``) the input is laid out
     channels-last, which every layer keeps (`metalearn.models.layout`: oneDNN's bf16 convolutions
-    and torch's max-pool are fast in that layout; float32 stays NCHW, where its batch norm is more
-    accurate).
+    and torch's max-pool are fast in that layout; float32 stays NCHW: torch's channels-last batch
+    norm is less accurate in float32).
 
     Args:
         num_classes: outputs of the head (the number of ways N); 0 gives no head (an

@@ -5,12 +5,12 @@ makes every convolution reorder its output back to NCHW (a copy of the whole act
 torch's CPU max-pool kernel is vectorised over channels only for channels-last inputs (in NCHW it
 scans each window in a scalar loop). So under CPU bf16 autocast (``precision="bf16"``) `Conv4`
 lays its input out channels-last, and every convolution, batch norm, ReLU and max-pool after it
-keeps that layout. The values are the same function either way (float64 agrees to ~1e-15); the
-layout changes only the order of floating-point accumulations.
+keeps that layout. The values are the same function either way (float64 meta-gradients agree to
+~1e-14); the layout changes only the order of floating-point accumulations.
 
 Float32 stays NCHW on purpose: there torch's channels-last batch norm accumulates less accurately
-and a second-order meta-gradient amplifies it (``benchmarks/channels_last.py``: ~100x the float32
-error of NCHW after 5 inner steps, docs/results.md), while under bf16 the error is bf16's own
+and a second-order meta-gradient amplifies it (``benchmarks/channels_last.py``: 100x the float32
+error of NCHW and more after 5 inner steps, docs/results.md), while under bf16 the error is bf16's own
 (the same benchmark reports both layouts in bf16). Inside ``torch.func.vmap`` (and while
 ``torch.compile`` traces) and on other devices nothing changes.
 """
