@@ -115,7 +115,8 @@ class CompiledMetaGradient:
     """The compiled meta-gradient of one ω, kept across steps (recompiled only for new shapes).
 
     Args:
-        omega: the meta-knowledge (not copied: its parameters are read at every call).
+        omega: the meta-knowledge (not copied: its parameters are listed at the first call and read at
+            every call).
         mode: an `Unrolled` mode.
         backend: a ``torch.compile`` backend (``"inductor"`` by default).
 
@@ -129,6 +130,7 @@ class CompiledMetaGradient:
         self.mode = mode
         self.compile_seconds: float | None = None
         self.failed: str | None = None
+        self._named: dict[str, Tensor] | None = None  # ω's parameters by name, listed at the first call
         objective = _MetaObjective(omega, mode.adapt_task)
 
         def meta_grad(
@@ -149,11 +151,14 @@ class CompiledMetaGradient:
     ) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor, Tensor], Tensor] | None:
         """ω's meta-gradients as (parameter, gradient) pairs, (val losses, metrics, inner losses) and
         their `_step_summary`, all computed in the compiled code; ``None`` if compiling failed (then the
-        caller runs the eager step; warned once). ω's parameters are listed afresh at each call (one
-        walk over its modules), so a parameter added or frozen between steps is seen."""
+        caller runs the eager step; warned once). ω's parameters are listed at the first call, as a
+        `metalearn.outer.MetaStep` lists them once (not a walk over ω's modules at every step); one
+        frozen between steps (``requires_grad_(False)``) is left out from then on."""
         if self.failed is not None:
             return None
-        named = {n: p for n, p in self.omega.named_parameters() if p.requires_grad}
+        if self._named is None:
+            self._named = dict(self.omega.named_parameters())
+        named = {n: p for n, p in self._named.items() if p.requires_grad}
         params: dict[str, Tensor] = {f"omega.{n}": p for n, p in named.items()}
         args = (*batch.train, *batch.val, inner_steps, self.mode.first_order)
         began = time.perf_counter()

@@ -279,13 +279,15 @@ def _accumulate(
     batching: str,
     generator: torch.Generator | None,
     speed: _Speed,
-) -> tuple[Tensor, Tensor, Tensor, tuple[list[float], Tensor] | None]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[list[float], Tensor] | None, str]:
     """The mode's meta-gradient into ω's ``.grad`` (compiled where ``speed`` has it), under the
     precision's autocast and loss scale; the gradients are unscaled afterwards.
 
-    Returns the mode's (val losses, metrics, inner losses) and, from a compiled step whose gradients
+    Returns the mode's (val losses, metrics, inner losses); from a compiled step whose gradients
     are all of ω's (every ``.grad`` was empty), its summary: the floats [meta loss, metric, inner loss
-    first, last, grad norm] and the norm as a tensor (for clipping); ``None`` otherwise.
+    first, last, grad norm] and the norm as a tensor (for clipping), ``None`` otherwise; and the
+    batching that ran. The user's ``batching`` is resolved (`MetaGradientMode.resolve_batching`) only
+    for an eager step: a compiled one is the vmap `metalearn.outer.MetaStep` resolved when it compiled.
     """
     device = batch.train[0].device
     scaling = speed.scaler.scaling() if speed.scaler is not None else contextlib.nullcontext()
@@ -293,10 +295,12 @@ def _accumulate(
     with autocast(speed.precision, device), scaling:
         out = speed.compiled(batch, inner_steps) if speed.compiled is not None else None
         if out is None:
+            batching = how.resolve_batching(omega, batching, device)
             accumulate = with_kernels(how.accumulate, speed.kernels, f"{type(how).__name__}.accumulate")
             chunks = _chunk_option(how, batching, speed.chunking)
             val_losses, metrics, inner = accumulate(omega, batch, inner_steps, batching, generator, **chunks)
         else:
+            batching = "vmap"  # the compiled step is one vmap over the tasks
             grads, (val_losses, metrics, inner), step_summary = out
             values = step_summary.tolist()  # the step's one host sync
             if not values.pop():  # a NaN/Inf loss: raised naming it, before ω's .grad is touched
@@ -310,7 +314,7 @@ def _accumulate(
             summary = (values, step_summary[4]) if fresh and speed.scaler is None else None
     if speed.scaler is not None:
         speed.scaler.unscale_([p.grad for p in speed.omega_params(omega) if p.grad is not None])
-    return val_losses, metrics, inner, summary
+    return val_losses, metrics, inner, summary, batching
 
 
 def _chunk_option(how: MetaGradientMode, batching: str, chunking: Chunking | None) -> dict[str, Any]:
@@ -369,8 +373,9 @@ def _meta_gradient(
     """
     speed = speed if speed is not None else _Speed()
     how = resolve_mode(gradient_mode, first_order)
-    batching = how.resolve_batching(omega, batching, batch.train[0].device)
-    val_losses, metrics, inner, compiled = _accumulate(omega, batch, inner_steps, how, batching, generator, speed)
+    val_losses, metrics, inner, compiled, batching = _accumulate(
+        omega, batch, inner_steps, how, batching, generator, speed
+    )
     # a compiled step summed itself up in its compiled code
     summed = compiled or _summary(val_losses, metrics, inner, inner_steps, speed.omega_params(omega))
     values, grad_norm = summed
