@@ -328,7 +328,15 @@ class MetaKnowledge(nn.Module):
         return initial_params(self.model_params(), n_tasks, generator, train=(x, y))
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """Runs the model with parameters ``params`` (θ) on ``x``."""
+        """Runs the model with parameters ``params`` (θ) on ``x``: ``torch.func.functional_call``, or the
+        model's own ``forward_with(params, x)`` where its class defines one in its own body (a subclass
+        that does not define it again is not trusted with its parent's: its ``forward`` may differ).
+        ``forward_with`` must compute what functional_call computes; `metalearn.models.MLP` has one.
+        While ``torch.compile`` traces, functional_call: the compiled code has no Python to save."""
+        if not torch.compiler.is_compiling():
+            forward_with = type(self.model).__dict__.get("forward_with")
+            if forward_with is not None:
+                return forward_with(self.model, params, x)
         return functional_call(self.model, dict(params), (x,))
 
     def inner_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
