@@ -194,6 +194,9 @@ def run_vmapped(fn: Callable, in_dims: tuple, *args, kernels: str = "auto", rout
     Raises:
         ValueError: ``fn`` called a random operation.
     """
+    # a dict whose every entry is shared is one shared argument to vmap: the same mapping, without
+    # matching each tensor to its own None at every call
+    in_dims = tuple(None if isinstance(d, dict) and not any(v is not None for v in d.values()) else d for d in in_dims)
     try:
         with exact_norms(kernels) if route_norms else nullcontext():
             return vmap(fn, in_dims=in_dims)(*args)
