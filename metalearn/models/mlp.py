@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +12,6 @@ from torch.func import functional_call
 from torch.nn.modules import module as _module
 
 __all__ = ["MLP"]
-
-#: torch's hooks on every module (`nn.modules.module.register_module_forward_hook` & co.); a name missing
-#: from this torch counts as a hook, so `MLP.forward_with` then takes the general path
-_GLOBAL_HOOKS = ("_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_pre_hooks",
-                 "_global_forward_hooks")  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -56,29 +52,47 @@ class MLP(nn.Module):
         """
         if not self._direct():
             return functional_call(self, dict(params), (x,))
-        for name, layer in self.layers._modules.items():
+        layers = self._modules["layers"]
+        assert layers is not None  # `_direct` checked it
+        for name, layer in layers._modules.items():
             if type(layer) is nn.Linear:
-                weight = params.get(f"layers.{name}.weight", layer.weight)
-                x = F.linear(x, weight, params.get(f"layers.{name}.bias", layer.bias))
+                own = layer._parameters
+                weight = cast(Tensor, params.get(f"layers.{name}.weight", own["weight"]))  # a Linear has one
+                x = F.linear(x, weight, params.get(f"layers.{name}.bias", own["bias"]))
             else:
+                assert layer is not None
                 x = layer(x)  # torch.nn's activations and the like: no tensors of their own
         return x
 
     def _direct(self) -> bool:
-        """Whether `forward_with` may call the layers itself (see there)."""
-        if type(self).forward is not MLP.forward or type(self.layers) is not nn.Sequential:
+        """Whether `forward_with` may call the layers itself (see there). It runs at every forward, so
+        it reads the modules' own dicts rather than going through ``nn.Module.__getattr__``."""
+        if type(self).forward is not MLP.forward or torch._C._get_tracing_state() or _global_hooks():
             return False
-        if torch._C._get_tracing_state() or any(getattr(_module, name, True) for name in _GLOBAL_HOOKS):
+        layers = self._modules.get("layers")
+        if type(layers) is not nn.Sequential:
             return False
         seen: set[int] = set()
-        for m in (self, self.layers, *self.layers._modules.values()):
+        for m in (self, layers, *layers._modules.values()):
             if m is None or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
             if type(m) is nn.Linear:
-                for t in (m.weight, m.bias):
+                for t in m._parameters.values():
                     if t is not None and id(t) in seen:  # tied: functional_call unties, this would not
                         return False
                     seen.add(id(t))
-            elif m is not self and m is not self.layers and (m._parameters or m._buffers or m._modules):
+            elif m is not self and m is not layers and (m._parameters or m._buffers or m._modules):
                 return False
+        return True
+
+
+def _global_hooks() -> bool:
+    """Whether torch has a hook on every module (``nn.modules.module.register_module_forward_hook`` & co.);
+    True also on a torch without these (private) names, so `MLP.forward_with` takes the general path."""
+    try:
+        return bool(
+            _module._global_backward_pre_hooks or _module._global_backward_hooks
+            or _module._global_forward_pre_hooks or _module._global_forward_hooks
+        )  # fmt: skip
+    except AttributeError:
         return True
