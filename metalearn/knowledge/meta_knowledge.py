@@ -122,16 +122,25 @@ def architecture_paths(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, ArchitecturePart) and name]
 
 
-def _under(name: str, paths: list[str]) -> bool:
-    return any(name.startswith(path + ".") for path in paths)
-
-
 def theta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The filter that says which of ``model``'s parameters θ holds: all but those of its
     `ArchitecturePart`\\ s (e.g. DARTS's α), which are meta-parameters of ω and never adapted
     or drawn by an init. The names are ``model.named_parameters()``'s, in its order."""
-    paths = architecture_paths(model)
-    return {n: p for n, p in model.named_parameters() if not _under(n, paths)}
+    # one walk (it runs at every step): `named_parameters()`'s names and order, those under a part left out
+    hidden: list[str] = []
+    seen: set[int] = set()
+    theta: dict[str, nn.Parameter] = {}
+    for path, module in model.named_modules():
+        if path and isinstance(module, ArchitecturePart):
+            hidden.append(path + ".")
+        for key, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{path}.{key}" if path else key
+            if not name.startswith(tuple(hidden)):
+                theta[name] = p
+    return theta
 
 
 def _architecture_parts(model: nn.Module) -> list[ArchitecturePart]:
