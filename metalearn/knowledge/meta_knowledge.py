@@ -127,18 +127,18 @@ def theta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     `ArchitecturePart`\\ s (e.g. DARTS's α), which are meta-parameters of ω and never adapted
     or drawn by an init. The names are ``model.named_parameters()``'s, in its order."""
     # one walk (it runs at every step): `named_parameters()`'s names and order, those under a part left out
-    hidden: list[str] = []
+    hidden: tuple[str, ...] = ()
     seen: set[int] = set()
     theta: dict[str, nn.Parameter] = {}
     for path, module in model.named_modules():
         if path and isinstance(module, ArchitecturePart):
-            hidden.append(path + ".")
+            hidden += (path + ".",)
         for key, p in module._parameters.items():
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
             name = f"{path}.{key}" if path else key
-            if not name.startswith(tuple(hidden)):
+            if not name.startswith(hidden):
                 theta[name] = p
     return theta
 
