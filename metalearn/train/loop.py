@@ -7,7 +7,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,23 +40,33 @@ from metalearn.train.sources import (
     warn_if_wrapping,
 )
 
-__all__ = ["meta_train", "set_outer_step"]
+__all__ = ["meta_train", "schedule_hooks", "set_outer_step"]
 
 
-def set_outer_step(omega: MetaKnowledge, step: int) -> None:
+def set_outer_step(omega: MetaKnowledge, step: int, hooks: Sequence[Callable[[int], Any]] | None = None) -> None:
     """Tells every part of ω with a schedule (e.g. an annealed temperature) the outer step.
 
     Parts opt in by defining ``set_outer_step(step)``; it is called before each meta-step,
     so the schedule is a pure function of the step and a resumed run follows it exactly.
+    ``hooks``: `schedule_hooks` of ω taken once (`meta_train` takes them at the start of a run,
+    as it lists ω's parameters once); ``None`` finds them now.
     """
+    for hook in schedule_hooks(omega) if hooks is None else hooks:
+        hook(step)
+
+
+def schedule_hooks(omega: MetaKnowledge) -> list[Callable[[int], Any]]:
+    """The ``set_outer_step`` methods of ω's modules that define one (on the instance or its class)."""
+    hooks = []
     for module in omega.modules():
         # looked up on the instance's dict and its class: `getattr(module, ...)` would raise and catch
-        # nn.Module's AttributeError for every module without the hook, at every step
+        # nn.Module's AttributeError for every module without the hook
         if "set_outer_step" not in module.__dict__ and not hasattr(type(module), "set_outer_step"):
             continue
         hook = getattr(module, "set_outer_step", None)
         if callable(hook):
-            hook(step)
+            hooks.append(hook)
+    return hooks
 
 
 def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tensor] | None = None) -> None:
@@ -120,11 +130,13 @@ def _run_identity(cfg: TrainConfig, tasks: Any, user: Mapping[str, Any] | None, 
     return identity
 
 
-def _sharded_stats(run: Run, mine: RankBatch, step: int, device: torch.device) -> dict[str, Any]:
+def _sharded_stats(
+    run: Run, mine: RankBatch, step: int, device: torch.device, hooks: Sequence[Callable[[int], Any]] | None = None
+) -> dict[str, Any]:
     """Meta-step ``step`` on this rank's share of the meta-batch, reduced over the ranks (`metalearn.distributed`)."""
     cfg, shard = run.config, run.shard
     assert shard is not None
-    set_outer_step(run.omega, step)
+    set_outer_step(run.omega, step, hooks)
     return sharded_meta_step(
         shard,
         run.omega,
@@ -169,7 +181,12 @@ def _meta_step_of(run: Run) -> MetaStep:
 
 
 def _one_step(
-    run: Run, source: IndexedSource | IterableSource, step: int, device: torch.device, stepper: MetaStep | None = None
+    run: Run,
+    source: IndexedSource | IterableSource,
+    step: int,
+    device: torch.device,
+    stepper: MetaStep | None = None,
+    hooks: Sequence[Callable[[int], Any]] | None = None,
 ) -> Row:
     """Meta-step ``step`` (data, schedule, meta_step, checks, scheduler); returns its log row."""
     cfg, omega = run.config, run.omega
@@ -180,10 +197,10 @@ def _one_step(
         if run.shard is not None:
             mine = source.shard_batch(step, run.shard)
             indices = mine.indices
-            stats = _sharded_stats(run, mine, step, device)
+            stats = _sharded_stats(run, mine, step, device, hooks)
         else:
             batch, indices = source.batch(step)
-            set_outer_step(omega, step)
+            set_outer_step(omega, step, hooks)
             # a scheduled mode (MultiStepLoss) learns the outer step
             stats = stepper(to_device(batch, device), generator=step_generator(cfg.seed, step), outer_step=step)
     except NonFiniteError as err:
@@ -221,6 +238,7 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     device = omega_device(run.omega)
     run.open_logs(start)
     stepper = _meta_step_of(run)
+    hooks = schedule_hooks(run.omega)  # once per run, like ω's parameter list (`MetaStep`)
     if run.shard is not None and cfg.compile:
         warnings.warn(
             f"compile={cfg.compile!r}: a torch.distributed run's sharded steps run eagerly (the compiled form is "
@@ -233,7 +251,7 @@ def _loop(run: Run, source: IndexedSource | IterableSource, start: int, callback
     bar = tqdm(total=cfg.steps, initial=start, disable=quiet, desc=label, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.steps):
-            row = _one_step(run, source, step, device, stepper)
+            row = _one_step(run, source, step, device, stepper, hooks)
             val_row, stop = _after_step(run, step, row, callback)
             postfix = {"meta_loss": f"{row['meta_loss']:.4g}"}
             if val_row is not None:
