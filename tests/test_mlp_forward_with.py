@@ -38,7 +38,9 @@ def test_forward_with_equals_functional_call_bit_for_bit(dtype, activation) -> N
     assert torch.equal(model.forward_with(head_only, x), functional_call(model, head_only, (x,)))
 
 
-def test_meta_gradients_equal_functional_calls_under_vmap_and_the_loop_to_second_order() -> None:
+def test_meta_gradients_equal_functional_calls_under_vmap_and_the_loop_to_second_order(monkeypatch) -> None:
+    # torch.func's vmap itself (an MLP's vmap path otherwise runs task-batched: tests/test_task_batched.py)
+    monkeypatch.setattr("metalearn.modes.unrolled.runs_task_batched", lambda *args: False)
     tasks = Sinusoid(5, 5, seed=0)
     batch = tasks.batch(range(6))
     batch = type(batch)(train=tuple(t.to(DT) for t in batch.train), val=tuple(t.to(DT) for t in batch.val))

@@ -429,6 +429,8 @@ def test_a_norm_free_model_runs_without_the_mode_and_gets_the_routed_meta_gradie
         return real(kernels)
 
     monkeypatch.setattr(mapping, "exact_norms", counting)
+    # torch.func's vmap itself (an MLP's unrolled vmap path otherwise runs task-batched: test_task_batched.py)
+    monkeypatch.setattr(unrolled, "runs_task_batched", lambda *args: False)
     batch = regression()
     torch.manual_seed(0)
     omega = maml(MLP((3, HID, HID, 1)).to(DT), lr=0.3)

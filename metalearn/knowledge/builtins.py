@@ -35,6 +35,7 @@ class InnerSGD(_ScaleByLearningRate):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(self, lr: float) -> None:
         if not lr > 0:
@@ -60,6 +61,7 @@ class MetaSGD(_ScaleByLearningRate):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(self, init_lr: float | None = None, *, lr: float | None = None) -> None:
         if (init_lr is None) == (lr is None):

@@ -47,6 +47,7 @@ class PerStepLR(OptimizerPart):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(self, lr: float, steps: int) -> None:
         super().__init__()

@@ -64,6 +64,7 @@ class _Preset(Chain):
     """A named chain with a fixed set of hyper-parameters, readable by name with `hyper`."""
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def hyper(self, name: str, param_name: str | None = None) -> Tensor | float:
         """The value of hyper-parameter ``name`` for ``param_name`` (a float if fixed, else a tensor)."""
@@ -95,6 +96,7 @@ class MomentumSGD(_Preset):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class InnerAdam(_Preset):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(
         self,

@@ -129,6 +129,7 @@ class LearnedHyper(nn.ParameterDict):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # scalars or θ-shaped values, which broadcast: `metalearn.task_batched.elementwise`
 
     def __init__(self, rule: str, name: str, spec: Learned) -> None:
         super().__init__()
@@ -232,6 +233,7 @@ class _ScaleByLearningRate(Rule):
     """u = -lr · g (a positive learning rate)."""
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     HYPER = {"lr": "positive"}
 
@@ -252,6 +254,7 @@ class _Scale(Rule):
     """u = factor · g (any real factor)."""
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     HYPER = {"factor": "real"}
 
@@ -263,6 +266,7 @@ class _Trace(Rule):
     """Momentum, ``torch.optim.SGD``'s convention: b_k = μ b_{k-1} + g_k; u = b_k (Nesterov: g_k + μ b_k)."""
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     HYPER = {"momentum": "unit"}
 
@@ -290,6 +294,7 @@ class _ScaleByAdam(Rule):
     r"""Adam's direction: :math:`\hat m / (\sqrt{\hat v} + \epsilon)` with torch.optim's bias corrections."""
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     HYPER = {"beta1": "unit", "beta2": "unit", "eps": "positive"}
 
@@ -321,6 +326,7 @@ class Chain(OptimizerPart):
     """
 
     native_norm_free = True  # calls no fused norm itself: `metalearn.exact_norms.norm_free`
+    elementwise = True  # updates each entry from that entry alone: `metalearn.task_batched.elementwise`
 
     def __init__(self, *rules: OptimizerPart) -> None:
         super().__init__()

@@ -64,6 +64,41 @@ class MLP(nn.Module):
                 x = layer(x)  # torch.nn's activations and the like: no tensors of their own
         return x
 
+    def forward_batched(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """`forward_with` on a stack of tasks: every tensor of ``params`` (all of the model's, by name)
+        has a leading task dimension T and ``x`` is ``[T, N, ..., in]``; row t of the ``[T, N, ..., out]``
+        output is ``forward_with({k: v[t] for k, v in params.items()}, x[t])`` (up to rounding: one
+        ``torch.baddbmm`` per layer instead of T ``F.linear`` calls).
+
+        What the vmap batching of the unrolled mode runs the model with on the CPU
+        (`metalearn.task_batched`); only when `task_batched_ready` says so.
+        """
+        layers = self._modules["layers"]
+        assert layers is not None
+        tasks, lead = x.shape[0], x.shape[1:-1]
+        h = x.reshape(tasks, -1, x.shape[-1])
+        for name, layer in layers._modules.items():
+            if type(layer) is nn.Linear:
+                weight, bias = params[f"layers.{name}.weight"], params.get(f"layers.{name}.bias")
+                if bias is None:
+                    h = torch.bmm(h, weight.transpose(1, 2))
+                else:
+                    h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            else:
+                assert layer is not None
+                h = layer(h)  # elementwise (`task_batched_ready`): the same on the stack as on each task
+        return h.reshape(tasks, *lead, h.shape[-1])
+
+    def task_batched_ready(self) -> bool:
+        """Whether `forward_batched` computes what `forward_with` does for each task: `forward_with`'s
+        own conditions, and every layer between the linear ones an elementwise activation of torch.nn
+        (a norm or dropout layer would mix or draw across the stack)."""
+        if not self._direct():
+            return False
+        layers = self._modules["layers"]
+        assert layers is not None
+        return all(type(m) is nn.Linear or type(m) in _ELEMENTWISE for m in layers._modules.values())
+
     def _direct(self) -> bool:
         """Whether `forward_with` may call the layers itself (see there). It runs at every forward, so
         it reads the modules' own dicts rather than going through ``nn.Module.__getattr__``."""
@@ -84,6 +119,13 @@ class MLP(nn.Module):
             elif m is not self and m is not layers and (m._parameters or m._buffers or m._modules):
                 return False
         return True
+
+
+#: torch.nn activations that act on each entry alone, so on a stack of tasks as on each task
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
+)
 
 
 def _global_hooks() -> bool:

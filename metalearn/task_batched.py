@@ -1,0 +1,149 @@
+r"""The vmap batching without ``torch.func.vmap``: a model's own forward over a stack of tasks.
+
+``batching="vmap"`` runs every task of a batch in one computation. For a small model that is
+bound by per-operation overhead (the sinusoid MLP: 25 tasks of 10 points), ``torch.func.vmap``
+spends much of a meta-step wrapping and unwrapping every operation, forward and backward. Where
+the model can run a whole stack of tasks itself (``forward_batched``: θ with a leading task
+dimension, inputs ``[tasks, N, ...]``, e.g. `metalearn.models.MLP` with ``torch.baddbmm``), the
+unrolled inner loop runs on plain tensors instead:
+
+.. math::
+
+    \theta^{(t)}_0 = \theta_0 \ \text{(an expand over tasks)}, \qquad
+    g^{(t)}_k = \nabla_{\theta^{(t)}_k} \sum_s L^{train}_s\big(\theta^{(s)}_k\big)
+             = \nabla L^{train}_t\big(\theta^{(t)}_k\big),
+
+one ``torch.autograd.grad`` of the sum of the per-task losses gives every task its own gradient,
+because task s's loss does not depend on task t's parameters. ω's update rule is applied to the
+stacks at once, which is the same only for a rule that updates each entry from that entry alone
+(`elementwise`), and the mean val loss is backpropagated once, as under vmap. The meta-gradient
+equals the torch.func vmap path's up to rounding (tested in float64, with the loop's too).
+
+`runs_task_batched` says when this runs (every condition is needed for the same function;
+otherwise torch.func's vmap runs, as before): the `metalearn.modes.Unrolled` mode on CPU tensors,
+a plain `MetaKnowledge` with `PointInit` and the default inner loss, an `elementwise` rule, every
+adapted parameter requiring grad (first order: none static), a model whose class defines
+``forward_batched`` and ``task_batched_ready()`` in its own body and is ready, inputs with a task
+and an example dimension, grad mode on, and no ``torch.func`` transform or ``torch.compile``
+trace around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalearn.kernels import check_kernels
+from metalearn.knowledge.builtins import PointInit
+from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape
+from metalearn.knowledge.parts import Params
+from metalearn.knowledge.rules import fused_step
+from metalearn.precision import scale_for_backward
+
+__all__ = ["batched_task_objective", "elementwise", "runs_task_batched"]
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterDict, nn.ParameterList)
+
+
+def elementwise(part: nn.Module) -> bool:
+    """Whether every module of the update rule ``part`` is of a class that declares ``elementwise = True``
+    in its own body (or is a torch container): its update of each entry reads only that entry of θ, of
+    the gradient and of the state, and hyper-parameters that broadcast against θ, so it is the same on
+    a ``[tasks, ...]`` stack of θ as on each task's θ. A subclass that does not re-declare it is not
+    trusted (its update may differ). The library's SGD, Meta-SGD, per-step (LSLR), momentum and Adam
+    rules and their chains declare it; a rule that reduces over a tensor (a norm, a mean) must not.
+    """
+    return all(type(m).__dict__.get("elementwise", False) is True or type(m) in _CONTAINERS for m in part.modules())
+
+
+def runs_task_batched(
+    omega: MetaKnowledge, theta0: Params, x_train: Tensor, first_order: bool, kernels: str = "auto"
+) -> bool:
+    """Whether the unrolled mode's vmap batching runs as `batched_task_objective` (the module docstring
+    lists the conditions), with ``theta0`` = ``omega.model_params()``. Cheap: it runs at every step."""
+    model = omega.model
+    cls = type(model)
+    if type(omega) is not MetaKnowledge or type(omega.init) is not PointInit or omega.init.uses_train_data:
+        return False
+    if omega.loss is not None or kernels == "triton" or x_train.device.type != "cpu" or x_train.ndim < 3:
+        return False
+    if "forward_batched" not in cls.__dict__ or "task_batched_ready" not in cls.__dict__:
+        return False
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is None or peek() is not None:  # inside vmap/grad: their own batching applies
+        return False
+    if not omega.adapted_names or (first_order and omega.static_names):
+        return False
+    if not all(theta0[n].requires_grad for n in omega.adapted_names):
+        return False
+    return elementwise(omega.optimizer) and bool(cls.__dict__["task_batched_ready"](model))
+
+
+def _per_task_loss(output: Tensor, target: Tensor) -> Tensor:
+    """`metalearn.knowledge.meta_knowledge.default_loss` of each task of a ``[tasks, ...]`` stack: ``[tasks]``."""
+    check_target_shape(output[0], target[0])  # shapes of one task, as the per-task call checks them
+    if target.is_floating_point():
+        return (output - target).square().flatten(1).mean(1)
+    tasks, classes = output.shape[0], output.shape[-1]
+    per_example = F.cross_entropy(output.reshape(-1, classes), target.reshape(-1), reduction="none")
+    return per_example.view(tasks, -1).mean(1)
+
+
+def _per_task_metric(output: Tensor, target: Tensor) -> Tensor:
+    """`metalearn.mapping.metric` of each task: accuracy or mean squared error, ``[tasks]``."""
+    output = output.detach()
+    if target.is_floating_point():
+        return (output - target).square().flatten(1).mean(1)
+    return (output.argmax(-1) == target).to(output.dtype).flatten(1).mean(1)
+
+
+def batched_task_objective(
+    omega: MetaKnowledge,
+    theta0: Params,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    inner_steps: int,
+    first_order: bool,
+    kernels: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every task of the stack adapted from ω's θ0 and scored: ``(val losses [tasks], val metrics
+    [tasks], inner losses [tasks, inner_steps])``, what ``vmap(task_objective)`` returns; ``theta0`` is
+    ``omega.model_params()`` (`PointInit`'s θ0, shared by every task).
+
+    Only where `runs_task_batched` says so. The inner gradients are taken with
+    ``torch.autograd.grad`` of the summed per-task losses (``create_graph=True``; first order:
+    of detached θ_k, so the gradients are constants and θ_K still depends on θ0 and the rule's
+    meta-parameters through the updates).
+    """
+    check_kernels(kernels, x_train.device)
+    n = x_train.shape[0]
+    model = omega.model
+    forward_batched = type(model).__dict__["forward_batched"]  # the class's own (`runs_task_batched`)
+
+    def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return forward_batched(model, params, x)
+
+    theta = {k: p.expand(n, *p.shape) for k, p in theta0.items()}
+    static = {k: theta[k] for k in omega.static_names}
+    fast = {k: theta[k] for k in omega.adapted_names}
+    state = omega.optimizer.init_state(fast)
+    losses = []
+    for k in range(inner_steps):
+        at = {name: t.detach().requires_grad_() for name, t in fast.items()} if first_order else fast
+        per_task = _per_task_loss(forward({**static, **at}, x_train), y_train)
+        grad_list = torch.autograd.grad(
+            per_task.sum(), list(at.values()), create_graph=not first_order, materialize_grads=True
+        )
+        fast, state = fused_step(omega.optimizer, fast, dict(zip(at, grad_list, strict=True)), state, k, kernels)
+        losses.append(per_task)
+    output = forward({**static, **fast}, x_val)
+    val_losses = _per_task_loss(output, y_val)
+    met = val_losses.detach() if y_val.is_floating_point() else _per_task_metric(output, y_val)
+    inner = torch.stack(losses, dim=1) if losses else x_train.new_zeros(n, 0)
+    return scale_for_backward(val_losses), met, inner
+
