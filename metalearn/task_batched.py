@@ -92,12 +92,10 @@ def _per_task_loss(output: Tensor, target: Tensor) -> Tensor:
     return per_example.view(tasks, -1).mean(1)
 
 
-def _per_task_metric(output: Tensor, target: Tensor) -> Tensor:
-    """`metalearn.mapping.metric` of each task: accuracy or mean squared error, ``[tasks]``."""
-    output = output.detach()
-    if target.is_floating_point():
-        return (output - target).square().flatten(1).mean(1)
-    return (output.argmax(-1) == target).to(output.dtype).flatten(1).mean(1)
+def _per_task_accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """`metalearn.mapping.metric` of each task for class targets: the accuracy, ``[tasks]`` (a regression
+    task's metric is its val loss, read off it as `metalearn.mapping.task_objective` does)."""
+    return (output.detach().argmax(-1) == target).to(output.dtype).flatten(1).mean(1)
 
 
 def batched_task_objective(
@@ -143,7 +141,7 @@ def batched_task_objective(
         losses.append(per_task)
     output = forward({**static, **fast}, x_val)
     val_losses = _per_task_loss(output, y_val)
-    met = val_losses.detach() if y_val.is_floating_point() else _per_task_metric(output, y_val)
+    met = val_losses.detach() if y_val.is_floating_point() else _per_task_accuracy(output, y_val)
     inner = torch.stack(losses, dim=1) if losses else x_train.new_zeros(n, 0)
     return scale_for_backward(val_losses), met, inner
 
