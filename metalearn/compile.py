@@ -215,6 +215,14 @@ def _hyper_parameters(optimizer: torch.optim.Optimizer) -> tuple:
     )
 
 
+def _zero_learning_rate(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's Adam (or AdamW, its subclass), whose compiled step divides by the
+    learning rate, with a learning rate of exactly 0 (a float or a tensor) in a param group."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        return False
+    return any(float(group.get("lr", 1.0)) == 0.0 for group in optimizer.param_groups)
+
+
 def compiles_outer_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `CompiledOuterStep` compiles ``optimizer``'s step: for torch.optim's own optimizers (their
     step is written for ``torch.compile``; LBFGS, which needs a closure, excepted). An optimizer of
@@ -233,7 +241,9 @@ class CompiledOuterStep:
     (an LR scheduler) would compile again at every change: when the settings differ from those of
     the first call, this step runs the optimizer eagerly from then on, with a
     `CompileFallbackWarning` saying so (a learning rate held in a tensor, changed in place, stays
-    compiled). Where compiling fails, the eager step runs too (warned once). The compiled update
+    compiled). Adam (and AdamW) with a learning rate of 0 in any group steps eagerly too, warned: traced,
+    it takes its capturable form, which divides by the learning rate (with lr=0 every parameter became
+    NaN, torch 2.13). Where compiling fails, the eager step runs too (warned once). The compiled update
     equals the eager one up to rounding (tested), with one difference of torch's own: compiled, Adam
     and its kin compute the bias corrections 1 - β^t in their float32 ``step`` tensor instead of in
     Python floats, so the first updates' size differs by up to ~5e-5 relatively (1 - 0.999 in
@@ -267,6 +277,12 @@ class CompiledOuterStep:
         self._compiled = torch.compile(optimizer.step, backend=backend)
 
     def __call__(self) -> None:
+        if self.eager is None and _zero_learning_rate(self.optimizer):
+            # traced, torch's Adam takes its capturable form, which divides by the learning rate
+            # (`eps / step_size_neg`): a zero lr would make every parameter NaN
+            name = type(self.optimizer).__name__
+            self._fall_back(f"a param group's learning rate is 0, which torch's compiled {name} step divides by "
+                            "(ω would become NaN)")
         if self.eager is None:
             settings = _hyper_parameters(self.optimizer)
             if self._settings is None:

@@ -237,3 +237,18 @@ def test_a_compiled_run_stopped_and_resumed_ends_bit_identical(tmp_path, schedul
     resumed = run("cut")
     for (n, p), q in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_a_zero_learning_rate_steps_eagerly_instead_of_making_omega_nan() -> None:
+    """Traced, torch's Adam takes its capturable form, which divides by the learning rate: with lr=0 every
+    parameter became NaN (torch 2.13). The compiled outer step runs such an optimizer eagerly, warned."""
+    from metalearn.compile import CompiledOuterStep
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    adam = torch.optim.Adam([p], lr=0.0)
+    step = CompiledOuterStep(adam, backend="aot_eager")
+    p.grad = torch.full_like(p, 0.5)
+    with pytest.warns(CompileFallbackWarning, match="learning rate is 0"):
+        step()
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64)) and step.eager is not None
+    assert adam.state[p]["exp_avg"].abs().sum() > 0  # it did step (eagerly): Adam's moments moved
