@@ -215,7 +215,7 @@ def _hyper_parameters(optimizer: torch.optim.Optimizer) -> tuple:
     )
 
 
-def _zero_learning_rate(optimizer: torch.optim.Optimizer) -> bool:
+def _adam_at_zero_lr(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is torch's Adam (or AdamW, its subclass), whose compiled step divides by the
     learning rate, with a learning rate of exactly 0 (a float or a tensor) in a param group."""
     if not isinstance(optimizer, torch.optim.Adam):
@@ -277,7 +277,7 @@ class CompiledOuterStep:
         self._compiled = torch.compile(optimizer.step, backend=backend)
 
     def __call__(self) -> None:
-        if self.eager is None and _zero_learning_rate(self.optimizer):
+        if self.eager is None and _adam_at_zero_lr(self.optimizer):
             # traced, torch's Adam takes its capturable form, which divides by the learning rate
             # (`eps / step_size_neg`): a zero lr would make every parameter NaN
             name = type(self.optimizer).__name__

@@ -51,6 +51,7 @@ __all__ = [
     "check_finite_losses",
     "check_finite_task_losses",
     "inner_loop",
+    "plain_autograd_applies",
 ]
 
 
@@ -272,15 +273,20 @@ def _inner_objective(
 def _use_plain_autograd(omega: MetaKnowledge, theta0: Mapping[str, Tensor], first_order: bool) -> bool:
     """Whether the inner gradients can come from ``torch.autograd.grad`` instead of ``torch.func``.
 
-    Only second order, outside every ``torch.func`` transform and ``torch.compile`` tracing
-    (where double backward through ``autograd.grad`` is unsupported), with grad mode on and every
-    adapted tensor of θ0 requiring grad: then ``autograd.grad(..., create_graph=True)`` gives
-    the same gradients with the same graph as ``grad_and_value``, and skips functorch's
+    Only second order, where `plain_autograd_applies`: then ``autograd.grad(..., create_graph=True)``
+    gives the same gradients with the same graph as ``grad_and_value``, and skips functorch's
     per-op wrapping (the loop path's per-task overhead). First order keeps ``torch.func``:
     its inner gradients of detached θ_k still depend on static meta-parameters (ANIL's body,
     a learned loss), which plain autograd would only keep at the cost of a graph to θ_k too.
     """
-    if first_order or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    return not first_order and plain_autograd_applies(omega, theta0)
+
+
+def plain_autograd_applies(omega: MetaKnowledge, theta0: Mapping[str, Tensor]) -> bool:
+    """Whether ``torch.autograd.grad`` can differentiate ω's inner loss here: outside every ``torch.func``
+    transform and ``torch.compile`` tracing (where double backward through ``autograd.grad`` is
+    unsupported), with grad mode on and every adapted tensor of θ0 requiring grad."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     if peek is None or peek() is not None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.inner import plain_autograd_applies
 from metalearn.kernels import check_kernels
 from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape
@@ -70,14 +71,9 @@ def runs_task_batched(
         return False
     if "forward_batched" not in cls.__dict__ or "task_batched_ready" not in cls.__dict__:
         return False
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    if peek is None or peek() is not None:  # inside vmap/grad: their own batching applies
-        return False
     if not omega.adapted_names or (first_order and omega.static_names):
         return False
-    if not all(theta0[n].requires_grad for n in omega.adapted_names):
+    if not plain_autograd_applies(omega, theta0):  # inside vmap/grad their own batching applies
         return False
     return elementwise(omega.optimizer) and bool(cls.__dict__["task_batched_ready"](model))
 
