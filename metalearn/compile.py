@@ -8,7 +8,9 @@ meta-gradient (Finn et al., 2017):
 
 as ``torch.func.grad`` over the ``torch.func.vmap``-ped task objective (the inner gradients by
 ``torch.func.grad_and_value`` inside), traced with ``fullgraph=True`` under
-``torch._dynamo.config.trace_autograd_ops`` (patched for the call only, restored after). It
+``torch._dynamo.config.trace_autograd_ops`` (patched for the call only, restored after) and called
+under ``torch.no_grad()``, so that it compiles to an inference graph (it computes its gradient
+itself: an autograd graph to ω around it would only save activations for nothing). It
 is the same function as the eager vmap path, so it gives the same meta-gradient (the tests
 compare them in float64).
 
@@ -163,8 +165,11 @@ class CompiledMetaGradient:
         args = (*batch.train, *batch.val, inner_steps, self.mode.first_order)
         began = time.perf_counter()
         try:
-            # scoped: double backward inside the trace needs dynamo to trace autograd ops
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            # scoped: double backward inside the trace needs dynamo to trace autograd ops. Under no_grad
+            # (torch.func.grad inside ignores it): with ω's parameters requiring grad, AOT autograd would
+            # compile a forward/backward pair that saves every activation for a backward never run
+            # (the sinusoid step took ~2x as long so)
+            with torch._dynamo.config.patch(trace_autograd_ops=True), torch.no_grad():
                 grads, aux, summary = self._compiled(params, *args)
         except Exception as err:  # noqa: BLE001 - any trace/compile failure falls back to the eager step
             lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]  # e.g. the backend's own error
@@ -178,8 +183,7 @@ class CompiledMetaGradient:
             return None
         if self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - began
-        # detached: the compiled function's outputs carry a graph to its inputs (ω's parameters)
-        pairs = [(named[n.removeprefix("omega.")], g.detach()) for n, g in grads.items()]
+        pairs = [(named[n.removeprefix("omega.")], g) for n, g in grads.items()]
         return pairs, aux, summary  # type: ignore[return-value]
 
 

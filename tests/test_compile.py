@@ -52,6 +52,12 @@ def test_compiled_meta_gradient_equals_the_eager_one_at_every_step(first_order: 
     assert step.compile_seconds is not None and step.compile_seconds > 0
     assert step._speed.compiled is not None and step._speed.compiled.failed is None  # reused, never fell back
     assert not any(p.grad.requires_grad for p in compiled.parameters())  # plain gradients, no graph kept
+    # run under no_grad, the compiled code is an inference graph: no autograd graph to ω at its outputs
+    # (with one, AOT autograd saves every activation of the step for a backward never run)
+    pairs, aux, summary = step._speed.compiled(_batch(), 2)
+    assert torch.is_grad_enabled()
+    assert all(g.grad_fn is None and not g.requires_grad for _, g in pairs)
+    assert all(t.grad_fn is None for t in (*aux, summary))
     for g, g_eager in zip(grads, eager_grads, strict=True):
         assert g.keys() == g_eager.keys()
         for n in g_eager:
