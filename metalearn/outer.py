@@ -123,6 +123,25 @@ def _raise_non_finite_grad(name: str) -> None:
     )
 
 
+def _raise_if_omega_non_finite(omega: MetaKnowledge, err: NonFiniteError) -> None:
+    """Raises a `NonFiniteError` naming ω's NaN/Inf parameters, from ``err``, if ω holds any.
+
+    Called only when a step has already failed with ``err`` (no cost otherwise): a NaN in ω itself
+    (left by an earlier outer step, or set by the caller) makes the first inner loss of task 0 NaN,
+    and ``err`` would point at that task's data instead of at ω."""
+    with torch.no_grad():
+        bad = [name for name, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(
+            f"ω parameter(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} already hold NaN/Inf (left by an earlier "
+            "outer optimizer step, or set directly); the losses became non-finite from there "
+            f"({err}). Lower the outer learning rate or pass clip_grad_norm, and restart from a finite ω "
+            "(meta_train checks ω after every outer step and names the step)",
+            task=None,
+            step=None,
+        ) from err
+
+
 def _check_grads(omega: MetaKnowledge, grad_norm: Tensor) -> None:
     """Raises `NonFiniteError` naming a parameter with a NaN/Inf meta-gradient, when ``grad_norm``
     (the norm of every ω gradient, NaN/Inf whenever one entry is) is not finite."""
@@ -230,9 +249,13 @@ def _explained_meta_gradient(
 ) -> _Gradient:
     """`_meta_gradient`, turning torch's raw "target out of bounds" into an error that names the task,
     the label and the head size (the labels' upper bound needs the head size, known only from a
-    forward, so it is checked on the error path; `check_batch` checked the lower bound)."""
+    forward, so it is checked on the error path; `check_batch` checked the lower bound), and a
+    non-finite loss into one that names ω's parameters when ω itself holds NaN/Inf."""
     try:
         return _meta_gradient(omega, batch, inner_steps, first_order, batching, generator, mode, speed)
+    except NonFiniteError as err:
+        _raise_if_omega_non_finite(omega, err)
+        raise
     except (IndexError, RuntimeError) as err:
         explained = explain_label_error(err, omega, batch.train[0], (("train", batch.train[1]), ("val", batch.val[1])))
         if explained is err:

@@ -8,7 +8,7 @@ import torch
 from metalearn.errors import NonFiniteError
 from metalearn.knowledge.recipes import maml
 from metalearn.models import MLP
-from metalearn.outer import MetaStep, _non_finite_grad, meta_step
+from metalearn.outer import MetaStep, _non_finite_grad, meta_gradient, meta_step
 from metalearn.tasks.task import TaskBatch
 from metalearn.train.loop import _check_omega_finite
 
@@ -91,6 +91,33 @@ def test_fused_omega_check_names_the_bad_parameter_and_ignores_norm_overflow() -
     with pytest.raises(NonFiniteError, match=r"outer step 3: ω parameter\(s\) \['model.layers.0.bias'\]") as info:
         _check_omega_finite(omega, 3, list(omega.parameters()))
     assert info.value.step == 3
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_a_nan_already_in_omega_is_named_instead_of_task_0s_data(batching: str) -> None:
+    # an ω made NaN by an earlier outer step makes task 0's first inner loss NaN: the error names ω
+    omega = _omega()
+    with torch.no_grad():
+        omega.model.layers[2].weight[0, 3] = float("nan")
+    before = [p.detach().clone() for p in omega.parameters()]
+    step = MetaStep(omega, torch.optim.SGD(omega.parameters(), lr=0.1), 1, batching=batching)
+    named = r"ω parameter\(s\) \[.model.layers.2.weight.\] already hold NaN/Inf"
+    with pytest.raises(NonFiniteError, match=named) as info:
+        step(_batch())
+    assert isinstance(info.value.__cause__, NonFiniteError) and "task 0" in str(info.value.__cause__)
+    for p, b in zip(omega.parameters(), before, strict=True):  # ω not stepped
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(NonFiniteError, match="already hold NaN/Inf"):
+        meta_gradient(omega, _batch(), 1, batching=batching)
+
+
+def test_a_nan_in_the_data_still_names_the_task_when_omega_is_finite() -> None:
+    omega = _omega()
+    bad = _batch()
+    bad.train[0][2, 1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="task 2") as info:
+        meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.1), bad, 1)
+    assert "ω parameter" not in str(info.value)
 
 
 @pytest.mark.slow
