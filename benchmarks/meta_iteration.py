@@ -16,7 +16,10 @@ meta-iteration, included for every contender):
 Contenders, each on the same model class with the same initial weights:
 
 - ``metalearn auto``: `metalearn.outer.meta_step` with ``batching="auto"`` (the path it
-  chose is reported); the other path (``loop`` or ``vmap``) is timed too, for information;
+  chose is reported); the other path (``loop`` or ``vmap``) is timed too, for information
+  (the Conv-4's vmap batching runs task-batched, `metalearn.task_batched`: faster than the loop
+  with a few times its memory, so ``auto`` keeps the loop there); ``metalearn bf16`` is
+  ``precision="bf16"`` with ``auto`` (the one judged), ``metalearn bf16 vmap`` (Conv-4) with vmap;
 - ``higher`` (when installed): the usual higher MAML loop, one ``higher.innerloop_ctx`` per
   task with a ``torch.optim.SGD`` inner optimizer, each task's val loss / B backpropagated
   as soon as it exists, on the very same module as metalearn (`metalearn.models.Conv4`);
@@ -55,8 +58,7 @@ higher with no more peak memory, judged against ``higher torch-conv4`` (each lib
 its own Conv-4); the ratio against ``higher`` on the identical module is printed too. The
 last line printed is one JSON object with all figures.
 
-A full run takes about 10 minutes on 2 busy CPU cores (the Conv-4 vmap path alone needs
-4-7 GiB and ~15 s per iteration); ``--quick`` (about a minute, skips Conv-4 vmap) is a
+A full run takes about 15 minutes on 2 busy CPU cores; ``--quick`` (about a minute) is a
 smoke run whose figures are rough.
 """
 
@@ -222,7 +224,8 @@ def _model_grads(model: nn.Module) -> Callable[[], dict[str, Tensor]]:
 
 def metalearn_contender(workload: str, variant: str, quick: bool = False) -> Contender:
     """``variant``: a batching (``auto``, ``loop``, ``vmap``: `meta_step`), ``bf16`` (auto batching,
-    ``precision="bf16"``) or ``compile`` (`MetaStep` with ``compile=True``, compiled in warm-up)."""
+    ``precision="bf16"``), ``bf16 vmap`` (the same, vmap batching) or ``compile`` (`MetaStep` with
+    ``compile=True``, compiled in warm-up)."""
     w = WORKLOADS[workload]
     batch = make_batch(workload, quick)
     omega = maml(make_model(workload), lr=w.inner_lr)
@@ -239,8 +242,8 @@ def metalearn_contender(workload: str, variant: str, quick: bool = False) -> Con
             return str(row["batching"]) + (" compiled" if step.compile_seconds is not None else " eager")
 
         return Contender("metalearn compile", run_compiled, grads, info=info)
-    precision = "bf16" if variant == "bf16" else "float32"
-    batching = "auto" if variant == "bf16" else variant
+    precision = "bf16" if variant.startswith("bf16") else "float32"
+    batching = {"bf16": "auto", "bf16 vmap": "vmap"}.get(variant, variant)
 
     def run() -> str:
         return str(meta_step(omega, outer, batch, w.steps, batching=batching, precision=precision)["batching"])
@@ -415,10 +418,10 @@ def build(workload: str, name: str, quick: bool = False) -> Contender:
 def contender_names(workload: str, quick: bool, compile_: bool = True) -> list[str]:
     other = "loop" if auto_path(workload) == "vmap" else "vmap"
     names = ["metalearn auto"]
-    # vmap on the Conv-4 takes GiBs and seconds per iteration: information only, skipped when --quick
-    if not (quick and workload.startswith("conv4") and other == "vmap"):
-        names.append(f"metalearn {other}")
+    names.append(f"metalearn {other}")
     names += ["metalearn meta_train", "metalearn bf16", "floor torch.func"]
+    if workload.startswith("conv4"):  # for information: the Conv-4's vmap batching (task-batched) under bf16
+        names.append("metalearn bf16 vmap")
     if workload == "sinusoid" and compile_:
         names.append("metalearn compile")
     if has_higher():
@@ -628,8 +631,7 @@ def run_workload(workload: str, args: argparse.Namespace) -> dict:
     else:
         warmup, rounds = (5, args.rounds or 40) if small else (1, args.rounds or 5)
     names = contender_names(workload, args.quick, compile_=not args.no_compile)
-    # information-only vmap on the Conv-4 is slow: fewer rounds
-    per = {n: (min(rounds, 2) if (not small and n == "metalearn vmap") else rounds) for n in names}
+    per = dict.fromkeys(names, rounds)
     meta_batch = QUICK_CONV4_META_BATCH if (args.quick and not small) else (25 if small else 32)
     print(f"\n{workload}: {w.description}{f' (--quick: meta-batch {meta_batch})' if not small and args.quick else ''}, "
           "second order, outer Adam step included", flush=True)
@@ -641,9 +643,7 @@ def run_workload(workload: str, args: argparse.Namespace) -> dict:
         for n in names:
             if n in NO_MEMORY:
                 continue
-            heavy = not small and n == "metalearn vmap"
-            repeats = 1 if heavy else args.memory_repeats
-            figures[n]["memory"] = measure_memory(workload, n, 1 if heavy else 2, repeats)
+            figures[n]["memory"] = measure_memory(workload, n, 2, args.memory_repeats)
     auto = figures["metalearn auto"]
     other = "loop" if auto["path"] == "vmap" else "vmap"
     result: dict = {"description": w.description, "inner_steps": w.steps, "meta_batch": meta_batch,

@@ -88,9 +88,11 @@ def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: boo
     * a model with random layers in training mode (`random_layers`, e.g. ``nn.Dropout``):
       ``"loop"`` (vmap cannot draw per-task random numbers from torch's global generator);
     * on CUDA: ``"vmap"`` (one batched kernel per op instead of one per task);
-    * on CPU: ``"loop"`` for convolutional models (compute-bound; vmap's batched
+    * on CPU: ``"loop"`` for convolutional models (compute-bound; torch.func's batched
       convolutions were ~2x slower with ~10x the memory on the Conv-4, and 2.6x slower on a
-      Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8), ``"vmap"``
+      Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8; `metalearn.models.Conv4`'s
+      task-batched vmap path, `metalearn.task_batched`, is a little faster than the loop but holds a
+      few times its memory, so the loop stays the default), ``"vmap"``
       otherwise (small models are bound by per-op overhead, which batching removes: 6-7x
       faster than the loop for 1-40-40-1 MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``,
       interception included). Measured by ``benchmarks/vmap_norms.py`` (figures in

@@ -40,9 +40,11 @@ from metalearn.knowledge.builtins import PointInit
 from metalearn.knowledge.meta_knowledge import MetaKnowledge, check_target_shape
 from metalearn.knowledge.parts import Params
 from metalearn.knowledge.rules import fused_step
+from metalearn.mapping import check_losses
 from metalearn.precision import scale_for_backward
+from metalearn.tasks.task import TaskBatch
 
-__all__ = ["batched_task_objective", "elementwise", "runs_task_batched"]
+__all__ = ["batched_task_objective", "elementwise", "runs_task_batched", "task_batched_backward"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterDict, nn.ParameterList)
 
@@ -114,14 +116,104 @@ def batched_task_objective(
     of detached θ_k, so the gradients are constants and θ_K still depends on θ0 and the rule's
     meta-parameters through the updates).
     """
+    theta, inner = _adapted_stack(omega, theta0, x_train, y_train, inner_steps, first_order, kernels)
+    output = _forward(omega, theta, x_val)
+    val_losses = _per_task_loss(output, y_val)
+    return scale_for_backward(val_losses), _per_task_metric(output, y_val, val_losses), inner
+
+
+def task_batched_backward(
+    omega: MetaKnowledge, theta0: Params, batch: TaskBatch, inner_steps: int, first_order: bool, kernels: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Backpropagates the mean val loss of ``batch`` into ω's ``.grad`` through the task-batched inner
+    loop (where `runs_task_batched` says so); returns ``(val losses, val metrics, inner losses)``,
+    checked finite (`metalearn.mapping.check_losses`) before they are backpropagated.
+
+    The val pass runs on the whole stack, and one backward follows. A model whose class sets
+    ``batched_val_pass = False`` (`metalearn.models.Conv4`: a stack of every task's val images is
+    bound by memory bandwidth on the CPU) gets its val pass task by task instead: task t's val loss
+    / T is differentiated with respect to a detached copy of its adapted θ_K (that graph freed at
+    once), and the stacked gradients
+    :math:`G_t = \partial (L^{val}_t / T) / \partial \theta^{(t)}_K` are carried through the batched
+    inner loop by one backward,
+    :math:`\nabla_\omega \mathrel{+}= \sum_t G_t \, \partial \theta^{(t)}_K / \partial \omega`
+    (the chain rule: the same meta-gradient). Its class may also set ``task_stack_size``: the inner
+    loop then runs on stacks of that many tasks, each stack's losses checked and its share
+    backpropagated before the next stack runs (as the loop path does task by task), so one stack's
+    inner graph and one task's val graph are alive at a time.
+    """
+    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
+    if getattr(type(omega.model), "batched_val_pass", True):
+        val_losses, metrics, inner = batched_task_objective(
+            omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order, kernels
+        )
+        check_losses(inner.detach(), val_losses.detach(), by_task=False)
+        val_losses.mean().backward()
+        return val_losses, metrics, inner
+    n = x_tr.shape[0]
+    size = max(1, int(getattr(type(omega.model), "task_stack_size", None) or n))
+    parts = [
+        _stack_backward(omega, theta0, x_tr[part], y_tr[part], x_val[part], y_val[part], inner_steps, first_order,
+                        kernels, n, part.start)
+        for part in (slice(start, min(n, start + size)) for start in range(0, n, size))
+    ]  # fmt: skip
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+def _stack_backward(
+    omega: MetaKnowledge,
+    theta0: Params,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    inner_steps: int,
+    first_order: bool,
+    kernels: str,
+    n: int,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`task_batched_backward`'s val pass task by task, for the stack of tasks ``offset ...`` of a batch
+    of ``n``: its share of the mean val loss backpropagated, once its losses are checked finite."""
+    theta, inner = _adapted_stack(omega, theta0, x_tr, y_tr, inner_steps, first_order, kernels)
+    losses, metrics, grads = [], [], []
+    for t in range(x_tr.shape[0]):
+        at = {k: v[t : t + 1].detach().requires_grad_() for k, v in theta.items()}
+        output = _forward(omega, at, x_val[t : t + 1])
+        loss = _per_task_loss(output, y_val[t : t + 1])
+        grads.append(torch.autograd.grad(scale_for_backward(loss).sum() / n, list(at.values()), materialize_grads=True))
+        losses.append(loss.detach())
+        metrics.append(_per_task_metric(output, y_val[t : t + 1], loss))
+    val_losses = torch.cat(losses)
+    check_losses(inner.detach(), val_losses, by_task=False, task_offset=offset)  # before this stack's backward
+    stacked = [torch.cat(column) for column in zip(*grads, strict=True)]
+    pairs = [(v, g) for v, g in zip(theta.values(), stacked, strict=True) if v.requires_grad]  # not a frozen θ0
+    if pairs:
+        torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+    return val_losses, torch.cat(metrics), inner.detach()
+
+
+def _forward(omega: MetaKnowledge, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    return type(omega.model).__dict__["forward_batched"](omega.model, params, x)  # the class's own
+
+
+def _per_task_metric(output: Tensor, target: Tensor, losses: Tensor) -> Tensor:
+    return losses.detach() if target.is_floating_point() else _per_task_accuracy(output, target)
+
+
+def _adapted_stack(
+    omega: MetaKnowledge,
+    theta0: Params,
+    x_train: Tensor,
+    y_train: Tensor,
+    inner_steps: int,
+    first_order: bool,
+    kernels: str,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """θ_K of every task as ``[tasks, ...]`` stacks (the static θ0 expanded, the adapted θ after ω's
+    rule), and the inner losses ``[tasks, inner_steps]``."""
     check_kernels(kernels, x_train.device)
     n = x_train.shape[0]
-    model = omega.model
-    forward_batched = type(model).__dict__["forward_batched"]  # the class's own (`runs_task_batched`)
-
-    def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return forward_batched(model, params, x)
-
     theta = {k: p.expand(n, *p.shape) for k, p in theta0.items()}
     static = {k: theta[k] for k in omega.static_names}
     fast = {k: theta[k] for k in omega.adapted_names}
@@ -129,15 +221,11 @@ def batched_task_objective(
     losses = []
     for k in range(inner_steps):
         at = {name: t.detach().requires_grad_() for name, t in fast.items()} if first_order else fast
-        per_task = _per_task_loss(forward({**static, **at}, x_train), y_train)
+        per_task = _per_task_loss(_forward(omega, {**static, **at}, x_train), y_train)
         grad_list = torch.autograd.grad(
             per_task.sum(), list(at.values()), create_graph=not first_order, materialize_grads=True
         )
         fast, state = fused_step(omega.optimizer, fast, dict(zip(at, grad_list, strict=True)), state, k, kernels)
         losses.append(per_task)
-    output = forward({**static, **fast}, x_val)
-    val_losses = _per_task_loss(output, y_val)
-    met = val_losses.detach() if y_val.is_floating_point() else _per_task_accuracy(output, y_val)
     inner = torch.stack(losses, dim=1) if losses else x_train.new_zeros(n, 0)
-    return scale_for_backward(val_losses), met, inner
-
+    return {**static, **fast}, inner

@@ -23,17 +23,17 @@ DT = torch.float64
 
 @pytest.fixture
 def batched_calls(monkeypatch) -> list[int]:
-    """Counts the runs of the task-batched objective (the unrolled mode's vmap path imports it)."""
+    """Counts the runs of the task-batched backward (the unrolled mode's vmap path imports it)."""
     import metalearn.modes.unrolled as unrolled
 
     calls: list[int] = []
-    real = unrolled.batched_task_objective
+    real = unrolled.task_batched_backward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(unrolled, "batched_task_objective", counted)
+    monkeypatch.setattr(unrolled, "task_batched_backward", counted)
     return calls
 
 

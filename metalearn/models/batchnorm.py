@@ -15,7 +15,7 @@ from metalearn import exact_norms
 from metalearn.exact_norms import inside_vmap
 from metalearn.models.layout import is_channels_last
 
-__all__ = ["BatchNorm", "inside_vmap"]
+__all__ = ["BatchNorm", "batch_norm", "inside_vmap"]
 
 
 class BatchNorm(nn.Module):
@@ -62,12 +62,19 @@ class BatchNorm(nn.Module):
         # exact_norms.batch_norm, not F.batch_norm, inside any vmap: also one the library did not start
         if inside_vmap():
             return exact_norms.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        if x.device.type == "cpu" and x.shape[1] > 1 and is_channels_last(x):
-            n, c, h, w = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: NHWC memory is [N·H·W, C]
-            y = F.batch_norm(rows, None, None, self.weight, self.bias, training=True, eps=self.eps)
-            return y.view(n, h, w, c).permute(0, 3, 1, 2)
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        return batch_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """`BatchNorm`'s function outside ``vmap``: torch's fused batch norm with batch statistics, a
+    channels-last CPU input ``[N, C, H, W]`` (C > 1) normalised as its ``[N·H·W, C]`` rows (see `BatchNorm`).
+    Also what `metalearn.models.Conv4.forward_batched` normalises its stack of tasks with."""
+    if x.device.type == "cpu" and x.ndim == 4 and x.shape[1] > 1 and is_channels_last(x):
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: NHWC memory is [N·H·W, C]
+        y = F.batch_norm(rows, None, None, weight, bias, training=True, eps=eps)
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+    return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)

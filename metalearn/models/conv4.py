@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.models.batchnorm import BatchNorm
+from metalearn.models.batchnorm import BatchNorm, batch_norm
 from metalearn.models.layout import channels_last, runs_channels_last
 from metalearn.models.pooling import MaxPool2x2
+from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks
 
 __all__ = ["Conv4", "conv4_feature_size"]
 
@@ -61,7 +66,91 @@ class Conv4(nn.Module):
         self.feature_size = conv4_feature_size(image_size, hidden)
         self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
 
+    #: the task-batched vmap path (`metalearn.task_batched`) runs the val pass task by task: a stack of
+    #: 32 tasks x 75 val images (``[75, 32·64, 28, 28]``) is bound by memory bandwidth on the CPU and was
+    #: slower than 32 calls, while the inner steps' 5-image stacks gain from the grouped convolutions
+    batched_val_pass = False
+    #: and its inner steps on stacks of 8 tasks: 32-task stacks were no faster than 8-task ones (``[5, 32·64, 28, 28]``
+    #: activations are bound by bandwidth too) and hold 4x the graph
+    task_stack_size = 8
+
     def forward(self, x: Tensor) -> Tensor:
         if runs_channels_last(x):
             x = channels_last(x)
         return self.head(self.features(x))
+
+    def forward_batched(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The forward of a stack of tasks: every tensor of ``params`` (all of the model's, by name) has a
+        leading task dimension T and ``x`` is ``[T, N, C, H, W]``; row t of the ``[T, N, classes]`` output is
+        the forward of task t's θ on ``x[t]`` (up to rounding).
+
+        The T tasks run as one network of T groups: the images as ``[N, T·C, H, W]``, each convolution
+        with ``groups=T`` (task t's filters see only task t's channels), the batch norm over the
+        ``T·C`` channels (each channel's statistics are one task's, as per task), the max-pool and
+        ReLU per channel, and the head as one ``torch.baddbmm``. What the vmap batching of the unrolled
+        mode runs the inner steps with on the CPU (`metalearn.task_batched`), where
+        `task_batched_ready` says so.
+        """
+        features = self._modules["features"]
+        assert features is not None
+        tasks, n = x.shape[0], x.shape[1]
+        h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])
+        if runs_channels_last(h):  # as `forward` lays its input out under CPU bf16
+            h = channels_last(h)
+        for name, layer in features._modules.items():
+            if type(layer) is nn.Conv2d:
+                weight, bias = params[f"features.{name}.weight"], params.get(f"features.{name}.bias")
+                h = F.conv2d(
+                    h, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                    layer.stride, layer.padding, layer.dilation, groups=tasks,
+                )
+            elif type(layer) is BatchNorm:
+                gamma, beta = params.get(f"features.{name}.weight"), params.get(f"features.{name}.bias")
+                h = batch_norm(h, None if gamma is None else gamma.reshape(-1),
+                               None if beta is None else beta.reshape(-1), layer.eps)  # fmt: skip
+            elif type(layer) is nn.Flatten:  # each task's [C, H, W] flattened: [T, N, C·H·W]
+                h = h.reshape(n, tasks, -1).transpose(0, 1)
+            else:
+                assert layer is not None
+                h = layer(h)  # MaxPool2x2 and the activations act per channel (`task_batched_ready`)
+        if type(self.head) is nn.Linear:
+            weight, bias = params["head.weight"], params["head.bias"]
+            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return h
+
+    def task_batched_ready(self) -> bool:
+        """Whether `forward_batched` computes `forward` task by task: this class's own ``forward``, no
+        hooks, no tied parameters, and the layers it knows: ``nn.Conv2d`` without groups and with zero
+        padding, `BatchNorm`, `MaxPool2x2`, elementwise torch.nn activations, one ``nn.Flatten`` of
+        every dimension after the batch's (the last layer), and a ``nn.Linear`` (with bias) or
+        ``nn.Identity`` head."""
+        if type(self).forward is not Conv4.forward or torch._C._get_tracing_state() or global_hooks():
+            return False
+        features, head = self._modules.get("features"), self._modules.get("head")
+        if type(features) is not nn.Sequential or type(head) not in (nn.Linear, nn.Identity):
+            return False
+        if type(head) is nn.Linear and head.bias is None:
+            return False
+        layers = list(features._modules.values())
+        if not layers or type(layers[-1]) is not nn.Flatten or (layers[-1].start_dim, layers[-1].end_dim) != (1, -1):
+            return False
+        seen: set[int] = set()
+        for m in (self, features, head, *layers):
+            if m is None or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            if m._buffers:
+                return False
+            for t in m._parameters.values():
+                if t is not None and id(t) in seen:  # tied: functional_call unties, the stack would not
+                    return False
+                if t is not None:
+                    seen.add(id(t))
+        for m in layers[:-1]:
+            if type(m) is nn.Conv2d:
+                if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                    return False
+            elif type(m) is BatchNorm or type(m) is MaxPool2x2 or type(m) in ELEMENTWISE_ACTIVATIONS:
+                continue
+            else:
+                return False
+        return True

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.modules import module as _module
+
+from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks
 
 __all__ = ["MLP"]
 
@@ -97,12 +98,12 @@ class MLP(nn.Module):
             return False
         layers = self._modules["layers"]
         assert layers is not None
-        return all(type(m) is nn.Linear or type(m) in _ELEMENTWISE for m in layers._modules.values())
+        return all(type(m) is nn.Linear or type(m) in ELEMENTWISE_ACTIVATIONS for m in layers._modules.values())
 
     def _direct(self) -> bool:
         """Whether `forward_with` may call the layers itself (see there). It runs at every forward, so
         it reads the modules' own dicts rather than going through ``nn.Module.__getattr__``."""
-        if type(self).forward is not MLP.forward or torch._C._get_tracing_state() or _global_hooks():
+        if type(self).forward is not MLP.forward or torch._C._get_tracing_state() or global_hooks():
             return False
         layers = self._modules.get("layers")
         if type(layers) is not nn.Sequential:
@@ -118,23 +119,4 @@ class MLP(nn.Module):
                     seen.add(id(t))
             elif m is not self and m is not layers and (m._parameters or m._buffers or m._modules):
                 return False
-        return True
-
-
-#: torch.nn activations that act on each entry alone, so on a stack of tasks as on each task
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
-)
-
-
-def _global_hooks() -> bool:
-    """Whether torch has a hook on every module (``nn.modules.module.register_module_forward_hook`` & co.);
-    True also on a torch without these (private) names, so `MLP.forward_with` takes the general path."""
-    try:
-        return bool(
-            _module._global_backward_pre_hooks or _module._global_backward_hooks
-            or _module._global_forward_pre_hooks or _module._global_forward_hooks
-        )  # fmt: skip
-    except AttributeError:
         return True

@@ -27,7 +27,7 @@ from metalearn.mapping import (
     vmap_theta0,
 )
 from metalearn.modes.base import MetaGradientMode, with_kernels
-from metalearn.task_batched import batched_task_objective, runs_task_batched
+from metalearn.task_batched import runs_task_batched, task_batched_backward
 from metalearn.tasks.task import TaskBatch
 
 __all__ = ["ThroughInnerLoop", "Unrolled"]
@@ -73,7 +73,7 @@ class ThroughInnerLoop(MetaGradientMode):
         if batching == "vmap" and type(self) is Unrolled and (chunking is None or not chunking.active):
             theta0 = omega.model_params()
             if runs_task_batched(omega, theta0, batch.train[0], first_order, kernels):
-                return _task_batched_backward(omega, theta0, batch, inner_steps, first_order, kernels)
+                return task_batched_backward(omega, theta0, batch, inner_steps, first_order, kernels)
         objective = self.objective_for(inner_steps, kernels)
         route = batching == "vmap" and needs_norm_routing(omega, self)  # self: a user's subclass keeps the mode
         if batching == "vmap" and chunking is not None and chunking.active:
@@ -120,20 +120,6 @@ def _vmap_backward(
         batching="vmap", kernels=kernels, route_norms=route_norms,
     )
     check_losses(inner, val_losses, by_task=False)  # isfinite records no graph: nothing to detach
-    val_losses.mean().backward()
-    return val_losses, metrics, inner
-
-
-def _task_batched_backward(
-    omega: MetaKnowledge, theta0: Params, batch: TaskBatch, inner_steps: int, first_order: bool, kernels: str = "auto"
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The vmap path run by the model's own task-batched forward (`metalearn.task_batched`): the same
-    meta-gradient as `_vmap_backward` up to rounding, without torch.func's per-operation wrapping."""
-    (x_tr, y_tr), (x_val, y_val) = batch.train, batch.val
-    val_losses, metrics, inner = batched_task_objective(
-        omega, theta0, x_tr, y_tr, x_val, y_val, inner_steps, first_order, kernels
-    )
-    check_losses(inner.detach(), val_losses.detach(), by_task=False)
     val_losses.mean().backward()
     return val_losses, metrics, inner
 
