@@ -17,7 +17,9 @@ one ``torch.autograd.grad`` of the sum of the per-task losses gives every task i
 because task s's loss does not depend on task t's parameters. ω's update rule is applied to the
 stacks at once, which is the same only for a rule that updates each entry from that entry alone
 (`elementwise`), and the mean val loss is backpropagated once, as under vmap. The meta-gradient
-equals the torch.func vmap path's up to rounding (tested in float64, with the loop's too).
+equals the torch.func vmap path's up to rounding (tested in float64, with the loop's too). A model
+whose stack is too big to run fast at once (`metalearn.models.Conv4`, grouped convolutions) may ask
+for its val pass task by task and its inner steps on stacks of a few tasks (`task_batched_backward`).
 
 `runs_task_batched` says when this runs (every condition is needed for the same function;
 otherwise torch.func's vmap runs, as before): the `metalearn.modes.Unrolled` mode on CPU tensors,
