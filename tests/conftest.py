@@ -1,4 +1,5 @@
-"""Shared pytest setup: tests marked ``cuda`` run only where a CUDA device is visible (skipped elsewhere)."""
+"""Shared pytest setup: tests marked ``cuda`` run only where a CUDA device is visible (skipped elsewhere); the
+``batched_calls`` fixture of the task-batched tests."""
 
 from __future__ import annotations
 
@@ -13,3 +14,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def batched_calls(monkeypatch) -> list[int]:
+    """Counts the runs of the task-batched backward (`metalearn.task_batched`; the unrolled mode's vmap
+    path imports it): the tests of that path check it ran, or did not."""
+    import metalearn.modes.unrolled as unrolled
+
+    calls: list[int] = []
+    real = unrolled.task_batched_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unrolled, "task_batched_backward", counted)
+    return calls

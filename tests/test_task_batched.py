@@ -21,22 +21,6 @@ from metalearn.tasks import TaskBatch
 DT = torch.float64
 
 
-@pytest.fixture
-def batched_calls(monkeypatch) -> list[int]:
-    """Counts the runs of the task-batched backward (the unrolled mode's vmap path imports it)."""
-    import metalearn.modes.unrolled as unrolled
-
-    calls: list[int] = []
-    real = unrolled.task_batched_backward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(unrolled, "task_batched_backward", counted)
-    return calls
-
-
 def _batch(tasks: int = 4, classes: int | None = None, seed: int = 0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     x_tr, x_val = torch.randn(tasks, 6, 3, generator=g, dtype=DT), torch.randn(tasks, 5, 3, generator=g, dtype=DT)

@@ -29,21 +29,6 @@ def _batch(tasks: int = 3, seed: int = 0, dtype: torch.dtype = DT) -> TaskBatch:
     return TaskBatch((x(3), y(3)), (x(6), y(6)))
 
 
-@pytest.fixture
-def batched_calls(monkeypatch) -> list[int]:
-    import metalearn.modes.unrolled as unrolled
-
-    calls: list[int] = []
-    real = unrolled.task_batched_backward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(unrolled, "task_batched_backward", counted)
-    return calls
-
-
 def _grads(build, batch: TaskBatch, steps: int, batching: str, first_order: bool = False):
     torch.manual_seed(0)
     omega = build().to(DT)
