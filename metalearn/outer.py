@@ -123,14 +123,20 @@ def _raise_non_finite_grad(name: str) -> None:
     )
 
 
+def non_finite_params(omega: MetaKnowledge) -> list[str]:
+    """The names of ω's parameters that hold a NaN or Inf (a scan with one host read per parameter:
+    for error paths, after a fused check has failed)."""
+    with torch.no_grad():
+        return [name for name, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def _raise_if_omega_non_finite(omega: MetaKnowledge, err: NonFiniteError) -> None:
     """Raises a `NonFiniteError` naming ω's NaN/Inf parameters, from ``err``, if ω holds any.
 
     Called only when a step has already failed with ``err`` (no cost otherwise): a NaN in ω itself
     (left by an earlier outer step, or set by the caller) makes the first inner loss of task 0 NaN,
     and ``err`` would point at that task's data instead of at ω."""
-    with torch.no_grad():
-        bad = [name for name, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = non_finite_params(omega)
     if bad:
         raise NonFiniteError(
             f"ω parameter(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} already hold NaN/Inf (left by an earlier "

@@ -20,7 +20,7 @@ from metalearn.errors import NonFiniteError
 from metalearn.evaluate import omega_device
 from metalearn.knowledge.meta_knowledge import MetaKnowledge
 from metalearn.modes.multi_step import mode_at_outer_step
-from metalearn.outer import MetaStep, _grad_norm
+from metalearn.outer import MetaStep, _grad_norm, non_finite_params
 from metalearn.precision import check_precision
 from metalearn.run_folder import open_run_folder
 from metalearn.train.config import TrainConfig
@@ -81,7 +81,7 @@ def _check_omega_finite(omega: MetaKnowledge, step: int, params: list[torch.Tens
     with torch.no_grad():  # the norm of every parameter as one vector: NaN/Inf if any entry is
         if math.isfinite(_grad_norm(params).item()):
             return
-    bad = [n for n, p in omega.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = non_finite_params(omega)
     if not bad:
         return
     raise NonFiniteError(
