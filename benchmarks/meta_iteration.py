@@ -713,6 +713,11 @@ def targets(workload: str, figures: dict, result: dict, quick: bool) -> list[dic
               at_most=True)
         check(f"fastest peer in float32 ({fastest}) / metalearn bf16", peers[fastest] / figures["metalearn bf16"]["ms"],
               BF16_TARGET)
+        if "metalearn bf16 vmap" in figures:  # for information, not a target: batching="vmap" is the user's choice
+            ratio = peers[fastest] / figures["metalearn bf16 vmap"]["ms"]
+            result["information"] = {f"fastest peer in float32 ({fastest}) / metalearn bf16 vmap": ratio}
+            print(f"  for information: fastest peer in float32 ({fastest}) / metalearn bf16 with batching='vmap': "
+                  f"{ratio:.2f}x")
         mem_auto = (figures["metalearn auto"].get("memory") or {}).get("heap_mib")
         mem_peer = (figures[fastest].get("memory") or {}).get("heap_mib")
         if mem_auto is not None and mem_peer is not None:
