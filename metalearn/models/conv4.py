@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from metalearn.models.batchnorm import BatchNorm, batch_norm
 from metalearn.models.layout import channels_last, runs_channels_last
 from metalearn.models.pooling import MaxPool2x2
-from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks
+from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks, hooked, tied
 
 __all__ = ["Conv4", "conv4_feature_size"]
 
@@ -66,12 +66,13 @@ class Conv4(nn.Module):
         self.feature_size = conv4_feature_size(image_size, hidden)
         self.head = nn.Linear(self.feature_size, num_classes) if num_classes > 0 else nn.Identity()
 
-    #: the task-batched vmap path (`metalearn.task_batched`) runs the val pass task by task: a stack of
-    #: 32 tasks x 75 val images (``[75, 32·64, 28, 28]``) is bound by memory bandwidth on the CPU and was
-    #: slower than 32 calls, while the inner steps' 5-image stacks gain from the grouped convolutions
+    #: the task-batched vmap path (`metalearn.task_batched`) runs the val pass task by task: with the val
+    #: pass on the stack too (8 tasks x 75 images, ``[75, 8·64, 28, 28]`` activations, bound by memory
+    #: bandwidth) a meta-gradient was slower than the loop's, while the inner steps' 5-image stacks gain
+    #: from the grouped convolutions
     batched_val_pass = False
-    #: and its inner steps on stacks of 8 tasks: 32-task stacks were no faster than 8-task ones (``[5, 32·64, 28, 28]``
-    #: activations are bound by bandwidth too) and hold 4x the graph
+    #: and its inner steps on stacks of 8 tasks: stacks of 32 were no faster than stacks of 8 and held
+    #: ~3x the memory
     task_stack_size = 8
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,17 +135,9 @@ class Conv4(nn.Module):
         layers = list(features._modules.values())
         if not layers or type(layers[-1]) is not nn.Flatten or (layers[-1].start_dim, layers[-1].end_dim) != (1, -1):
             return False
-        seen: set[int] = set()
-        for m in (self, features, head, *layers):
-            if m is None or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return False
-            if m._buffers:
-                return False
-            for t in m._parameters.values():
-                if t is not None and id(t) in seen:  # tied: functional_call unties, the stack would not
-                    return False
-                if t is not None:
-                    seen.add(id(t))
+        modules = [m for m in (self, features, head, *layers) if m is not None]
+        if len(modules) != 3 + len(layers) or any(hooked(m) or m._buffers for m in modules) or tied(modules):
+            return False
         for m in layers[:-1]:
             if type(m) is nn.Conv2d:
                 if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks
+from metalearn.models.task_stack import ELEMENTWISE_ACTIVATIONS, global_hooks, hooked, tied
 
 __all__ = ["MLP"]
 
@@ -108,15 +108,11 @@ class MLP(nn.Module):
         layers = self._modules.get("layers")
         if type(layers) is not nn.Sequential:
             return False
-        seen: set[int] = set()
-        for m in (self, layers, *layers._modules.values()):
-            if m is None or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        children = list(layers._modules.values())
+        for m in (self, layers, *children):
+            if m is None or hooked(m):
                 return False
-            if type(m) is nn.Linear:
-                for t in m._parameters.values():
-                    if t is not None and id(t) in seen:  # tied: functional_call unties, this would not
-                        return False
-                    seen.add(id(t))
-            elif m is not self and m is not layers and (m._parameters or m._buffers or m._modules):
+            holds = m._parameters or m._buffers or m._modules
+            if type(m) is not nn.Linear and m is not self and m is not layers and holds:
                 return False
-        return True
+        return not tied(m for m in children if type(m) is nn.Linear)  # functional_call unties, this would not
