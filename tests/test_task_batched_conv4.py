@@ -199,3 +199,42 @@ def test_a_hook_falls_back(batched_calls) -> None:
     omega = maml(model, 0.1).to(DT)
     meta_gradient(omega, _batch(), 1, batching="vmap")
     assert not batched_calls
+
+
+def _bf16_step(build, batching: str = "auto", **kw) -> tuple[dict, dict[str, Tensor]]:
+    torch.manual_seed(0)
+    omega = maml(build(), 0.1)
+    row = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.0), _batch(4, dtype=torch.float32), 1,
+                    batching=batching, precision="bf16", **kw)  # fmt: skip
+    return row, {k: p.grad.clone() for k, p in omega.named_parameters() if p.grad is not None}
+
+
+def test_auto_runs_the_task_batched_path_under_cpu_bf16(batched_calls) -> None:
+    """`batching="auto"` keeps the Conv-4 on the loop in float32 (memory) and runs it task-batched under
+    CPU bf16 (faster there, docs/results.md): the very step ``batching="vmap"`` runs."""
+    auto_row, auto_grads = _bf16_step(_conv4)
+    assert auto_row["batching"] == "vmap" and len(batched_calls) == 1
+    vmap_row, vmap_grads = _bf16_step(_conv4, batching="vmap")
+    assert auto_grads.keys() == vmap_grads.keys()
+    assert all(torch.equal(auto_grads[k], vmap_grads[k]) for k in auto_grads)
+    loop_row, _ = _bf16_step(_conv4, batching="loop")
+    assert loop_row["batching"] == "loop" and len(batched_calls) == 2
+    torch.manual_seed(0)
+    omega = maml(_conv4(), 0.1)
+    row = meta_step(omega, torch.optim.SGD(omega.parameters(), lr=0.0), _batch(4, dtype=torch.float32), 1)
+    assert row["batching"] == "loop" and len(batched_calls) == 2
+
+
+@pytest.mark.parametrize("case", ["not ready", "chunks", "own mode"])
+def test_auto_under_bf16_keeps_the_loop_where_the_task_batched_path_would_not_run(case, batched_calls) -> None:
+    """Where vmap would be torch.func's (a layer the batched forward does not know, chunks of tasks, a
+    mode of the user's own), ``auto`` keeps the loop under bf16 too: never torch.func's batched convolutions."""
+    from metalearn.modes import Unrolled
+
+    class OwnMode(Unrolled):
+        pass
+
+    build = NOT_READY["torch's max-pool"] if case == "not ready" else _conv4
+    kw = {"chunk_size": 2} if case == "chunks" else {"mode": OwnMode()} if case == "own mode" else {}
+    row, _ = _bf16_step(build, **kw)
+    assert row["batching"] == "loop" and not batched_calls

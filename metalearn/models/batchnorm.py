@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from metalearn import exact_norms
 from metalearn.exact_norms import inside_vmap
+from metalearn.models.batchnorm_closed import CLOSED_FORM_MIN_NUMEL, closed_form_batch_norm
 from metalearn.models.layout import is_channels_last
 
 __all__ = ["BatchNorm", "batch_norm", "inside_vmap"]
@@ -69,12 +70,19 @@ class BatchNorm(nn.Module):
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """`BatchNorm`'s function outside ``vmap``: torch's fused batch norm with batch statistics, a
-    channels-last CPU input ``[N, C, H, W]`` (C > 1) normalised as its ``[N·H·W, C]`` rows (see `BatchNorm`).
-    Also what `metalearn.models.Conv4.forward_batched` normalises its stack of tasks with."""
-    if x.device.type == "cpu" and x.ndim == 4 and x.shape[1] > 1 and is_channels_last(x):
+    """`BatchNorm`'s function outside ``vmap``: torch's fused batch norm with batch statistics; on CPU, from
+    `CLOSED_FORM_MIN_NUMEL` elements on, with the closed-form double backward of
+    `metalearn.models.batchnorm_closed`, and a channels-last input ``[N, C, H, W]`` (C > 1) normalised as
+    its ``[N·H·W, C]`` rows (see `BatchNorm`). Also what `metalearn.models.Conv4.forward_batched`
+    normalises its stack of tasks with."""
+    on_cpu = x.device.type == "cpu"
+    norm = closed_form_batch_norm if on_cpu and x.numel() >= CLOSED_FORM_MIN_NUMEL else _torch_batch_norm
+    if on_cpu and x.ndim == 4 and x.shape[1] > 1 and is_channels_last(x):
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: NHWC memory is [N·H·W, C]
-        y = F.batch_norm(rows, None, None, weight, bias, training=True, eps=eps)
-        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+        return norm(rows, weight, bias, eps).view(n, h, w, c).permute(0, 3, 1, 2)
+    return norm(x, weight, bias, eps)
+
+
+def _torch_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)

@@ -70,10 +70,8 @@ class ThroughInnerLoop(MetaGradientMode):
         before the next runs (`metalearn.mapping.map_chunks`); the same meta-gradient up to rounding.
         """
         first_order = self.meta_first_order()
-        if batching == "vmap" and type(self) is Unrolled and (chunking is None or not chunking.active):
-            theta0 = omega.model_params()
-            if runs_task_batched(omega, theta0, batch.train[0], first_order, kernels):
-                return task_batched_backward(omega, theta0, batch, inner_steps, first_order, kernels)
+        if batching == "vmap" and self.task_batched_for(omega, batch, chunking, kernels):
+            return task_batched_backward(omega, omega.model_params(), batch, inner_steps, first_order, kernels)
         objective = self.objective_for(inner_steps, kernels)
         route = batching == "vmap" and needs_norm_routing(omega, self)  # self: a user's subclass keeps the mode
         if batching == "vmap" and chunking is not None and chunking.active:
@@ -83,6 +81,16 @@ class ThroughInnerLoop(MetaGradientMode):
         if batching == "vmap":
             return _vmap_backward(omega, batch, inner_steps, first_order, generator, objective, kernels, route)
         return _loop_backward(omega, batch, inner_steps, first_order, generator, objective)
+
+    def task_batched_for(
+        self, omega: MetaKnowledge, batch: TaskBatch, chunking: Chunking | None = None, kernels: str = "auto"
+    ) -> bool:
+        """Whether `accumulate` with ``batching="vmap"`` runs ``batch`` task-batched
+        (`metalearn.task_batched`): the plain `Unrolled` mode only (a subclass may adapt otherwise),
+        without chunks, and where `metalearn.task_batched.runs_task_batched` accepts ω and the batch."""
+        if type(self) is not Unrolled or (chunking is not None and chunking.active):
+            return False
+        return runs_task_batched(omega, omega.model_params(), batch.train[0], self.meta_first_order(), kernels)
 
     def objective_for(self, inner_steps: int, kernels: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
         """One task's (val loss, val metric, inner losses) as `accumulate` maps it: `task_objective`
