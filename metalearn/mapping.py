@@ -91,8 +91,9 @@ def choose_batching(omega: MetaKnowledge, device: torch.device, first_order: boo
     * on CPU: ``"loop"`` for convolutional models (compute-bound; torch.func's batched
       convolutions were ~2x slower with ~10x the memory on the Conv-4, and 2.6x slower on a
       Conv-4 of native ``nn.Conv2d`` + ``nn.BatchNorm2d``, meta-batch 8; `metalearn.models.Conv4`'s
-      task-batched vmap path, `metalearn.task_batched`, is a little faster than the loop but holds a
-      few times its memory, so the loop stays the default), ``"vmap"``
+      task-batched vmap path, `metalearn.task_batched`, is a little faster than the loop in float32
+      but holds a few times its memory, so the loop stays the default; under CPU bf16, where it is
+      1.2-1.7x faster, a meta-step's ``auto`` runs it: `metalearn.outer`'s ``_task_batched_pays``), ``"vmap"``
       otherwise (small models are bound by per-op overhead, which batching removes: 6-7x
       faster than the loop for 1-40-40-1 MLPs with ``nn.LayerNorm`` or ``nn.BatchNorm1d``,
       interception included). Measured by ``benchmarks/vmap_norms.py`` (figures in

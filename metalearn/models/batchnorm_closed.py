@@ -142,7 +142,9 @@ def _double_backward(
     def big(v: Tensor) -> Tensor:  # a per-channel factor for the passes over x's size
         return v.to(work).view(shape)
 
-    x_hat = torch.addcmul(big(-mean.to(stat) * r), x, big(r))  # (x - μ) r, one pass
+    # (x - μ) r computed in the statistics' dtype (x·r - μ·r would cancel in bf16 where |μ| >> σ), then stored
+    # in x's: one pass (plus the cast under bf16)
+    x_hat = torch.addcmul((-mean.to(stat) * r).view(shape), x, r.view(shape)).to(work)
     grad_g = grad_x = grad_w = None
     if a is None:  # only dw and db are used downstream
         if need_g:
