@@ -42,8 +42,9 @@ from torch import Tensor
 __all__ = ["CLOSED_FORM_MIN_NUMEL", "closed_form_batch_norm"]
 
 #: below this many elements torch's composite is as fast or faster (the autograd.Function's Python
-#: overhead, ~0.15 ms a call, outweighs the passes saved): one bf16 forward, backward and double backward,
-#: one thread, [M, 64]: 0.98x at M = 245 (15,680 elements), 1.4-1.8x at M = 980-3920, 2-3x at [980-3920, 512]
+#: overhead, ~0.15 ms a call, outweighs the passes saved). `benchmarks/batch_norm_double_backward.py`, one
+#: forward, backward and double backward, one thread: the closed form 0.91x / 0.88x torch's speed at 15,680
+#: elements (float32 5x64x7x7, bf16 245x64), 1.27-2.65x from 62,720 up (docs/results.md)
 CLOSED_FORM_MIN_NUMEL = 32_768
 
 
