@@ -86,9 +86,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; BatchNorm's threshold: {CLOSED_FORM_MIN_NUMEL} "
-          "elements")  # fmt: skip
-    print(f"{'case':22s} {'layout':18s} {'shape':18s} {'torch ms':>9s} {'closed ms':>9s} {'ratio':>6s}  BatchNorm takes")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} thread; BatchNorm's threshold: {CLOSED_FORM_MIN_NUMEL} elements")
+    header = f"{'case':22s} {'layout':18s} {'shape':18s} {'torch ms':>9s} {'closed ms':>9s} {'ratio':>6s}"
+    print(header + "  BatchNorm takes")
     results = []
     for label, layout, shape in CASES:
         r = time_case(layout, shape, args.rounds)
