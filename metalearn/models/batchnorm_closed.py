@@ -146,26 +146,28 @@ def _double_backward(
     # (x - μ) r computed in the statistics' dtype (x·r - μ·r would cancel in bf16 where |μ| >> σ), then stored
     # in x's: one pass (plus the cast under bf16)
     x_hat = torch.addcmul((-mean.to(stat) * r).view(shape), x, r.view(shape)).to(work)
-    grad_g = grad_x = grad_w = None
-    if a is None:  # only dw and db are used downstream
-        if need_g:
-            grad_g = torch.addcmul(big(beta_), x_hat, big(alpha_))
-        if need_x:
-            g_hat = torch.addcmul(g, x_hat, big(-m)).sub_(big(db.to(stat) / n_rows))  # P(g)
+    def project(h: Tensor, h_mean: Tensor, h_x_hat_mean: Tensor) -> Tensor:  # P(h) = h - mean(h) - x̂ mean(h x̂)
+        return torch.addcmul(h, x_hat, big(-h_x_hat_mean)).sub_(big(h_mean))
+
+    grad_g = torch.addcmul(big(beta_), x_hat, big(alpha_)) if need_g else None
+    grad_x = grad_w = big_s = None
+    if a is not None:  # None: only dw and db are used downstream, P(a) = 0
+        s = (a * x_hat).sum(dims, dtype=stat) / n_rows
+        p_a = project(a, a.sum(dims, dtype=stat) / n_rows, s)
+        wr = w * r
+        if grad_g is not None:
+            grad_g.addcmul_(p_a, big(wr))
+        if need_x or need_w:
+            big_s = (p_a * g).sum(dims, dtype=stat)  # Σ P(a) g = Σ a P(g)
+    if need_w and big_s is not None:
+        grad_w = r * big_s
+    if need_x:
+        g_hat = project(g, db.to(stat) / n_rows, m)  # P(g)
+        if a is None:
             grad_x = g_hat.mul_(big(alpha_ * r))
-        return grad_g, grad_x, grad_w
-    s = (a * x_hat).sum(dims, dtype=stat) / n_rows
-    p_a = torch.addcmul(a, x_hat, big(-s)).sub_(big(a.sum(dims, dtype=stat) / n_rows))  # P(a)
-    wr = w * r
-    if need_g:
-        grad_g = torch.addcmul(big(beta_), x_hat, big(alpha_)).addcmul_(p_a, big(wr))
-    if need_x or need_w:
-        big_s = (p_a * g).sum(dims, dtype=stat)  # Σ P(a) g = Σ a P(g)
-        if need_w:
-            grad_w = r * big_s
-        if need_x:
+        else:
+            assert big_s is not None  # computed above whenever a is given and x needs its gradient
             wr2 = wr * r
-            g_hat = torch.addcmul(g, x_hat, big(-m)).sub_(big(db.to(stat) / n_rows))  # P(g)
             grad_x = g_hat.mul_(big(alpha_ * r - wr2 * s))
             grad_x.addcmul_(x_hat, big(-wr2 * big_s / n_rows)).addcmul_(p_a, big(-wr2 * m))
     return grad_g, grad_x, grad_w
