@@ -100,9 +100,12 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, a: Tensor | None, alpha: Tensor | None, beta: Tensor | None):  # type: ignore[override]
         g, x, weight, mean, invstd, dw, db = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a derivative of this one will be taken: every input differentiable
+        differentiable = torch.is_grad_enabled()  # a derivative of this one will be taken
+        if differentiable:  # every input of the formulas differentiable
             mean, invstd, dw, db = _statistics(g, x, ctx.eps)
-        grads = _double_backward(g, x, weight, mean, invstd, dw, db, a, alpha, beta, ctx.needs_input_grad[:3])
+        grads = _double_backward(
+            g, x, weight, mean, invstd, dw, db, a, alpha, beta, ctx.needs_input_grad[:3], differentiable
+        )
         return (*grads, None, None, None)
 
 
@@ -125,11 +128,16 @@ def _channel_layout(x: Tensor) -> tuple[list[int], tuple[int, ...]]:
 
 def _double_backward(
     g: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, dw: Tensor, db: Tensor,
-    a: Tensor | None, alpha: Tensor | None, beta: Tensor | None, needs: tuple[bool, ...],
+    a: Tensor | None, alpha: Tensor | None, beta: Tensor | None, needs: tuple[bool, ...], differentiable: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients w.r.t. ``(g, x, weight)`` of the module docstring's formulas. Per-channel values are
     float32 (float64 for float64); the tensors of x's size stay in the input's dtype (bf16 under bf16:
-    half the bytes of each pass, and no hidden casting copy of a mixed-dtype operation)."""
+    half the bytes of each pass, and no hidden casting copy of a mixed-dtype operation).
+
+    Unless ``differentiable``, x̂ and the per-channel sums come from torch's batch-norm kernels (`_normalized`,
+    `_channel_sums`): one pass each, accumulated in the statistics' dtype, where torch's ``sum(dtype=float32)``
+    of a bf16 tensor first copies it whole to float32 on the CPU. Their derivatives treat the statistics as
+    the input's own, so a double backward whose derivative will be taken runs on torch's plain operations."""
     need_g, need_x, need_w = needs
     dims, shape = _channel_layout(x)
     n_rows, work = x.numel() // x.shape[1], x.dtype
@@ -143,22 +151,26 @@ def _double_backward(
     def big(v: Tensor) -> Tensor:  # a per-channel factor for the passes over x's size
         return v.to(work).view(shape)
 
-    # (x - μ) r computed in the statistics' dtype (x·r - μ·r would cancel in bf16 where |μ| >> σ), then stored
-    # in x's: one pass (plus the cast under bf16)
-    x_hat = torch.addcmul((-mean.to(stat) * r).view(shape), x, r.view(shape)).to(work)
+    mean_ = mean.to(stat)
+    x_hat = _normalized(x, mean_, r, shape, differentiable)
     def project(h: Tensor, h_mean: Tensor, h_x_hat_mean: Tensor) -> Tensor:  # P(h) = h - mean(h) - x̂ mean(h x̂)
         return torch.addcmul(h, x_hat, big(-h_x_hat_mean)).sub_(big(h_mean))
 
     grad_g = torch.addcmul(big(beta_), x_hat, big(alpha_)) if need_g else None
     grad_x = grad_w = big_s = None
     if a is not None:  # None: only dw and db are used downstream, P(a) = 0
-        s = (a * x_hat).sum(dims, dtype=stat) / n_rows
-        p_a = project(a, a.sum(dims, dtype=stat) / n_rows, s)
+        if differentiable:
+            a_x_hat_sum, a_sum = (a * x_hat).sum(dims, dtype=stat), a.sum(dims, dtype=stat)
+        else:
+            a_x_hat_sum, a_sum = _channel_sums(a, x, mean_, r)
+        s = a_x_hat_sum / n_rows
+        p_a = project(a, a_sum / n_rows, s)
         wr = w * r
         if grad_g is not None:
             grad_g.addcmul_(p_a, big(wr))
         if need_x or need_w:
-            big_s = (p_a * g).sum(dims, dtype=stat)  # Σ P(a) g = Σ a P(g)
+            # Σ P(a) g = Σ a P(g)
+            big_s = (p_a * g).sum(dims, dtype=stat) if differentiable else _channel_sums(g, p_a, None, None)[0]
     if need_w and big_s is not None:
         grad_w = r * big_s
     if need_x:
@@ -171,3 +183,29 @@ def _double_backward(
             grad_x = g_hat.mul_(big(alpha_ * r - wr2 * s))
             grad_x.addcmul_(x_hat, big(-wr2 * big_s / n_rows)).addcmul_(p_a, big(-wr2 * m))
     return grad_g, grad_x, grad_w
+
+
+def _normalized(x: Tensor, mean: Tensor, invstd: Tensor, shape: tuple[int, ...], differentiable: bool) -> Tensor:
+    """x̂ = (x − μ) r in x's dtype, computed in the statistics' dtype (in bf16, x·r − μ·r would cancel where
+    |μ| >> σ): torch's batch-norm kernel in eval mode (weight r, running mean μ, running variance 1, eps 0:
+    ``x·r − μ·r`` in float32, stored as bf16, one pass), or the same by torch's operations when
+    ``differentiable`` (the kernel's eval-mode derivative ignores μ)."""
+    if differentiable:
+        return torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape)).to(x.dtype)
+    return torch.native_batch_norm(x, invstd, None, mean, torch.ones_like(invstd), False, 0.0, 0.0)[0]
+
+
+def _channel_sums(u: Tensor, v: Tensor, mean: Tensor | None, invstd: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(Σ u (v − μ) r, Σ u)`` per channel (``μ = 0``, ``r = 1`` when ``None``) in the statistics' dtype, by
+    torch's batch-norm backward kernel with a unit weight: its ``dw`` and ``db``, one pass over ``u`` and
+    ``v``, no tensor of their size made. Not differentiable as such: the kernel's own derivative takes μ and
+    r for ``v``'s statistics."""
+    stat = torch.float64 if v.dtype == torch.float64 else torch.float32
+    channels = v.shape[1]
+    mean = torch.zeros(channels, dtype=stat, device=v.device) if mean is None else mean
+    invstd = torch.ones(channels, dtype=stat, device=v.device) if invstd is None else invstd
+    ones = torch.ones(channels, dtype=stat, device=v.device)
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        u, v, ones, None, None, mean, invstd, True, 0.0, [False, True, True]
+    )
+    return dot, total
