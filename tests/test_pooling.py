@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from metalearn import maml
 from metalearn.models import Conv4, MaxPool2x2, ResNet12, max_pool_2x2
-from metalearn.models.pooling import _MaxPool2x2
+from metalearn.models.layout import is_channels_last
+from metalearn.models.pooling import _at_maxima, _MaxPool2x2, _MaxPoolBackward, _TorchMaxPool2x2
 from metalearn.outer import meta_gradient
 from metalearn.tasks import TaskBatch
 
@@ -144,3 +145,31 @@ def test_channels_last_input_runs_torchs_kernel_and_nchw_the_views(monkeypatch) 
     cl = meta(x.contiguous(memory_format=torch.channels_last))
     assert len(calls) == 2, "the channels-last input took the views"
     assert torch.equal(nchw, cl)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last"])
+def test_the_double_backward_is_torchs_in_the_inputs_layout_with_nothing_for_the_input(layout: str) -> None:
+    """Second-order gradients equal F.max_pool2d's bit for bit; the gather at the maxima comes back in the
+    input's layout (torch's is NCHW for a channels-last input), and the backward's derivative w.r.t. the
+    pooled input is None, not a zero tensor of its size."""
+    x = with_ties((3, 8, 6, 7), torch.float32)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(2)
+    w, c = torch.randn(8, 1, 1, generator=gen), torch.randn(x.shape, generator=gen)
+
+    def second(pool) -> Tensor:
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(pool(xx * w).square().sum(), xx, create_graph=True)
+        (out,) = torch.autograd.grad((g * c).sum() + pool(xx).sum(), xx)
+        return out
+
+    assert torch.equal(second(max_pool_2x2), second(lambda t: F.max_pool2d(t, 2)))
+    pool = _TorchMaxPool2x2 if layout == "channels-last" else _MaxPool2x2
+    _, indices = pool.apply(x)
+    picked = _at_maxima(c.contiguous(memory_format=torch.channels_last), indices)
+    assert is_channels_last(picked) == (layout == "channels-last")
+    assert torch.equal(picked, c.reshape(3, 8, -1).gather(2, indices.reshape(3, 8, -1)).view(indices.shape))
+    xx = x.clone().requires_grad_()
+    dx = _MaxPoolBackward.apply(torch.ones(indices.shape), xx, indices)
+    assert torch.autograd.grad(dx.sum(), xx, allow_unused=True) == (None,)

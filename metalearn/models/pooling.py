@@ -17,8 +17,12 @@ ties included (tested); an odd last row or column is dropped, as there. A window
 gives NaN, as there, though its gradient may go to another entry of the window.
 
 A channels-last input (`metalearn.models.layout`: the Conv-4 under CPU bf16) goes to torch's own
-``F.max_pool2d``, whose CPU kernel is vectorised over channels in that layout (1.6 ms on a
+kernel (``max_pool2d_with_indices``), vectorised over channels in that layout (1.6 ms on a
 ``[75, 64, 28, 28]`` bf16 input, one thread, against 11 ms for the views above on its NCHW form).
+
+Both forwards share one backward, torch's max-pool backward, whose own backward (the double backward) is
+written here: the gather at the maxima in the input's layout, and no zero tensor for the input's share
+(see `_MaxPoolBackward`); values and derivatives equal torch's bit for bit.
 
 ``benchmarks/max_pool.py`` times a Conv-4 meta-step with it against ``nn.MaxPool2d(2)``, float32 and
 bf16 (figures in docs/results.md).
@@ -27,7 +31,6 @@ bf16 (figures in docs/results.md).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.exact_norms import inside_vmap
@@ -66,10 +69,68 @@ class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_indices: Tensor | None) -> Tensor:
         x, indices = ctx.saved_tensors
-        # torch's own backward of max-pooling: differentiable (its backward is a gather), batched by vmap
+        return _MaxPoolBackward.apply(grad_y, x, indices)
+
+
+class _TorchMaxPool2x2(torch.autograd.Function):
+    """``(y, indices)`` by torch's own 2x2 max-pool kernel (for a channels-last input, where it is vectorised
+    over channels), with `_MaxPoolBackward` as its backward."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        (x,) = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, output[1])
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_indices: Tensor | None) -> Tensor:
+        x, indices = ctx.saved_tensors
+        return _MaxPoolBackward.apply(grad_y, x, indices)
+
+
+class _MaxPoolBackward(torch.autograd.Function):
+    """``(grad_y, x, indices) -> dx``: torch's max-pool backward (each window's gradient to its maximum).
+
+    Its own backward, what second-order meta-gradients run once per inner step and pooling layer, is the
+    incoming gradient gathered at the maxima (`_at_maxima`), laid out as ``indices``, and nothing for
+    ``x``. torch's formula for it returns an NCHW gather for a channels-last input (so the gradients it
+    is added to, channels-last, take a strided add several times slower than a contiguous one) and a
+    zero tensor of ``x``'s size as ``x``'s share (dx is piecewise constant in x), filled and added into
+    ``x``'s gradient for nothing."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y: Tensor, x: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
         return torch.ops.aten.max_pool2d_with_indices_backward(
             grad_y, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
         )
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad_dx: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        return _at_maxima(grad_dx, indices), None, None
+
+
+def _at_maxima(g: Tensor, indices: Tensor) -> Tensor:
+    """``g`` (shaped as the pooled input) at each window's maximum, ``indices`` giving their flat positions in
+    each plane: a gather, differentiable in turn. A channels-last ``indices`` (torch's kernel on a
+    channels-last input) gathers along the ``[N, H·W, C]`` rows its memory is, giving a channels-last result."""
+    if not inside_vmap() and is_channels_last(indices):
+        n, c, h, w = indices.shape
+        rows = g.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n, -1, c)
+        picked = rows.gather(1, indices.permute(0, 2, 3, 1).reshape(n, h * w, c))
+        return picked.view(n, h, w, c).permute(0, 3, 1, 2)
+    lead = indices.shape[:-2]
+    return g.reshape(*lead, -1).gather(-1, indices.reshape(*lead, -1)).view(indices.shape)
 
 
 def _window_corners(h: int, w: int, W: int, device: torch.device) -> Tensor:
@@ -97,7 +158,8 @@ def max_pool_2x2(x: Tensor) -> Tensor:
     if is_channels_last(x) and not inside_vmap():
         # torch's own kernel is vectorised over channels in this layout (several times faster than the
         # views below; the same values, indices and gradients)
-        return F.max_pool2d(x, 2)
+        y, _ = _TorchMaxPool2x2.apply(x)
+        return y
     y, _ = _MaxPool2x2.apply(x)
     return y
 
