@@ -7,6 +7,7 @@ import reference
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalearn import maml
 from metalearn.models import Conv4, MaxPool2x2, ResNet12, max_pool_2x2
@@ -173,3 +174,40 @@ def test_the_double_backward_is_torchs_in_the_inputs_layout_with_nothing_for_the
     xx = x.clone().requires_grad_()
     dx = _MaxPoolBackward.apply(torch.ones(indices.shape), xx, indices)
     assert torch.autograd.grad(dx.sum(), xx, allow_unused=True) == (None,)
+
+
+class _ZerosMade(TorchDispatchMode):
+    """The zero tensors made while active (torch's ``zeros``, ``zeros_like``, ``new_zeros``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default):
+            self.made.append((tuple(out.shape), out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last"])
+def test_backward_and_double_backward_make_no_zero_tensors(layout: str) -> None:
+    """No int64 zeros for the indices' gradient (autograd materialises one per undefined output gradient
+    unless told not to) and no zero tensor of the input's size for the double backward's share of it
+    (torch's formula makes one, as the check on F.max_pool2d shows)."""
+    x = torch.randn(2, 4, 6, 6)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 1, requires_grad=True)
+
+    def zeros_made(pool) -> tuple[list, list]:
+        (g,) = torch.autograd.grad(pool(x * w).square().sum(), w, create_graph=True)
+        with _ZerosMade() as second:
+            g.sum().backward()
+        y = pool(x * w)
+        with _ZerosMade() as first:
+            y.sum().backward()
+        return first.made, second.made
+
+    assert zeros_made(max_pool_2x2) == ([], [])
+    assert zeros_made(lambda t: F.max_pool2d(t, 2)) == ([], [((2, 4, 6, 6), torch.float32)])

@@ -62,14 +62,11 @@ class _MaxPool2x2(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        (x,) = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, output[1])
+        _save_for_backward(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_indices: Tensor | None) -> Tensor:
-        x, indices = ctx.saved_tensors
-        return _MaxPoolBackward.apply(grad_y, x, indices)
+    def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
+        return _backward(ctx, grad_y)
 
 
 class _TorchMaxPool2x2(torch.autograd.Function):
@@ -82,14 +79,26 @@ class _TorchMaxPool2x2(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        (x,) = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, output[1])
+        _save_for_backward(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_indices: Tensor | None) -> Tensor:
-        x, indices = ctx.saved_tensors
-        return _MaxPoolBackward.apply(grad_y, x, indices)
+    def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
+        return _backward(ctx, grad_y)
+
+
+def _save_for_backward(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+    """What both forwards keep: ``x`` and the indices (not differentiable). Gradients are not materialised:
+    autograd would otherwise hand the backward a zero int64 tensor of the indices' shape for them."""
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0], output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_y: Tensor | None) -> Tensor | None:
+    if grad_y is None:  # y not used downstream
+        return None
+    x, indices = ctx.saved_tensors
+    return _MaxPoolBackward.apply(grad_y, x, indices)
 
 
 class _MaxPoolBackward(torch.autograd.Function):
