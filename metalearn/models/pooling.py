@@ -39,7 +39,26 @@ from metalearn.models.layout import is_channels_last
 __all__ = ["MaxPool2x2", "max_pool_2x2"]
 
 
-class _MaxPool2x2(torch.autograd.Function):
+class _MaxPoolFunction(torch.autograd.Function):
+    """What both 2x2 max-pool forwards share: ``x`` and the indices (not differentiable) kept, gradients
+    not materialised (autograd would otherwise hand the backward a zero int64 tensor of the indices' shape),
+    and `_MaxPoolBackward` as the backward."""
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
+        if grad_y is None:  # y not used downstream
+            return None
+        x, indices = ctx.saved_tensors
+        return _MaxPoolBackward.apply(grad_y, x, indices)
+
+
+class _MaxPool2x2(_MaxPoolFunction):
     """``(y, indices)`` of the 2x2 windows of ``x[..., :2h, :2w]``; ``indices`` (not differentiable) as
     torch's max-pool gives them."""
 
@@ -60,45 +79,14 @@ class _MaxPool2x2(torch.autograd.Function):
         offset = torch.add(right.to(torch.int32), down.to(torch.int32), alpha=W)
         return y, offset.to(torch.int64).add_(_window_corners(h, w, W, x.device))
 
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        _save_for_backward(ctx, inputs, output)
 
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
-        return _backward(ctx, grad_y)
-
-
-class _TorchMaxPool2x2(torch.autograd.Function):
+class _TorchMaxPool2x2(_MaxPoolFunction):
     """``(y, indices)`` by torch's own 2x2 max-pool kernel (for a channels-last input, where it is vectorised
     over channels), with `_MaxPoolBackward` as its backward."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        _save_for_backward(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
-        return _backward(ctx, grad_y)
-
-
-def _save_for_backward(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-    """What both forwards keep: ``x`` and the indices (not differentiable). Gradients are not materialised:
-    autograd would otherwise hand the backward a zero int64 tensor of the indices' shape for them."""
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(inputs[0], output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_y: Tensor | None) -> Tensor | None:
-    if grad_y is None:  # y not used downstream
-        return None
-    x, indices = ctx.saved_tensors
-    return _MaxPoolBackward.apply(grad_y, x, indices)
 
 
 class _MaxPoolBackward(torch.autograd.Function):
