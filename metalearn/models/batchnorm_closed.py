@@ -201,10 +201,9 @@ def _channel_sums(u: Tensor, v: Tensor, mean: Tensor | None, invstd: Tensor | No
     ``v``, no tensor of their size made. Not differentiable as such: the kernel's own derivative takes μ and
     r for ``v``'s statistics."""
     stat = torch.float64 if v.dtype == torch.float64 else torch.float32
-    channels = v.shape[1]
-    mean = torch.zeros(channels, dtype=stat, device=v.device) if mean is None else mean
-    invstd = torch.ones(channels, dtype=stat, device=v.device) if invstd is None else invstd
-    ones = torch.ones(channels, dtype=stat, device=v.device)
+    ones = torch.ones(v.shape[1], dtype=stat, device=v.device)
+    mean = torch.zeros_like(ones) if mean is None else mean
+    invstd = ones if invstd is None else invstd
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
         u, v, ones, None, None, mean, invstd, True, 0.0, [False, True, True]
     )
