@@ -340,7 +340,8 @@ class MetaKnowledge(nn.Module):
         """Runs the model with parameters ``params`` (θ) on ``x``: ``torch.func.functional_call``, or the
         model's own ``forward_with(params, x)`` where its class defines one in its own body (a subclass
         that does not define it again is not trusted with its parent's: its ``forward`` may differ).
-        ``forward_with`` must compute what functional_call computes; `metalearn.models.MLP` has one.
+        ``forward_with`` must compute what functional_call computes; `metalearn.models.MLP` and
+        `metalearn.models.Conv4` have one.
         While ``torch.compile`` traces, functional_call: the compiled code has no Python to save."""
         if not torch.compiler.is_compiling():
             forward_with = type(self.model).__dict__.get("forward_with")

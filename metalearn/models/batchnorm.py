@@ -65,12 +65,17 @@ class BatchNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """`forward` with ``weight`` and ``bias`` in place of the module's own (what
+        `metalearn.models.Conv4.forward_with` calls: the same function as ``functional_call`` of this layer)."""
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm expects [N, {self.num_features}, ...], got {tuple(x.shape)}")
         # exact_norms.batch_norm, not F.batch_norm, inside any vmap: also one the library did not start
         if inside_vmap():
-            return exact_norms.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        return batch_norm(x, self.weight, self.bias, self.eps)
+            return exact_norms.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
+        return batch_norm(x, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
