@@ -83,23 +83,6 @@ def test_meta_gradients_equal_functional_calls_to_second_order(batching, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
-def test_a_hook_anywhere_sends_it_through_functional_call() -> None:
-    model = _small()
-    params, x = _params(model), torch.randn(2, 1, 16, 16)
-    seen: list[int] = []
-    handle = model.features[1].register_forward_hook(lambda m, i, o: seen.append(1))
-    assert not model._direct()
-    assert torch.equal(model.forward_with(params, x), functional_call(model, params, (x,)))
-    assert len(seen) == 2  # the hook ran both times
-    handle.remove()
-    assert model._direct()
-    glob = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
-    try:
-        assert not model._direct()
-    finally:
-        glob.remove()
-
-
 def test_other_layers_tied_weights_and_buffers_take_functional_call() -> None:
     x = torch.randn(2, 1, 16, 16)
     tied = _small()

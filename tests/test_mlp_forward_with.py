@@ -54,23 +54,6 @@ def test_meta_gradients_equal_functional_calls_under_vmap_and_the_loop_to_second
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), batching
 
 
-def test_a_hook_anywhere_sends_it_through_functional_call() -> None:
-    model = MLP((2, 4, 1))
-    params, x = _params(model), torch.randn(3, 2)
-    seen: list[int] = []
-    handle = model.layers[0].register_forward_hook(lambda m, i, o: seen.append(1))
-    assert not model._direct()
-    assert torch.equal(model.forward_with(params, x), functional_call(model, params, (x,)))
-    assert len(seen) == 2  # the hook ran both times
-    handle.remove()
-    assert model._direct()
-    glob = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
-    try:
-        assert not model._direct()
-    finally:
-        glob.remove()
-
-
 def test_tied_weights_and_a_layer_with_tensors_take_functional_call() -> None:
     tied = MLP((4, 4, 4, 4))
     tied.layers[2].weight = tied.layers[0].weight  # one tensor under two names: functional_call unties it
