@@ -211,3 +211,29 @@ def test_backward_and_double_backward_make_no_zero_tensors(layout: str) -> None:
 
     assert zeros_made(max_pool_2x2) == ([], [])
     assert zeros_made(lambda t: F.max_pool2d(t, 2)) == ([], [((2, 4, 6, 6), torch.float32)])
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last"])
+def test_the_pooled_input_is_not_kept_for_the_backward(layout: str) -> None:
+    """Only the indices are saved: the input (in the Conv-4 the batch norm's output, which nothing else
+    keeps) is freed after the forward; the backward's gradients are still torch's, in the input's layout."""
+    x = with_ties((3, 8, 6, 7), torch.float32)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xx = x.clone().requires_grad_()
+    h = xx * 2  # what the pool gets: a non-leaf, as a layer's output is
+    saved: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = max_pool_2x2(h)
+    assert [t.dtype for t in saved] == [torch.int64]  # the indices alone
+    assert all(t.untyped_storage().data_ptr() != h.untyped_storage().data_ptr() for t in saved)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    (ours,) = torch.autograd.grad(y, xx, g)
+    xt = x.clone().requires_grad_()
+    (theirs,) = torch.autograd.grad(F.max_pool2d(xt * 2, 2), xt, g)
+    assert torch.equal(ours, theirs) and is_channels_last(ours) == is_channels_last(theirs)

@@ -40,22 +40,46 @@ __all__ = ["MaxPool2x2", "max_pool_2x2"]
 
 
 class _MaxPoolFunction(torch.autograd.Function):
-    """What both 2x2 max-pool forwards share: ``x`` and the indices (not differentiable) kept, gradients
-    not materialised (autograd would otherwise hand the backward a zero int64 tensor of the indices' shape),
-    and `_MaxPoolBackward` as the backward."""
+    """What both 2x2 max-pool forwards share: the indices (not differentiable) kept, gradients not
+    materialised (autograd would otherwise hand the backward a zero int64 tensor of the indices' shape),
+    and `_MaxPoolBackward` as the backward.
+
+    ``x`` itself is not kept: torch's max-pool backward reads only its sizes and layout, so the backward
+    hands it an uninitialised tensor of that shape and layout (`_stand_in`). Keeping ``x`` would keep
+    the layer below's output alive until the backward: in the Conv-4 (conv, batch norm, pool, ReLU) that
+    is the batch norm's output, the largest activation of each block, which nothing else holds. Inside
+    ``torch.func.vmap`` (and while ``torch.compile`` traces) ``x`` is kept, as the generated vmap rule
+    batches it."""
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(inputs[0], output[1])
+        x, indices = inputs[0], output[1]
+        ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
+        ctx.keeps_input = inside_vmap()
+        if ctx.keeps_input:
+            ctx.save_for_backward(x, indices)
+        else:
+            ctx.save_for_backward(indices)
+            ctx.input_meta = (x.shape, x.dtype, x.device, is_channels_last(x))
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, _grad_indices: None) -> Tensor | None:
         if grad_y is None:  # y not used downstream
             return None
-        x, indices = ctx.saved_tensors
+        if ctx.keeps_input:
+            x, indices = ctx.saved_tensors
+        else:
+            (indices,) = ctx.saved_tensors
+            x = _stand_in(*ctx.input_meta)
         return _MaxPoolBackward.apply(grad_y, x, indices)
+
+
+def _stand_in(shape: torch.Size, dtype: torch.dtype, device: torch.device, channels_last: bool) -> Tensor:
+    """An uninitialised tensor with the pooled input's shape, dtype and layout: all torch's max-pool backward
+    reads of its ``self`` argument (the gradient is laid out as it); never read as values."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=layout)
 
 
 class _MaxPool2x2(_MaxPoolFunction):
