@@ -37,7 +37,10 @@ same weights and their meta-gradients are compared (they must agree to float32 r
 Timing: torch on one thread; after warm-up, the contenders of a workload run in turns
 (round robin, so load from other processes hits all of them alike, in an order reversed every
 other round, so none always runs right after the same other one); each figure is the median
-over the rounds, of wall-clock time and of this process's CPU time.
+over the rounds, of wall-clock time and of this process's CPU time. A sinusoid contender's turn is
+``SINUSOID_BACK_TO_BACK`` meta-iterations back to back (as a training loop runs them; a ~1 ms
+iteration timed alone right after another contender pays for that one's cache footprint), a Conv-4
+contender's turn one meta-iteration (seconds long).
 
 Peak memory: each contender runs alone in fresh subprocesses (Linux; median of
 ``--memory-repeats``), and a thread polls, during its meta-iterations, (a) glibc's bytes in
@@ -112,6 +115,7 @@ QUICK_CONV4_META_BATCH = 2
 #: meta_train steps per timed run: its one-off setup (checks, the run, the step object: a few ms) is spread over
 #: them, as over the thousands of steps of a real run (sinusoid MAML: 70,000)
 META_TRAIN_STEPS = {"sinusoid": 100, "conv4": 1}
+SINUSOID_BACK_TO_BACK = 10  # meta-iterations per timed turn of every other sinusoid contender (see run_workload)
 UNAVAILABLE_PEERS = {
     "learn2learn": "learn2learn 0.2.0's sdist does not build on Python 3.11 (needs Cython re-run): not measured",
     "torchmeta": "torchmeta pins torch<1.10: not installable next to torch 2.x, not measured",
@@ -221,6 +225,7 @@ class Contender:
     run: Callable[[], str]  # runs one meta-iteration (or `per_run` of them), returns the path it took
     grads: Callable[[], dict[str, Tensor]]  # the model's gradients by parameter name
     per_run: int = 1  # meta-iterations per call of run (figures are per meta-iteration)
+    repeat: int = 1  # calls of run back to back in each timed turn (set by run_workload)
     exact: bool = True  # float32 with the same meta-gradient: compared with metalearn auto's first one
     info: dict | None = None  # anything measured on the way (e.g. the cold compile time)
 
@@ -473,9 +478,10 @@ def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str,
             if r >= rounds[c.name]:
                 continue
             w0, c0 = time.perf_counter(), time.process_time()
-            c.run()
-            wall[c.name].append(1e3 * (time.perf_counter() - w0) / c.per_run)
-            cpu[c.name].append(1e3 * (time.process_time() - c0) / c.per_run)
+            for _ in range(c.repeat):
+                c.run()
+            wall[c.name].append(1e3 * (time.perf_counter() - w0) / (c.per_run * c.repeat))
+            cpu[c.name].append(1e3 * (time.process_time() - c0) / (c.per_run * c.repeat))
     figures = {
         c.name: {
             "path": paths[c.name],
@@ -483,7 +489,7 @@ def time_round_robin(contenders: list[Contender], warmup: int, rounds: dict[str,
             "ms_min": min(wall[c.name]),
             "ms_max": max(wall[c.name]),
             "cpu_ms": statistics.median(cpu[c.name]),
-            "iterations": len(wall[c.name]) * c.per_run,
+            "iterations": len(wall[c.name]) * c.per_run * c.repeat,
             "rounds_ms": [round(v, 2) for v in wall[c.name]],  # in round order: pairs with the others' rounds
             **(c.info or {}),
         }
@@ -644,6 +650,13 @@ def run_workload(workload: str, args: argparse.Namespace) -> dict:
     print(f"\n{workload}: {w.description}{f' (--quick: meta-batch {meta_batch})' if not small and args.quick else ''}, "
           "second order, outer Adam step included", flush=True)
     contenders = [build(workload, n, args.quick) for n in names]
+    if small:
+        # a training loop runs its steps back to back; a lone ~1 ms step timed right after another
+        # contender pays for what that one left in the caches (the compiled sinusoid step: ~1.0 ms so,
+        # ~0.55 ms back to back). Every sinusoid contender's turn is SINUSOID_BACK_TO_BACK iterations (the
+        # meta_train contender's turn already runs META_TRAIN_STEPS steps in one call)
+        for c in contenders:
+            c.repeat = 1 if c.per_run > 1 else (2 if args.quick else SINUSOID_BACK_TO_BACK)
     figures, agreement = time_round_robin(contenders, warmup, per)
     del contenders
     gc.collect()
@@ -855,7 +868,9 @@ def main() -> None:
         "allocator": malloc,
         "quick": args.quick,
         "memory_method": None if args.no_memory else MEMORY_METHOD,
-        "timing_method": "median of round-robin iterations after warm-up (wall and process CPU time), ms",
+        "timing_method": "median over round-robin turns after warm-up (wall and process CPU time), ms per "
+                         f"meta-iteration; a sinusoid turn is {SINUSOID_BACK_TO_BACK} meta-iterations back to back, "
+                         "a Conv-4 turn one",
         "load_average_start": load_start[0],
         "load_average_end": load_end[0],
         "workloads": report,
