@@ -40,7 +40,9 @@ other round, so none always runs right after the same other one); each figure is
 over the rounds, of wall-clock time and of this process's CPU time. A sinusoid contender's turn is
 ``SINUSOID_BACK_TO_BACK`` meta-iterations back to back (as a training loop runs them; a ~1 ms
 iteration timed alone right after another contender pays for that one's cache footprint), a Conv-4
-contender's turn one meta-iteration (seconds long).
+contender's turn one meta-iteration (seconds long). The ``compile=True`` contender's cold compile
+(its first call) is timed with torch's on-disk compile caches empty: the run points
+``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary directory (removed at the end) unless it is set.
 
 Peak memory: each contender runs alone in fresh subprocesses (Linux; median of
 ``--memory-repeats``), and a thread polls, during its meta-iterations, (a) glibc's bytes in
@@ -80,9 +82,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -842,11 +846,21 @@ def main() -> None:
         return
 
     workloads = [w for w in WORKLOADS if args.only is None or w.startswith(args.only)]
+    # the cold compile is cold only with torch's on-disk compile caches empty: an inductor cache directory of
+    # this run's own (unless the user names one), removed at the end
+    own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if own_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="metalearn-bench-inductor-")
+    compile_cache = "a fresh temporary directory" if own_cache else os.environ["TORCHINDUCTOR_CACHE_DIR"]
     load_start = os.getloadavg()
     print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs, load average {load_start[0]:.2f}; "
-          f"allocator: {malloc}")
+          f"allocator: {malloc}; torch compile cache: {compile_cache}")
     print(f"memory: {MEMORY_METHOD}" if not args.no_memory else "memory: not measured (--no-memory)")
-    report = {w: run_workload(w, args) for w in workloads}
+    try:
+        report = {w: run_workload(w, args) for w in workloads}
+    finally:
+        if own_cache:
+            shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
     load_end = os.getloadavg()
     from importlib.metadata import PackageNotFoundError, version
 
@@ -866,6 +880,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "allocator": malloc,
+        "compile_cache": compile_cache,
         "quick": args.quick,
         "memory_method": None if args.no_memory else MEMORY_METHOD,
         "timing_method": "median over round-robin turns after warm-up (wall and process CPU time), ms per "
