@@ -225,7 +225,7 @@ class IndexedSource:
         self._steps_per_draw: int | None = None
         if not (isinstance(tasks, TaskSet) and tasks.batched and tasks.same_shaped):
             self._steps_per_draw = 1
-        self._drawn: tuple[int, int, TaskBatch] | None = None  # (first step, steps, their batches)
+        self._drawn: tuple[int, TaskBatch] | None = None  # (first step, the batches of it and the next ones)
 
     def start(self, step: int) -> None:
         """Nothing to skip: every step's batch is a function of the step."""
@@ -239,12 +239,12 @@ class IndexedSource:
             return batch, indices
         if self._steps_per_draw == 1:
             return batch_for_step(self.tasks, step, self.batch_size), indices
-        if self._drawn is None or not self._drawn[0] <= step < self._drawn[0] + self._drawn[1]:
+        steps = self._steps_per_draw
+        if self._drawn is None or not self._drawn[0] <= step < self._drawn[0] + steps:
             assert isinstance(self.tasks, TaskSet)
-            steps = self._steps_per_draw
             every = [i for s in range(step, step + steps) for i in step_indices(self.tasks, s, self.batch_size)]
-            self._drawn = (step, steps, self.tasks.batch(every))
-        first, _, drawn = self._drawn
+            self._drawn = (step, self.tasks.batch(every))
+        first, drawn = self._drawn
         lo = (step - first) * self.batch_size
         return _rows(drawn, lo, lo + self.batch_size), indices
 
