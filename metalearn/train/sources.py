@@ -99,7 +99,11 @@ def step_indices(tasks: TaskSet | Sequence[Task], step: int, batch_size: int) ->
 
 def batch_for_step(tasks: TaskSet | Sequence[Task], step: int, batch_size: int) -> TaskBatch:
     """The meta-batch of outer step ``step``: tasks ``step*B ... step*B + B - 1`` (modulo a finite length)."""
-    indices = step_indices(tasks, step, batch_size)
+    return _tasks_at(tasks, step_indices(tasks, step, batch_size))
+
+
+def _tasks_at(tasks: TaskSet | Sequence[Task], indices: list[int]) -> TaskBatch:
+    """The tasks at ``indices`` as one batch: a task set's own `TaskSet.batch`, a list's tasks stacked."""
     if isinstance(tasks, TaskSet):
         return tasks.batch(indices)
     return stack_tasks([tasks[i] for i in indices])
@@ -234,16 +238,15 @@ class IndexedSource:
         """The batch of step ``step`` and its task-set indices."""
         indices = step_indices(self.tasks, step, self.batch_size)
         if self._steps_per_draw is None:
-            batch = batch_for_step(self.tasks, step, self.batch_size)
+            batch = _tasks_at(self.tasks, indices)
             self._steps_per_draw = max(1, min(PREFETCH_STEPS, PREFETCH_BYTES // max(1, _batch_bytes(batch))))
             return batch, indices
         if self._steps_per_draw == 1:
-            return batch_for_step(self.tasks, step, self.batch_size), indices
+            return _tasks_at(self.tasks, indices), indices
         steps = self._steps_per_draw
         if self._drawn is None or not self._drawn[0] <= step < self._drawn[0] + steps:
-            assert isinstance(self.tasks, TaskSet)
             every = [i for s in range(step, step + steps) for i in step_indices(self.tasks, s, self.batch_size)]
-            self._drawn = (step, self.tasks.batch(every))
+            self._drawn = (step, _tasks_at(self.tasks, every))
         first, drawn = self._drawn
         lo = (step - first) * self.batch_size
         return _rows(drawn, lo, lo + self.batch_size), indices
@@ -253,10 +256,7 @@ class IndexedSource:
         indices = step_indices(self.tasks, step, self.batch_size)
         lo, hi = shard.bounds(len(indices))
         mine = indices[lo:hi] or indices[:1]  # a rank without tasks slices one task's batch to zero
-        if isinstance(self.tasks, TaskSet):
-            built = self.tasks.batch(mine)
-        else:
-            built = stack_tasks([self.tasks[i] for i in mine])
+        built = _tasks_at(self.tasks, mine)
         return RankBatch(built if hi > lo else slice_for_rank(built, shard), indices, lo, len(indices))
 
 
